@@ -1,0 +1,41 @@
+"""jaxbn: Keras' BatchNormalization for JAX, as pure functions and Flax layers.
+
+Functional core::
+
+  config = jaxbn.BatchNormConfig(momentum=0.9)
+  params, state = jaxbn.init(config, x.shape)
+  y, state = jaxbn.apply(config, params, state, x, training=True)
+
+Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments.
+"""
+from jaxbn.config import BatchNormConfig, RenormClipping
+from jaxbn.core import apply, init, init_params, init_state, state_names
+from jaxbn.linen import BatchNormalization
+from jaxbn.model_penalties import (LayerInfo, collect_layers, constrain,
+                                   model_regularization_loss, project)
+from jaxbn.moving_averages import ema
+from jaxbn.penalties import apply_constraints, regularization_loss
+from jaxbn.stats import Moments, moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormConfig",
+    "BatchNormalization",
+    "LayerInfo",
+    "Moments",
+    "RenormClipping",
+    "apply",
+    "apply_constraints",
+    "collect_layers",
+    "constrain",
+    "ema",
+    "init",
+    "init_params",
+    "init_state",
+    "model_regularization_loss",
+    "moments",
+    "project",
+    "regularization_loss",
+    "state_names",
+]

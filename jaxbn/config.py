@@ -1,0 +1,381 @@
+"""``BatchNormConfig``: Keras' arguments, defaults and every validation.
+
+A config is a frozen, hashable dataclass, so it can be a static argument of
+``jax.jit`` and a field of a Flax module. Argument errors are raised here, at
+construction; errors that need the input (rank, axes, channel sizes, batch
+divisibility) are raised by ``resolve`` at trace time. Every message names the
+argument, the value received and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+from jaxbn import initializers, keras_names, penalties
+
+Axis = Union[int, Sequence[int]]
+
+_KERAS_FUSED_AXES = (-4, -3, -1, 1, 3, 4)
+_ESTIMATORS = ("keras", "biased", "unbiased")
+_LAYOUTS = ("strided", "contiguous")
+# Keras layer-base keys that a Keras layer config carries besides the
+# constructor arguments.
+_KERAS_BASE_KEYS = ("name", "dtype", "batch_input_shape", "input_shape",
+                    "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenormClipping:
+  """Bounds of Batch Renorm's corrections: r in [rmin, rmax], d in [-dmax, dmax].
+
+  ``None`` means no bound (Keras' default for a missing key). A bound may also
+  be a callable of the training step (an int32 array), e.g. an optax schedule,
+  to ramp the bounds up as the paper does.
+  """
+
+  rmax: Any = None
+  rmin: Any = None
+  dmax: Any = None
+
+  @property
+  def is_scheduled(self) -> bool:
+    return any(callable(v) for v in (self.rmax, self.rmin, self.dmax))
+
+  def as_dict(self) -> dict:
+    return {k: v for k, v in (("rmax", self.rmax), ("rmin", self.rmin),
+                              ("dmax", self.dmax)) if v is not None}
+
+
+class Resolved(NamedTuple):
+  """What a config means for one input shape (computed at trace time)."""
+
+  ndim: int
+  axes: tuple  # channel axes, sorted, non-negative
+  reduction_axes: tuple  # every other axis
+  param_shape: tuple  # Keras' variable shape (without the virtual-batch axis)
+  broadcast_shape: tuple  # param values reshaped to broadcast against x
+  keras_fused: bool  # Keras would run its fused kernel for this input
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+  """Every argument of ``tf.keras.layers.BatchNormalization`` (TF 2.4 API).
+
+  Names and defaults are Keras'. jaxbn adds:
+
+  * ``moving_variance_estimator``: which batch variance feeds
+    ``moving_variance``. ``'keras'`` (default) reproduces Keras: Bessel-
+    corrected (``n/(n-1)``) where Keras runs its fused kernel (4-D input with
+    axis 1/3 or 5-D with axis 1/4, no renorm/virtual batches/adjustment, and
+    ``fused`` not False), biased elsewhere. ``'biased'`` always uses the biased
+    variance (Flax, Haiku); ``'unbiased'`` always the corrected one (PyTorch).
+    The normalized output always uses the biased batch variance.
+  * ``virtual_batch_layout``: ``'strided'`` (Keras: virtual batch g holds rows
+    g, g+G, g+2G, ... with G = batch / virtual_batch_size) or
+    ``'contiguous'`` (rows [g*v, (g+1)*v)).
+  """
+
+  axis: Axis = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  center: bool = True
+  scale: bool = True
+  beta_initializer: Any = "zeros"
+  gamma_initializer: Any = "ones"
+  moving_mean_initializer: Any = "zeros"
+  moving_variance_initializer: Any = "ones"
+  beta_regularizer: Any = None
+  gamma_regularizer: Any = None
+  beta_constraint: Any = None
+  gamma_constraint: Any = None
+  renorm: bool = False
+  renorm_clipping: Optional[Union[Mapping[str, Any], RenormClipping]] = None
+  renorm_momentum: float = 0.99
+  fused: Optional[bool] = None
+  trainable: bool = True
+  virtual_batch_size: Optional[int] = None
+  adjustment: Optional[Callable] = None
+  moving_variance_estimator: str = "keras"
+  virtual_batch_layout: str = "strided"
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("axis", _check_axis(self.axis))
+    set_("momentum", _check_unit_interval("momentum", self.momentum))
+    set_("renorm_momentum",
+         _check_unit_interval("renorm_momentum", self.renorm_momentum))
+    _check_epsilon(self.epsilon)
+    for name in ("center", "scale", "renorm", "trainable"):
+      _check_bool(name, getattr(self, name))
+    for name in ("beta_initializer", "gamma_initializer",
+                 "moving_mean_initializer", "moving_variance_initializer"):
+      set_(name, initializers.get(getattr(self, name), name))
+    for name in ("beta_regularizer", "gamma_regularizer"):
+      set_(name, penalties.get_regularizer(getattr(self, name), name))
+    for name in ("beta_constraint", "gamma_constraint"):
+      set_(name, penalties.get_constraint(getattr(self, name), name))
+    set_("renorm_clipping", _check_renorm_clipping(self.renorm_clipping))
+    if self.fused not in (None, True, False):
+      raise TypeError(f"`fused` must be None, True or False; got "
+                      f"{self.fused!r}.")
+    if self.virtual_batch_size is not None:
+      vbs = self.virtual_batch_size
+      if (isinstance(vbs, bool) or not isinstance(vbs, numbers.Integral)
+          or vbs <= 0):
+        raise ValueError(
+            "`virtual_batch_size` must be a positive integer that divides the "
+            f"training batch size, or None; got {vbs!r}.")
+      set_("virtual_batch_size", int(vbs))
+      axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+      if 0 in axes:
+        raise ValueError(
+            "With `virtual_batch_size`, axis 0 is the batch axis and cannot be "
+            f"a channel axis; got axis={self.axis!r}. Remove 0 from `axis`.")
+      if self.adjustment is not None:
+        raise ValueError(
+            "`adjustment` cannot be combined with `virtual_batch_size` (as in "
+            "Keras); set one of them to None.")
+    if self.adjustment is not None and not callable(self.adjustment):
+      raise TypeError(
+          "`adjustment` must be a callable `(shape, key) -> (scale, bias)` or "
+          f"None; got {type(self.adjustment).__name__}.")
+    if self.moving_variance_estimator not in _ESTIMATORS:
+      raise ValueError(
+          f"`moving_variance_estimator` must be one of {_ESTIMATORS}; got "
+          f"{self.moving_variance_estimator!r}.")
+    if self.virtual_batch_layout not in _LAYOUTS:
+      raise ValueError(
+          f"`virtual_batch_layout` must be one of {_LAYOUTS}; got "
+          f"{self.virtual_batch_layout!r}.")
+    if self.fused:
+      self._raise_if_keras_fused_impossible()
+
+  # ------------------------------------------------------------------ fused
+
+  def _raise_if_keras_fused_impossible(self):
+    """Keras' construction-time reasons to reject ``fused=True``."""
+    fix = "Use fused=None (pick automatically) or fused=False."
+    if self.renorm:
+      raise ValueError(f"`fused=True` is not supported with `renorm=True`. "
+                       f"{fix}")
+    axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+    if len(axes) > 1 or axes[0] not in _KERAS_FUSED_AXES:
+      raise ValueError(
+          f"`fused=True` needs a single channel axis 1 or 3 (rank 4) or 1 or 4 "
+          f"(rank 5); got axis={self.axis!r}. {fix}")
+    if self.virtual_batch_size is not None:
+      raise ValueError("`fused=True` is not supported with "
+                       f"`virtual_batch_size`. {fix}")
+    if self.adjustment is not None:
+      raise ValueError(f"`fused=True` is not supported with `adjustment`. "
+                       f"{fix}")
+
+  @property
+  def keras_fusable(self) -> bool:
+    """Keras' input-independent conditions for its fused kernel."""
+    if self.fused is False:
+      return False
+    try:
+      self._raise_if_keras_fused_impossible()
+    except ValueError:
+      return False
+    return True
+
+  # ---------------------------------------------------------------- shapes
+
+  def resolve(self, input_shape: Sequence[int]) -> Resolved:
+    """Axes and shapes for an input; raises ValueError for misfits."""
+    shape = tuple(input_shape)
+    ndim = len(shape)
+    if ndim < 2:
+      raise ValueError(
+          f"BatchNormalization expects an input of rank >= 2 (batch, ...); got "
+          f"shape {shape}. Add a batch axis, e.g. x[None].")
+    axes_in = (self.axis,) if isinstance(self.axis, int) else self.axis
+    axes = []
+    for a in axes_in:
+      if not -ndim <= a < ndim:
+        raise ValueError(
+            f"`axis`={self.axis!r} is out of range for an input of rank "
+            f"{ndim} (shape {shape}); valid axes are {-ndim}..{ndim - 1}.")
+      axes.append(a % ndim)
+    if len(set(axes)) != len(axes):
+      raise ValueError(
+          f"`axis`={self.axis!r} names the same axis twice for an input of "
+          f"rank {ndim} (resolved to {axes}); list each channel axis once.")
+    axes = tuple(sorted(axes))
+    if self.virtual_batch_size is not None and 0 in axes:
+      raise ValueError(
+          f"`axis`={self.axis!r} resolves to the batch axis 0, which "
+          "`virtual_batch_size` reserves; choose channel axes >= 1.")
+    reduction_axes = tuple(i for i in range(ndim) if i not in axes)
+    broadcast_shape = tuple(shape[i] if i in axes else 1 for i in range(ndim))
+    param_shape = ((shape[axes[0]],) if len(axes) == 1 else broadcast_shape)
+    if self.fused and ndim not in (4, 5):
+      raise ValueError(
+          f"`fused=True` supports only 4-D or 5-D inputs (as in Keras); got "
+          f"shape {shape}. Use fused=None or fused=False.")
+    keras_fused = self.keras_fusable and ndim in (4, 5) and (
+        axes == (1,) or axes == (ndim - 1,))
+    if self.fused and not keras_fused and ndim == 4:
+      # Keras raises for 4-D inputs and silently falls back for 5-D ones.
+      raise ValueError(
+          f"`fused=True` needs axis 1 or {ndim - 1} for a {ndim}-D input; got "
+          f"axis={self.axis!r}. Use fused=None or fused=False.")
+    return Resolved(ndim, axes, reduction_axes, param_shape, broadcast_shape,
+                    keras_fused)
+
+  def bessel_corrected_moving_variance(self, resolved: Resolved) -> bool:
+    if self.moving_variance_estimator == "keras":
+      return resolved.keras_fused
+    return self.moving_variance_estimator == "unbiased"
+
+  # ---------------------------------------------------------------- configs
+
+  def get_config(self) -> dict:
+    """Keras' ``get_config()`` keys and value formats."""
+    axis = self.axis if isinstance(self.axis, int) else list(self.axis)
+    config = {
+        "trainable": self.trainable,
+        "axis": axis,
+        "momentum": self.momentum,
+        "epsilon": self.epsilon,
+        "center": self.center,
+        "scale": self.scale,
+    }
+    for name in ("beta_initializer", "gamma_initializer",
+                 "moving_mean_initializer", "moving_variance_initializer",
+                 "beta_regularizer", "gamma_regularizer", "beta_constraint",
+                 "gamma_constraint"):
+      config[name] = keras_names.serialize(getattr(self, name))
+    if self.renorm:
+      config["renorm"] = True
+      config["renorm_clipping"] = (self.renorm_clipping.as_dict()
+                                   if self.renorm_clipping else {})
+      config["renorm_momentum"] = self.renorm_momentum
+    if self.virtual_batch_size is not None:
+      config["virtual_batch_size"] = self.virtual_batch_size
+    if self.fused is not None:
+      config["fused"] = self.fused
+    if self.moving_variance_estimator != "keras":
+      config["moving_variance_estimator"] = self.moving_variance_estimator
+    if self.virtual_batch_layout != "strided":
+      config["virtual_batch_layout"] = self.virtual_batch_layout
+    return config
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], **overrides
+                  ) -> "BatchNormConfig":
+    """Builds a config from a Keras layer config dict (or ``get_config()``).
+
+    Keras' layer-base keys (``name``, ``dtype``, ...) are ignored;
+    ``synchronized=True`` asks for cross-device statistics, which jaxbn gets
+    from ``axis_name`` (raise rather than silently compute local statistics).
+    """
+    config = dict(config)
+    config.update(overrides)
+    for key in _KERAS_BASE_KEYS:
+      config.pop(key, None)
+    if config.pop("synchronized", False):
+      raise ValueError(
+          "The Keras config has synchronized=True: jaxbn synchronizes "
+          "statistics through `axis_name`. Drop 'synchronized' from the dict "
+          "and pass axis_name=... to the layer or to jaxbn.apply.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+      raise ValueError(
+          f"Unknown BatchNormalization config keys {unknown}; known keys are "
+          f"{sorted(fields)}.")
+    axis = config.get("axis", -1)
+    if not isinstance(axis, (int, str)) and hasattr(axis, "__iter__"):
+      config["axis"] = tuple(axis)  # Keras' list (or its ListWrapper)
+    return cls(**config)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_axis(axis):
+  if isinstance(axis, bool):
+    raise TypeError(f"`axis` must be an int or a list/tuple of ints; got "
+                    f"{axis!r}.")
+  if isinstance(axis, numbers.Integral):
+    return int(axis)
+  if isinstance(axis, (list, tuple)):
+    if not axis:
+      raise ValueError("`axis` must name at least one channel axis; got an "
+                       "empty list. Use e.g. axis=-1.")
+    for a in axis:
+      if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+        raise TypeError(f"`axis` must contain only ints; got {axis!r}.")
+    axis = tuple(int(a) for a in axis)
+    if len(set(axis)) != len(axis):
+      raise ValueError(f"`axis`={list(axis)!r} contains duplicates; list each "
+                       "channel axis once.")
+    return axis
+  raise TypeError(f"`axis` must be an int or a list/tuple of ints; got "
+                  f"{type(axis).__name__}: {axis!r}.")
+
+
+def _check_unit_interval(name, value):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"`{name}` must be a float in [0, 1]; got "
+                    f"{type(value).__name__}: {value!r}.")
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f"`{name}` must be in [0, 1] (Keras' convention: the weight of the old "
+        f"average); got {value!r}. Porting from PyTorch? Use 1 - momentum.")
+  return float(value)
+
+
+def _check_epsilon(value):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"`epsilon` must be a non-negative float; got "
+                    f"{type(value).__name__}: {value!r}.")
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"`epsilon` must be a finite float >= 0; got {value!r} "
+                     "(Keras' default is 1e-3).")
+
+
+def _check_bool(name, value):
+  if not isinstance(value, bool):
+    raise TypeError(f"`{name}` must be True or False; got "
+                    f"{type(value).__name__}: {value!r}.")
+
+
+def _check_renorm_clipping(value):
+  if value is None:
+    return None
+  if isinstance(value, RenormClipping):
+    items = {"rmax": value.rmax, "rmin": value.rmin, "dmax": value.dmax}
+  elif isinstance(value, Mapping) or hasattr(value, "items"):
+    items = dict(value.items())
+    unknown = set(items) - {"rmax", "rmin", "dmax"}
+    if unknown:
+      raise ValueError(
+          f"`renorm_clipping`={value!r} has unknown keys {sorted(unknown)}; "
+          "the supported keys are 'rmax', 'rmin' and 'dmax'.")
+  else:
+    raise TypeError(
+        "`renorm_clipping` must be a dict with keys 'rmax', 'rmin', 'dmax' "
+        f"or None; got {type(value).__name__}: {value!r}.")
+  for key, bound in items.items():
+    if bound is None or callable(bound):
+      continue
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
+      raise TypeError(
+          f"`renorm_clipping['{key}']` must be a number, a callable of the "
+          f"training step, or None; got {bound!r}.")
+    if bound < 0 or math.isnan(bound):
+      raise ValueError(f"`renorm_clipping['{key}']` must be >= 0; got "
+                       f"{bound!r}.")
+  rmin, rmax = items.get("rmin"), items.get("rmax")
+  if (isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real)
+      and rmin > rmax):
+    raise ValueError(
+        f"`renorm_clipping` has rmin={rmin!r} > rmax={rmax!r}; r would be "
+        "clipped to an empty range. Use rmin <= 1 <= rmax.")
+  return RenormClipping(**items)

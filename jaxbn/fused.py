@@ -1,0 +1,148 @@
+"""The fast training path: batch norm as one ``jax.custom_vjp``.
+
+Forward (statistics in float32 or wider, folded into one multiply-add)::
+
+  mean, var = moments(x)            inv = rsqrt(var + epsilon)
+  a = gamma * inv                   b = beta - mean * a
+  y = x * a + b
+
+Backward, closed form. With S1 = sum(dy) and S2 = sum(dy * (x - mean)) over
+every element (and every device), n the count of valid elements and w the
+mask::
+
+  dbeta  = S1                       dgamma = S2 * inv
+  dL/dmean = -a * S1 + dmean        dL/dvar = -gamma * inv^3 * S2 / 2 + dvar
+  dx = a * dy + w * (c * x + d)     c = 2 dL/dvar / n,  d = dL/dmean / n - c * mean
+
+(dmean, dvar are cotangents of the returned statistics, usually zero.) The only
+residuals are ``x`` in its own dtype and per-channel vectors; the normalized
+tensor is never saved. Across devices S1, S2 (and dmean, dvar) travel in one
+``psum``; parameter gradients stay per-device, as data-parallel training
+expects.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
+custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
+``grad``) works, since the backward pass is itself differentiable.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxbn import stats
+
+
+def _sum(x, axes):
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
+  sd = stats.stat_dtype(x.dtype)
+  xs = x.astype(sd)
+  count, mean, m2 = stats.local_moments(xs, axes, weights)
+  if axis_name is not None:
+    count, mean, m2 = stats.merge_across_devices(count, mean, m2, axis_name,
+                                                 groups)
+  var = stats.safe_divide(m2, count)
+  mean = checkpoint_name(mean, "jaxbn_batch_mean")
+  var = checkpoint_name(var, "jaxbn_batch_variance")
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
+  a = scale.astype(sd) * inv
+  b = offset.astype(sd) - mean * a
+  y = (xs * a + b).astype(x.dtype)
+  return (y, mean, var, count), (inv,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def normalize_train(x, scale, offset, weights, axes, epsilon, axis_name,
+                    groups):
+  """Training-mode batch norm with a closed-form backward.
+
+  Args:
+    x: input ``[..., C, ...]`` of any float dtype.
+    scale, offset: gamma and beta (ones/zeros when absent), broadcastable to x.
+    weights: None or 0/1 weights broadcastable to x (the mask).
+    axes: the reduction axes (static tuple).
+    epsilon: Keras' epsilon.
+    axis_name, groups: optional devices to combine statistics over.
+
+  Returns:
+    ``(y, mean, variance, count)``; y has x's dtype, the statistics the
+    statistics dtype and x's rank (reduced axes kept as 1).
+  """
+  out, _ = _forward(x, scale, offset, weights, axes, epsilon, axis_name,
+                    groups)
+  return out
+
+
+def _fwd(x, scale, offset, weights, axes, epsilon, axis_name, groups):
+  (y, mean, var, count), (inv,) = _forward(x, scale, offset, weights, axes,
+                                           epsilon, axis_name, groups)
+  return (y, mean, var, count), (x, scale, offset, weights, mean, inv, count)
+
+
+def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
+  del epsilon
+  x, scale, offset, weights, mean, inv, count = residuals
+  dy, dmean, dvar, _ = cotangents
+  sd = mean.dtype
+  xs = x.astype(sd)
+  dys = dy.astype(sd)
+  sum_dy = _sum(dys, axes)
+  sum_dy_xc = _sum(dys * (xs - mean), axes)
+  if axis_name is not None:
+    packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
+    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
+    g_sum_dy, g_sum_dy_xc, dmean, dvar = packed
+  else:
+    g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
+  gamma = scale.astype(sd)
+  a = gamma * inv
+  dl_dmean = -a * g_sum_dy + dmean
+  dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
+  c = stats.safe_divide(2.0 * dl_dvar, count)
+  d = stats.safe_divide(dl_dmean, count) - c * mean
+  correction = c * xs + d
+  if weights is not None:
+    correction = weights.astype(sd) * correction
+  dx = (a * dys + correction).astype(x.dtype)
+  dscale = _reduce_to(sum_dy_xc * inv, scale)
+  doffset = _reduce_to(sum_dy, offset)
+  dweights = None if weights is None else jnp.zeros_like(weights)
+  return dx, dscale, doffset, dweights
+
+
+def _reduce_to(value, like):
+  """Sums ``value`` down to ``like``'s (broadcastable) shape and dtype."""
+  extra = value.ndim - like.ndim
+  if extra:
+    value = jnp.sum(value, axis=tuple(range(extra)))
+  axes = tuple(i for i, (v, l) in enumerate(zip(value.shape, like.shape))
+               if l == 1 and v != 1)
+  if axes:
+    value = jnp.sum(value, axis=axes, keepdims=True)
+  return value.astype(like.dtype)
+
+
+normalize_train.defvjp(_fwd, _bwd)
+
+
+def folded_scale_shift(mean, variance, epsilon, scale=None, offset=None):
+  """``a = gamma * rsqrt(var + eps)``, ``b = beta - mean * a`` (inference)."""
+  a = lax.rsqrt(variance + jnp.asarray(epsilon, variance.dtype))
+  if scale is not None:
+    a = a * scale
+  b = -mean * a
+  if offset is not None:
+    b = b + offset
+  return a, b
+
+
+def scale_shift(x, a, b):
+  """One multiply-add pass ``y = x * a + b`` in the statistics dtype."""
+  sd = stats.stat_dtype(x.dtype)
+  return (x.astype(sd) * a.astype(sd) + b.astype(sd)).astype(x.dtype)

@@ -1,0 +1,128 @@
+"""``BatchNormalization``: a thin Flax Linen layer over the functional core.
+
+Variables use Keras' names: ``params/gamma``, ``params/beta``,
+``batch_stats/moving_mean``, ``batch_stats/moving_variance`` (and the renorm
+statistics). Training updates need ``mutable=['batch_stats']``::
+
+  model = jaxbn.BatchNormalization(momentum=0.9)
+  variables = model.init(key, x)                       # nothing is updated
+  y, updates = model.apply(variables, x, training=True,
+                           mutable=['batch_stats'])
+  y = model.apply({**variables, **updates}, x)         # inference
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn import core
+from jaxbn.config import BatchNormConfig
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchNormConfig))
+
+
+class BatchNormalization(nn.Module):
+  """Keras' ``BatchNormalization`` as a Linen module (same arguments).
+
+  Attributes: every field of ``jaxbn.BatchNormConfig`` (Keras' arguments and
+  defaults), plus ``axis_name``/``axis_index_groups`` for cross-device
+  statistics (ignored during ``init``, so a model can be initialized outside
+  ``pmap``/``shard_map``).
+
+  Call: ``layer(x, training=None, mask=None)``; ``training=None`` means
+  inference. ``trainable=False`` means inference even with ``training=True``.
+  The RNG stream ``'adjustment'`` feeds ``adjustment(shape, key)``.
+  """
+
+  axis: Union[int, Sequence[int]] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  center: bool = True
+  scale: bool = True
+  beta_initializer: Any = "zeros"
+  gamma_initializer: Any = "ones"
+  moving_mean_initializer: Any = "zeros"
+  moving_variance_initializer: Any = "ones"
+  beta_regularizer: Any = None
+  gamma_regularizer: Any = None
+  beta_constraint: Any = None
+  gamma_constraint: Any = None
+  renorm: bool = False
+  renorm_clipping: Optional[Mapping[str, Any]] = None
+  renorm_momentum: float = 0.99
+  fused: Optional[bool] = None
+  trainable: bool = True
+  virtual_batch_size: Optional[int] = None
+  adjustment: Optional[Callable] = None
+  moving_variance_estimator: str = "keras"
+  virtual_batch_layout: str = "strided"
+  axis_name: Any = None
+  axis_index_groups: Any = None
+
+  @property
+  def config(self) -> BatchNormConfig:
+    return BatchNormConfig(**{f: getattr(self, f) for f in CONFIG_FIELDS})
+
+  def get_config(self) -> dict:
+    """Keras' ``get_config()`` dict for this layer."""
+    return self.config.get_config()
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any], **overrides
+                  ) -> "BatchNormalization":
+    """Builds the layer from a Keras layer config (``layer.get_config()``)."""
+    parsed = BatchNormConfig.from_config(config)
+    fields = {f: getattr(parsed, f) for f in CONFIG_FIELDS}
+    if parsed.renorm_clipping is not None:
+      fields["renorm_clipping"] = parsed.renorm_clipping.as_dict()
+    fields.update(overrides)
+    return cls(**fields)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, training: Optional[bool] = None,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    config = self.config
+    param_shape, _ = core.variable_shapes(config, jnp.shape(x))
+    params = {}
+    if config.scale:
+      params["gamma"] = self.param(
+          "gamma", lambda k, s: config.gamma_initializer(k, s, jnp.float32),
+          param_shape)
+    if config.center:
+      params["beta"] = self.param(
+          "beta", lambda k, s: config.beta_initializer(k, s, jnp.float32),
+          param_shape)
+    names = core.state_names(config)
+    initial = {}
+    if not self.has_variable("batch_stats", names[0]):
+      key = self.make_rng("params") if self.has_rng("params") else None
+      initial = core.init_state(config, param_shape, key=key)
+    variables = {n: self.variable("batch_stats", n, lambda n=n: initial[n])
+                 for n in names}
+    state = {n: v.value for n, v in variables.items()}
+
+    training = bool(training) if training is not None else False
+    updates = training and config.trainable and not self.is_initializing()
+    if updates and not self.is_mutable_collection("batch_stats"):
+      raise ValueError(
+          "training=True updates the moving statistics in 'batch_stats': "
+          "call model.apply(variables, x, training=True, "
+          "mutable=['batch_stats']) and keep the returned updates.")
+    key = None
+    if (config.adjustment is not None and training
+        and self.has_rng("adjustment")):
+      key = self.make_rng("adjustment")
+    initializing = self.is_initializing()
+    y, new_state = core.apply(
+        config, params, state, x, training=training, key=key,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask)
+    if updates:
+      for name, variable in variables.items():
+        variable.value = new_state[name]
+    return y
