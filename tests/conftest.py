@@ -10,7 +10,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True)
+    "ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.register_profile(
     "long", max_examples=2000, deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
