@@ -55,7 +55,9 @@ class Regularizer(keras_names.KerasObject):
     w = jnp.asarray(w, jnp.float32)
     penalty = jnp.zeros((), jnp.float32)
     if cfg.get("l1", 0.0):
-      penalty += l1 * jnp.sum(jnp.abs(w))
+      # sign(w) * w is |w| with TensorFlow's subgradient 0 at w = 0 (jnp.abs
+      # has 1 there), so L1 training steps match Keras at zero-initialized beta.
+      penalty += l1 * jnp.sum(jnp.sign(w) * w)
     if cfg.get("l2", 0.0):
       penalty += l2 * jnp.sum(jnp.square(w))
     return penalty
