@@ -15,6 +15,7 @@ from jaxbn.model_penalties import (LayerInfo, collect_layers, constrain,
                                    model_regularization_loss, project)
 from jaxbn.moving_averages import ema
 from jaxbn.penalties import apply_constraints, regularization_loss
+from jaxbn.sharding import apply_local
 from jaxbn.stats import Moments, moments
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "RenormClipping",
     "apply",
     "apply_constraints",
+    "apply_local",
     "collect_layers",
     "constrain",
     "ema",

@@ -110,10 +110,31 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   if weights is not None:
     correction = weights.astype(sd) * correction
   dx = (a * dys + correction).astype(x.dtype)
+  # Inside shard_map, parameters shared by devices (not varying over an axis
+  # that x varies over) need their gradient summed over those axes. Over
+  # axis_name the global sums are already at hand; any other axis takes a
+  # psum, as JAX's own transpose would.
+  shared_axes = _varying_axes(x) - _varying_axes(scale)
+  names = frozenset(() if axis_name is None else
+                    axis_name if isinstance(axis_name, tuple) else (axis_name,))
+  if names and names <= shared_axes:
+    sum_dy, sum_dy_xc = g_sum_dy, g_sum_dy_xc
+    shared_axes = shared_axes - names
   dscale = _reduce_to(sum_dy_xc * inv, scale)
   doffset = _reduce_to(sum_dy, offset)
+  if shared_axes:
+    dscale, doffset = lax.psum((dscale, doffset), tuple(sorted(shared_axes)))
   dweights = None if weights is None else jnp.zeros_like(weights)
   return dx, dscale, doffset, dweights
+
+
+def _varying_axes(value) -> frozenset:
+  """Manual mesh axes over which ``value`` differs (shard_map's typing)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))
 
 
 def _reduce_to(value, like):

@@ -1,0 +1,299 @@
+"""Cross-device statistics on 8 simulated CPU devices.
+
+Reference: one device normalizing the whole batch (masked rows carry a zero
+cotangent, so the losses agree), or only the valid rows where stated.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jaxbn
+
+N_DEV = 8
+pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV,
+                                reason="needs 8 (simulated) devices")
+
+
+def _mesh(shape=(N_DEV,), names=("data",)):
+  return Mesh(np.array(jax.devices()[:N_DEV]).reshape(shape), names)
+
+
+def _problem(rows=32, channels=4, seed=0, mean=1.0, empty_device=True):
+  rng = np.random.RandomState(seed)
+  x = (rng.randn(rows, channels) * 3 + mean).astype(np.float32)
+  mask = rng.rand(rows, 1) > 0.3
+  if empty_device:
+    mask[: rows // N_DEV] = False  # device 0 holds no valid row
+  dy = (rng.randn(rows, channels) * mask).astype(np.float32)
+  return x, mask, dy
+
+
+def _params(config, shape):
+  params, state = jaxbn.init(config, shape)
+  params = {"gamma": params["gamma"] * 1.3, "beta": params["beta"] + 0.2}
+  state = {k: v + 0.1 for k, v in state.items()}
+  return params, state
+
+
+def _sharded_step(config, mesh, axis_name="data", spec=P("data")):
+  def local(params, state, x, mask, dy):
+    def f(params, x):
+      y, s = jaxbn.apply(config, params, state, x, training=True,
+                         axis_name=axis_name, mask=mask)
+      return jax.lax.psum(jnp.sum(y * dy), axis_name), (y, s)
+    (_, (y, s)), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        params, x)
+    return y, s, g
+  return jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), spec, spec, spec),
+      out_specs=(spec, P(), (P(), spec))))
+
+
+def _single_step(config, params, state, x, mask, dy):
+  def f(params, x):
+    y, s = jaxbn.apply(config, params, state, x, training=True, mask=mask)
+    return jnp.sum(y * dy), (y, s)
+  (_, (y, s)), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      params, x)
+  return y, s, g
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fused": False},
+                                    {"renorm": True,
+                                     "renorm_clipping": {"rmax": 1.5}}],
+                         ids=str)
+def test_uneven_masked_shards_equal_one_device(kwargs):
+  config = jaxbn.BatchNormConfig(momentum=0.5, **kwargs)
+  x, mask, dy = _problem()
+  params, state = _params(config, x.shape)
+  y, s, (gp, gx) = _sharded_step(config, _mesh())(params, state, x, mask, dy)
+  keep = mask[:, 0]
+  # one device normalizing only the valid rows
+  y_ref, s_ref, (gp_ref, gx_ref) = _single_step(
+      jaxbn.BatchNormConfig(momentum=0.5, **kwargs), params, state, x[keep],
+      None, dy[keep])
+  np.testing.assert_allclose(np.asarray(y)[keep], y_ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx)[keep], gx_ref, atol=1e-5)
+  for k in gp:
+    np.testing.assert_allclose(gp[k], gp_ref[k], atol=1e-5, err_msg=k)
+  for k in s_ref:
+    np.testing.assert_allclose(s[k], s_ref[k], atol=1e-5, err_msg=k)
+  # and one device with the same mask over the whole batch
+  y_all, _, (_, gx_all) = _single_step(config, params, state, x, mask, dy)
+  np.testing.assert_allclose(y, y_all, atol=1e-5)
+  np.testing.assert_allclose(gx, gx_all, atol=1e-5)
+
+
+def test_no_valid_element_anywhere_keeps_the_state_and_stays_finite():
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  x, mask, dy = _problem()
+  params, state = _params(config, x.shape)
+  none = np.zeros_like(mask)
+  y, s, (gp, gx) = _sharded_step(config, _mesh())(params, state, x, none, dy)
+  for leaf in jax.tree_util.tree_leaves((y, gp, gx)):
+    assert np.all(np.isfinite(leaf))
+  for k in state:
+    np.testing.assert_array_equal(s[k], state[k])
+
+
+def test_large_mean_statistics_are_exact_across_devices():
+  config = jaxbn.BatchNormConfig(momentum=0.0, fused=False,
+                                 moving_variance_estimator="biased")
+  rng = np.random.RandomState(1)
+  x = (rng.randn(64, 3) + 1e4).astype(np.float32)
+  x[:8] += 3.0  # devices differ
+  params, state = jaxbn.init(config, x.shape)
+  for fused in (None, False):
+    cfg = jaxbn.BatchNormConfig(momentum=0.0, fused=fused,
+                                moving_variance_estimator="biased")
+    f = jax.jit(jax.shard_map(
+        lambda x: jaxbn.apply(cfg, params, state, x, training=True,
+                              axis_name="data")[1],
+        mesh=_mesh(), in_specs=P("data"), out_specs=P()))
+    var = np.asarray(f(x)["moving_variance"])
+    true = np.asarray(x, np.float64).var(0)
+    np.testing.assert_allclose(var, true, rtol=2e-3)
+  del config
+
+
+def _count(hlo, op="all-reduce"):
+  return hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("fused", [None, False])
+def test_forward_has_exactly_one_all_reduce_per_layer(layers, fused):
+  config = jaxbn.BatchNormConfig(fused=fused)
+  x, mask, _ = _problem()
+  params, state = jaxbn.init(config, x.shape)
+
+  def forward(x, mask):
+    for _ in range(layers):
+      x, _ = jaxbn.apply(config, params, state, x, training=True,
+                         axis_name="data", mask=mask)
+      x = jnp.tanh(x)
+    return x
+
+  f = jax.jit(jax.shard_map(forward, mesh=_mesh(),
+                            in_specs=(P("data"), P("data")),
+                            out_specs=P("data")))
+  hlo = f.lower(x, mask).compile().as_text()
+  assert _count(hlo) == layers
+
+
+def test_fused_backward_adds_one_all_reduce_per_layer():
+  config = jaxbn.BatchNormConfig()
+  x, mask, dy = _problem()
+  params, state = jaxbn.init(config, x.shape)
+
+  def loss(params, x, mask, dy):
+    y, _ = jaxbn.apply(config, params, state, x, training=True,
+                       axis_name="data", mask=mask)
+    return jnp.sum(y * dy)
+
+  grad = jax.shard_map(jax.grad(loss, argnums=1), mesh=_mesh(),
+                       in_specs=(P(), P("data"), P("data"), P("data")),
+                       out_specs=P("data"))
+  hlo = jax.jit(grad).lower(params, x, mask, dy).compile().as_text()
+  assert _count(hlo) == 2
+
+
+def test_pmap_with_axis_index_groups_gives_group_statistics():
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  x, mask, _ = _problem(empty_device=False)
+  params, state = _params(config, x.shape)
+  groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+  y, s = jax.pmap(lambda x, m: jaxbn.apply(
+      config, params, state, x, training=True, axis_name="d", mask=m,
+      axis_index_groups=groups), axis_name="d")(
+          x.reshape(N_DEV, -1, 4), mask.reshape(N_DEV, -1, 1))
+  for g, group in enumerate(groups):
+    rows = np.concatenate([np.arange(d * 4, d * 4 + 4) for d in group])
+    y_ref, s_ref = jaxbn.apply(config, params, state, x[rows], training=True,
+                               mask=mask[rows])
+    np.testing.assert_allclose(np.asarray(y).reshape(32, 4)[rows], y_ref,
+                               atol=1e-5)
+    np.testing.assert_allclose(s["moving_variance"][group[0]],
+                               s_ref["moving_variance"], atol=1e-5)
+
+
+def test_sub_groups_with_a_two_axis_mesh_and_tuple_axis_names():
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  x, mask, dy = _problem(empty_device=False)
+  params, state = _params(config, x.shape)
+  mesh = _mesh((2, 4), ("replica", "group"))
+  spec = P(("replica", "group"))
+  # statistics over 'group' only: two groups of 4 devices (16 rows each)
+  f = jax.jit(jax.shard_map(
+      lambda x, m: jaxbn.apply(config, params, state, x, training=True,
+                               axis_name="group", mask=m)[0],
+      mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+  y = np.asarray(f(x, mask))
+  for half in (slice(0, 16), slice(16, 32)):
+    y_ref, _ = jaxbn.apply(config, params, state, x[half], training=True,
+                           mask=mask[half])
+    np.testing.assert_allclose(y[half], y_ref, atol=1e-5)
+  # a tuple of names combines over both axes: the whole batch
+  y_all, s_all, _ = _sharded_step(config, mesh, ("replica", "group"), spec)(
+      params, state, x, mask, dy)
+  y_ref, s_ref = jaxbn.apply(config, params, state, x, training=True,
+                             mask=mask)
+  np.testing.assert_allclose(y_all, y_ref, atol=1e-5)
+  np.testing.assert_allclose(s_all["moving_mean"], s_ref["moving_mean"],
+                             atol=1e-5)
+
+
+def test_ghost_batches_stay_local_and_moving_statistics_average():
+  config = jaxbn.BatchNormConfig(momentum=0.5, virtual_batch_size=4)
+  x, _, _ = _problem(rows=128, empty_device=False)
+  params, state = _params(config, x.shape)
+  f = jax.jit(jax.shard_map(
+      lambda x: jaxbn.apply(config, params, state, x, training=True,
+                            axis_name="data"),
+      mesh=_mesh(), in_specs=P("data"), out_specs=(P("data"), P())))
+  y, s = f(x)
+  shards = np.split(x, N_DEV)
+  refs = [jaxbn.apply(config, params, state, shard, training=True)
+          for shard in shards]
+  np.testing.assert_allclose(y, np.concatenate([r[0] for r in refs]),
+                             atol=1e-5)
+  for k in ("moving_mean", "moving_variance"):
+    np.testing.assert_allclose(s[k], np.mean([r[1][k] for r in refs], 0),
+                               atol=1e-5)
+
+
+def test_sharded_jit_without_axis_name_gives_global_statistics():
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  x, mask, _ = _problem(empty_device=False)
+  params, state = _params(config, x.shape)
+  sharding = NamedSharding(_mesh(), P("data"))
+  xs = jax.device_put(x, sharding)
+  ms = jax.device_put(mask, sharding)
+  step = jax.jit(lambda x, m: jaxbn.apply(config, params, state, x,
+                                          training=True, mask=m))
+  y, s = step(xs, ms)
+  assert len(y.sharding.device_set) == N_DEV
+  y_ref, s_ref = jaxbn.apply(config, params, state, x, training=True,
+                             mask=mask)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_allclose(s["moving_variance"], s_ref["moving_variance"],
+                             atol=1e-5)
+
+
+def test_apply_local_gives_per_device_statistics_under_jit():
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  x, _, _ = _problem(empty_device=False)
+  params, state = _params(config, x.shape)
+  step = jax.jit(lambda x: jaxbn.apply_local(config, params, state, x,
+                                             mesh=_mesh(), training=True))
+  y, s = step(x)
+  refs = [jaxbn.apply(config, params, state, shard, training=True)
+          for shard in np.split(x, N_DEV)]
+  np.testing.assert_allclose(y, np.concatenate([r[0] for r in refs]),
+                             atol=1e-5)
+  np.testing.assert_allclose(
+      s["moving_mean"], np.mean([r[1]["moving_mean"] for r in refs], 0),
+      atol=1e-6)
+
+
+def test_linen_layer_with_axis_name_under_shard_map():
+  layer = jaxbn.BatchNormalization(momentum=0.5, axis_name="data")
+  x, mask, _ = _problem(empty_device=False)
+  variables = layer.init(jax.random.PRNGKey(0), x)  # outside shard_map
+  f = jax.jit(jax.shard_map(
+      lambda v, x: layer.apply(v, x, training=True,
+                               mutable=["batch_stats"]),
+      mesh=_mesh(), in_specs=(P(), P("data")),
+      out_specs=(P("data"), P())))
+  y, updates = f(variables, x)
+  y_ref, s_ref = jaxbn.apply(jaxbn.BatchNormConfig(momentum=0.5),
+                             variables["params"], variables["batch_stats"],
+                             x, training=True)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["moving_variance"],
+                             s_ref["moving_variance"], atol=1e-5)
+
+
+def test_local_statistics_in_shard_map_sum_parameter_gradients():
+  # No axis_name: each device normalizes alone; replicated params still get
+  # the gradient summed over devices, on the fast path as by autodiff.
+  x, mask, dy = _problem(empty_device=False)
+  results = []
+  for fused in (None, False):
+    config = jaxbn.BatchNormConfig(fused=fused)
+    params, state = _params(config, x.shape)
+
+    def local(params, x, dy):
+      def f(params, x):
+        y, _ = jaxbn.apply(config, params, state, x, training=True)
+        return jax.lax.psum(jnp.sum(y * dy), "data")
+      return jax.grad(f, argnums=(0, 1))(params, x)
+
+    results.append(jax.jit(jax.shard_map(
+        local, mesh=_mesh(), in_specs=(P(), P("data"), P("data")),
+        out_specs=(P(), P("data"))))(params, x, dy))
+  for a, b in zip(jax.tree_util.tree_leaves(results[0]),
+                  jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
