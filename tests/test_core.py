@@ -178,3 +178,23 @@ def test_scheduled_renorm_clipping_uses_the_step_counter():
                                      training=True)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6)
     assert int(state["renorm_step"]) == step + 1
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("strategy", ["two_pass", "shifted"])
+def test_both_moment_strategies_are_exact_for_large_means(strategy, use_mask):
+  # CPU lowers the two-pass strategy, GPU/TPU the shifted one-pass sums;
+  # both are checked here on the CPU against float64.
+  from jaxbn import fused
+  rng = np.random.RandomState(6)
+  x = (rng.randn(256, 4) + 1e4).astype(np.float32)
+  w = (rng.rand(256, 1) > 0.3).astype(np.float32) if use_mask else None
+  fn = getattr(fused, f"_moments_{strategy}")
+  count, mean, m2 = fn(jnp.asarray(x), (0,), None if w is None
+                       else jnp.asarray(w), jnp.float32)
+  ww = np.ones((256, 1)) if w is None else w.astype(np.float64)
+  xx = x.astype(np.float64)
+  mean_ref = (ww * xx).sum(0) / ww.sum()
+  var_ref = (ww * (xx - mean_ref) ** 2).sum(0) / ww.sum()
+  np.testing.assert_allclose(np.ravel(m2 / count), var_ref, rtol=1e-4)
+  np.testing.assert_allclose(np.ravel(mean), mean_ref, atol=2e-3)
