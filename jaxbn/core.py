@@ -198,13 +198,19 @@ def _inference(config, resolved, params, state, x):
 def _train_fused(config, resolved, params, state, x, weights, axis_name,
                  groups):
   sd = stats.stat_dtype(x.dtype)
-  shape = resolved.broadcast_shape
-  gamma, beta = _broadcast_params(config, resolved, params, sd)
-  scale = gamma if gamma is not None else jnp.ones(shape, sd)
-  offset = beta if beta is not None else jnp.zeros(shape, sd)
+  view = fused_lib.canonical_view(x.shape, resolved.axes, weights)
+  if view is None:
+    x_view, axes, shape = x, resolved.reduction_axes, resolved.broadcast_shape
+  else:
+    x_view, axes, shape = x.reshape(view.shape), view.reduction_axes, \
+        view.param_shape
+  scale = params["gamma"].reshape(shape) if config.scale else jnp.ones(shape,
+                                                                        sd)
+  offset = params["beta"].reshape(shape) if config.center else jnp.zeros(
+      shape, sd)
   y, mean, var, count = fused_lib.normalize_train(
-      x, scale, offset, weights, resolved.reduction_axes, config.epsilon,
-      axis_name, groups)
+      x_view, scale, offset, weights, axes, config.epsilon, axis_name, groups)
+  y = y.reshape(x.shape)
   new_state = _update_moving_statistics(config, resolved, state, mean, var,
                                         count)
   return y, new_state

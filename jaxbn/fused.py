@@ -27,6 +27,8 @@ custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,32 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxbn import stats
+
+
+class View(NamedTuple):
+  """A reshape of the input that XLA reduces faster: ``(P, C)`` or ``(P, C, Q)``."""
+
+  shape: tuple
+  reduction_axes: tuple
+  param_shape: tuple
+
+
+def canonical_view(shape, channel_axes, weights) -> View | None:
+  """Collapses the axes before/after contiguous channel axes (a free reshape).
+
+  NHWC becomes ``(N*H*W, C)`` and NCHW ``(N, C, H*W)``: XLA:CPU emits markedly
+  faster reductions for these than for the 4-D/5-D originals. Returns None
+  when the channel axes are not contiguous or a mask would need reshaping.
+  """
+  axes = sorted(channel_axes)
+  if weights is not None or axes != list(range(axes[0], axes[-1] + 1)):
+    return None
+  before = math.prod(shape[:axes[0]])
+  channels = math.prod(shape[axes[0]:axes[-1] + 1])
+  after = math.prod(shape[axes[-1] + 1:])
+  if after == 1:
+    return View((before, channels), (0,), (1, channels))
+  return View((before, channels, after), (0, 2), (1, channels, 1))
 
 
 def _sum(x, axes):

@@ -1,0 +1,510 @@
+"""``python -m jaxbn.bench``: batch norm speed and memory traffic, side by side.
+
+For ResNet-50 activation shapes (NHWC and NCHW, float32 and bfloat16, a
+DRAM-sized and an in-cache size) it times, in one process and interleaved:
+
+* ``fwd``: the training forward pass (batch statistics + state update);
+* ``fwd+bwd``: a jitted ``jax.vjp`` with a given cotangent (outputs and every
+  gradient), the way a training step runs it;
+* ``infer``: inference with the moving statistics;
+
+for jaxbn, flax.linen, haiku, equinox, tf_keras (fused and not) and torch,
+each where installed. Every time is also given as a ratio to one elementwise
+pass ``x * a + b`` over the same tensor in the same run (float32 arithmetic for
+bf16). For JAX implementations it reports XLA's bytes accessed
+(``cost_analysis``) and temp memory (``memory_analysis``) as multiples of the
+input size, the bytes saved for the backward pass beyond the input, and the
+compile time.
+
+Fresh multi-MB outputs page-fault on some machines; the benchmark re-executes
+itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (disable with
+``--no-hugetlb``) and reports min and median of interleaved repeats.
+
+  python -m jaxbn.bench [--quick] [--out bench_results] [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable, NamedTuple
+
+_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _maybe_reexec(args):
+  if args.no_hugetlb or _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+    return
+  env = dict(os.environ)
+  env["GLIBC_TUNABLES"] = ":".join(
+      t for t in (env.get("GLIBC_TUNABLES"), _TUNABLE) if t)
+  os.execve(sys.executable, [sys.executable, "-m", "jaxbn.bench"]
+            + sys.argv[1:], env)
+
+
+class Case(NamedTuple):
+  name: str
+  shape: tuple
+  layout: str  # "NHWC" or "NCHW"
+  dtype: str
+
+  @property
+  def axis(self):
+    return -1 if self.layout == "NHWC" else 1
+
+  @property
+  def channels(self):
+    return self.shape[self.axis]
+
+
+def cases(quick: bool):
+  sizes = ([("in-cache", (64, 32, 32, 64))] if quick else
+           [("DRAM", (128, 56, 56, 64)), ("in-cache", (64, 32, 32, 64))])
+  out = []
+  for label, (n, h, w, c) in sizes:
+    for dtype in ("float32", "bfloat16"):
+      out.append(Case(f"{label} NHWC {dtype}", (n, h, w, c), "NHWC", dtype))
+    out.append(Case(f"{label} NCHW float32", (n, c, h, w), "NCHW",
+                    "float32"))
+  return out
+
+
+class Impl(NamedTuple):
+  fwd: Callable | None
+  fwdbwd: Callable | None
+  infer: Callable | None
+  jax_fns: dict  # mode -> (jitted fn, args) for XLA analyses
+
+
+def _installed(name):
+  try:
+    importlib.import_module(name)
+    return True
+  except Exception:  # noqa: BLE001  (any import failure means "not here")
+    return False
+
+
+# ----------------------------------------------------------- JAX libraries
+
+
+def _jax_impl(apply_train, apply_infer, params, x, dy):
+  """Wraps pure train/infer functions of (params, x) into timed callables."""
+  import jax
+
+  fwd = jax.jit(apply_train)
+
+  def fwdbwd_fn(params, x, dy):
+    y, vjp = jax.vjp(lambda p, x: apply_train(p, x)[0], params, x)
+    return y, vjp(dy)
+
+  fwdbwd = jax.jit(fwdbwd_fn)
+  infer = jax.jit(apply_infer)
+  return Impl(lambda: fwd(params, x), lambda: fwdbwd(params, x, dy),
+              lambda: infer(params, x),
+              {"fwd": (fwd, (params, x)), "fwd+bwd": (fwdbwd, (params, x, dy)),
+               "infer": (infer, (params, x)),
+               "_residuals": (fwdbwd_fn, apply_train, params, x)})
+
+
+def jaxbn_impl(case, x, dy):
+  import jax
+  import jaxbn
+  config = jaxbn.BatchNormConfig(axis=case.axis)
+  params, state = jaxbn.init(config, x.shape)
+  train = lambda p, x: jaxbn.apply(config, p, state, x, training=True)
+  infer = lambda p, x: jaxbn.apply(config, p, state, x, training=False)[0]
+  del jax
+  return _jax_impl(train, infer, params, x, dy)
+
+
+def flax_impl(case, x, dy):
+  import flax.linen as nn
+  import jax
+  layer = nn.BatchNorm(axis=case.axis, momentum=0.99, epsilon=1e-3,
+                       dtype=x.dtype)
+  variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)
+  stats = variables["batch_stats"]
+  train = lambda p, x: layer.apply({"params": p, "batch_stats": stats}, x,
+                                   use_running_average=False,
+                                   mutable=["batch_stats"])
+  infer = lambda p, x: layer.apply({"params": p, "batch_stats": stats}, x,
+                                   use_running_average=True)
+  return _jax_impl(train, infer, variables["params"], x, dy)
+
+
+def haiku_impl(case, x, dy):
+  import haiku as hk
+  import jax
+  fmt = "channels_last" if case.layout == "NHWC" else "channels_first"
+
+  def forward(x, is_training):
+    bn = hk.BatchNorm(True, True, 0.99, eps=1e-3, data_format=fmt)
+    return bn(x, is_training=is_training)
+
+  model = hk.without_apply_rng(hk.transform_with_state(forward))
+  params, state = model.init(jax.random.PRNGKey(0), x, True)
+  train = lambda p, x: model.apply(p, state, x, True)
+  infer = lambda p, x: model.apply(p, state, x, False)[0]
+  return _jax_impl(train, infer, params, x, dy)
+
+
+def equinox_impl(case, x, dy):
+  if case.layout != "NCHW":
+    return None  # equinox normalizes per-example (C, ...) inputs
+  import equinox as eqx
+  import jax
+  bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+      case.channels, axis_name="batch", mode="batch", momentum=0.99,
+      eps=1e-3, dtype=x.dtype)
+  params, static = eqx.partition(bn, eqx.is_inexact_array)
+
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+
+  def run(p, x, inference):
+    model = eqx.combine(p, static)
+    fresh = jax.tree_util.tree_unflatten(treedef, leaves)  # equinox: no reuse
+    return jax.vmap(lambda xi: model(xi, fresh, inference=inference),
+                    axis_name="batch", out_axes=(0, None))(x)
+
+  train = lambda p, x: run(p, x, False)
+  infer = lambda p, x: run(p, x, True)[0]
+  return _jax_impl(train, infer, params, x, dy)
+
+
+def elementwise_impl(case, x, dy):
+  """The baseline: one pass ``x * a + b`` with per-channel a, b (f32 math)."""
+  import jax
+  import jax.numpy as jnp
+  shape = [1] * x.ndim
+  shape[case.axis] = case.channels
+  a = jnp.full(shape, 1.5, jnp.float32)
+  b = jnp.full(shape, 0.5, jnp.float32)
+  fn = jax.jit(lambda x, a, b: (x.astype(jnp.float32) * a + b).astype(
+      x.dtype))
+  run = lambda: fn(x, a, b)
+  return Impl(run, run, run, {"infer": (fn, (x, a, b))})
+
+
+# --------------------------------------------------------- other libraries
+
+
+def keras_impl(fused):
+  def make(case, x, dy):
+    if case.dtype != "float32" and fused:
+      return None
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+    xt = tf.constant(np.asarray(x.astype("float32")), dtype=case.dtype)
+    dyt = tf.constant(np.asarray(dy.astype("float32")), dtype=case.dtype)
+    if case.layout == "NCHW" and fused:
+      return None  # TF's CPU fused kernel has no NCHW training path
+    layer = tf_keras.layers.BatchNormalization(axis=case.axis, fused=fused,
+                                               dtype=case.dtype)
+    layer.build(xt.shape)
+
+    @tf.function(jit_compile=False)
+    def fwd(x):
+      return layer(x, training=True)
+
+    @tf.function(jit_compile=False)
+    def fwdbwd(x, dy):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+      return y, tape.gradient(y, [x] + layer.trainable_weights,
+                              output_gradients=dy)
+
+    @tf.function(jit_compile=False)
+    def infer(x):
+      return layer(x, training=False)
+
+    def sync(result):
+      tf.nest.map_structure(lambda t: t.numpy()[(0,) * t.ndim] if t.ndim
+                            else t.numpy(), result)
+      return result
+
+    return Impl(lambda: sync(fwd(xt)), lambda: sync(fwdbwd(xt, dyt)),
+                lambda: sync(infer(xt)), {})
+  return make
+
+
+def torch_impl(case, x, dy):
+  import numpy as np
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
+  xn = np.array(x.astype("float32"))
+  dyn = np.array(dy.astype("float32"))
+  if case.layout == "NHWC":
+    # torch's NHWC is the channels_last memory format of an NCHW tensor
+    xt = torch.from_numpy(xn).permute(0, 3, 1, 2).to(dtype)
+    dyt = torch.from_numpy(dyn).permute(0, 3, 1, 2).to(dtype)
+    fmt = torch.channels_last
+  else:
+    xt, dyt, fmt = (torch.from_numpy(xn).to(dtype),
+                    torch.from_numpy(dyn).to(dtype), torch.contiguous_format)
+  xt = xt.contiguous(memory_format=fmt).requires_grad_(True)
+  dyt = dyt.contiguous(memory_format=fmt)
+  bn = torch.nn.BatchNorm2d(case.channels, eps=1e-3, momentum=0.01).to(
+      dtype).to(memory_format=fmt)
+
+  def fwd():
+    with torch.no_grad():
+      return bn.train()(xt)
+
+  def fwdbwd():
+    xt.grad = None
+    bn.zero_grad(set_to_none=True)
+    y = bn.train()(xt)
+    y.backward(dyt)
+    return y
+
+  def infer():
+    with torch.no_grad():
+      return bn.eval()(xt)
+
+  return Impl(fwd, fwdbwd, infer, {})
+
+
+IMPLS = {
+    "jaxbn": ("jax", jaxbn_impl),
+    "flax.linen": ("flax", flax_impl),
+    "haiku": ("haiku", haiku_impl),
+    "equinox": ("equinox", equinox_impl),
+    "tf_keras fused": ("tf_keras", keras_impl(True)),
+    "tf_keras": ("tf_keras", keras_impl(False)),
+    "torch": ("torch", torch_impl),
+}
+MODES = ("fwd", "fwd+bwd", "infer")
+
+
+# ----------------------------------------------------------------- analyses
+
+
+def xla_analysis(jax_fns, input_bytes):
+  import jax
+  out = {}
+  for mode in MODES:
+    if mode not in jax_fns:
+      continue
+    fn, args = jax_fns[mode]
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    out[mode] = {
+        "bytes_accessed_x_input": float(cost.get("bytes accessed", 0.0))
+        / input_bytes,
+        "temp_x_input": memory.temp_size_in_bytes / input_bytes,
+        "compile_s": compile_s,
+    }
+  if "_residuals" in jax_fns:
+    _, train, params, x = jax_fns["_residuals"]
+    _, vjp_fn = jax.vjp(lambda p, x: train(p, x)[0], params, x)
+    leaves = jax.tree_util.tree_leaves(vjp_fn)
+    inputs = {id(leaf) for leaf in jax.tree_util.tree_leaves((params, x))}
+    saved = sum(leaf.nbytes for leaf in leaves
+                if hasattr(leaf, "nbytes") and id(leaf) not in inputs
+                and leaf is not x)
+    x_saved = any(leaf is x for leaf in leaves)
+    out["saved_beyond_input_x_input"] = (
+        saved - (0 if x_saved else x.nbytes)) / input_bytes
+  return out
+
+
+# ------------------------------------------------------------------ timing
+
+
+def time_interleaved(runners, repeats):
+  """``runners``: name -> callable. Returns name -> list of seconds."""
+  import jax
+  times = {name: [] for name in runners}
+  for run in runners.values():  # warm up (compile, allocate)
+    jax.block_until_ready(run())
+  for _ in range(repeats):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def run_case(case, names, repeats, seed=0):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  key = jax.random.PRNGKey(seed)
+  dtype = jnp.dtype(case.dtype)
+  x = (jax.random.normal(key, case.shape, jnp.float32) * 2 + 1).astype(dtype)
+  dy = jax.random.normal(jax.random.fold_in(key, 1), case.shape,
+                         jnp.float32).astype(dtype)
+  impls = {"elementwise": elementwise_impl(case, x, dy)}
+  skipped = {}
+  for name in names:
+    module, factory = IMPLS[name]
+    if not _installed(module):
+      skipped[name] = f"{module} not installed"
+      continue
+    try:
+      impl = factory(case, x, dy)
+    except Exception as e:  # noqa: BLE001  (report, keep benchmarking)
+      skipped[name] = f"{type(e).__name__}: {e}"[:200]
+      continue
+    if impl is None:
+      skipped[name] = "not applicable to this layout/dtype"
+      continue
+    impls[name] = impl
+  result = {"case": case._asdict(), "input_bytes": x.nbytes, "modes": {},
+            "xla": {}, "skipped": skipped}
+  for name, impl in impls.items():
+    if impl.jax_fns and name != "elementwise":
+      result["xla"][name] = xla_analysis(impl.jax_fns, x.nbytes)
+  if "infer" in impls["elementwise"].jax_fns:
+    result["xla"]["elementwise"] = xla_analysis(
+        impls["elementwise"].jax_fns, x.nbytes)
+  for mode in MODES:
+    runners = {name: getattr(impl, mode.replace("+", "").replace(
+        "fwdbwd", "fwdbwd")) for name, impl in impls.items()}
+    runners = {n: r for n, r in runners.items() if r is not None}
+    times = time_interleaved(runners, repeats)
+    base = float(np.median(times["elementwise"]))
+    result["modes"][mode] = {
+        name: {"median_ms": 1e3 * float(np.median(t)),
+               "min_ms": 1e3 * float(np.min(t)),
+               "x_elementwise": float(np.median(t)) / base}
+        for name, t in times.items()}
+  return result
+
+
+def versions():
+  out = {"python": platform.python_version(), "machine": platform.machine(),
+         "cpus": os.cpu_count(),
+         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
+  for module in ("jax", "jaxlib", "flax", "haiku", "equinox", "tensorflow",
+                 "tf_keras", "torch", "jaxbn"):
+    try:
+      out[module] = importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001
+      pass
+  import jax
+  out["backend"] = jax.default_backend()
+  out["devices"] = [str(d) for d in jax.devices()[:1]]
+  return out
+
+
+# ------------------------------------------------------------------ output
+
+
+def format_table(results):
+  lines = []
+  for res in results:
+    case = res["case"]
+    lines.append(f"\n## {case['name']}  shape={tuple(case['shape'])}  "
+                 f"({res['input_bytes'] / 1e6:.0f} MB)")
+    lines.append("| implementation | fwd ms (x elem) | fwd+bwd ms (x elem) "
+                 "| infer ms (x elem) | fwd+bwd XLA bytes (x input) "
+                 "| fwd+bwd temp (x input) | saved beyond x (x input) "
+                 "| compile s |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    names = list(res["modes"]["fwd"])
+    for name in names:
+      cells = []
+      for mode in MODES:
+        m = res["modes"][mode].get(name)
+        cells.append("—" if m is None else
+                     f"{m['median_ms']:.2f} ({m['x_elementwise']:.2f})")
+      xla = res["xla"].get(name, {})
+      fb = xla.get("fwd+bwd", {})
+      saved = xla.get("saved_beyond_input_x_input")
+      cells += [f"{fb['bytes_accessed_x_input']:.2f}" if fb else "—",
+                f"{fb['temp_x_input']:.2f}" if fb else "—",
+                f"{saved:.3f}" if saved is not None else "—",
+                f"{fb['compile_s']:.2f}" if fb else "—"]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ratios = []
+    for mode in ("fwd+bwd", "infer"):
+      ours = res["modes"][mode].get("jaxbn")
+      for other in ("flax.linen", "tf_keras fused"):
+        theirs = res["modes"][mode].get(other)
+        if ours and theirs:
+          ratios.append(f"{mode} jaxbn/{other} = "
+                        f"{ours['median_ms'] / theirs['median_ms']:.2f}")
+    if ratios:
+      lines.append("\n" + "; ".join(ratios))
+    if res["skipped"]:
+      lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in
+                                           res["skipped"].items()))
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6),
+                           squeeze=False)
+  for ax, res in zip(axes[0], results):
+    names = [n for n in res["modes"]["fwd+bwd"] if n != "elementwise"]
+    pos = np.arange(len(names))
+    for i, mode in enumerate(MODES):
+      vals = [res["modes"][mode].get(n, {}).get("x_elementwise", np.nan)
+              for n in names]
+      ax.bar(pos + (i - 1) * 0.27, vals, 0.27, label=mode)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_title(res["case"]["name"], fontsize=9)
+    ax.set_ylabel("time / one elementwise pass")
+    ax.axhline(1.0, color="k", lw=0.5)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description="jaxbn benchmark")
+  parser.add_argument("--quick", action="store_true",
+                      help="one in-cache size, fewer repeats")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--out", default="bench_results")
+  parser.add_argument("--impls", default=",".join(IMPLS),
+                      help="comma-separated subset of " + ",".join(IMPLS))
+  parser.add_argument("--no-hugetlb", action="store_true",
+                      help="do not re-execute with glibc huge pages")
+  args = parser.parse_args(argv)
+  _maybe_reexec(args)
+  names = [n.strip() for n in args.impls.split(",") if n.strip()]
+  unknown = set(names) - set(IMPLS)
+  if unknown:
+    parser.error(f"unknown --impls {sorted(unknown)}; choose from "
+                 f"{list(IMPLS)}")
+  repeats = args.repeats or (5 if args.quick else 15)
+  os.makedirs(args.out, exist_ok=True)
+  results = []
+  for case in cases(args.quick):
+    print(f"running {case.name} ...", flush=True)
+    results.append(run_case(case, names, repeats))
+  report = {"versions": versions(), "repeats": repeats, "results": results}
+  table = format_table(results)
+  print(table)
+  with open(os.path.join(args.out, "bench.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(args.out, "bench.md"), "w") as f:
+    f.write(table + "\n")
+  plot(results, os.path.join(args.out, "bench.png"))
+  print(f"\nversions: {report['versions']}")
+  print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+
+
+if __name__ == "__main__":
+  main()
