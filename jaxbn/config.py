@@ -75,6 +75,10 @@ class BatchNormConfig:
   * ``virtual_batch_layout``: ``'strided'`` (Keras: virtual batch g holds rows
     g, g+G, g+2G, ... with G = batch / virtual_batch_size) or
     ``'contiguous'`` (rows [g*v, (g+1)*v)).
+  * ``skip_nonfinite_updates``: when True, a channel whose batch mean or
+    variance is NaN/Inf keeps its moving statistics (and renorm statistics)
+    unchanged for that step. Off by default, as in Keras, where one batch with
+    a NaN poisons the moving averages for good.
   """
 
   axis: Axis = -1
@@ -99,6 +103,7 @@ class BatchNormConfig:
   adjustment: Optional[Callable] = None
   moving_variance_estimator: str = "keras"
   virtual_batch_layout: str = "strided"
+  skip_nonfinite_updates: bool = False
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -107,7 +112,8 @@ class BatchNormConfig:
     set_("renorm_momentum",
          _check_unit_interval("renorm_momentum", self.renorm_momentum))
     _check_epsilon(self.epsilon)
-    for name in ("center", "scale", "renorm", "trainable"):
+    for name in ("center", "scale", "renorm", "trainable",
+                 "skip_nonfinite_updates"):
       _check_bool(name, getattr(self, name))
     for name in ("beta_initializer", "gamma_initializer",
                  "moving_mean_initializer", "moving_variance_initializer"):
@@ -263,6 +269,8 @@ class BatchNormConfig:
       config["moving_variance_estimator"] = self.moving_variance_estimator
     if self.virtual_batch_layout != "strided":
       config["virtual_batch_layout"] = self.virtual_batch_layout
+    if self.skip_nonfinite_updates:
+      config["skip_nonfinite_updates"] = True
     return config
 
   @classmethod

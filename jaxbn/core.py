@@ -187,33 +187,41 @@ def _inference(config, resolved, params, state, x):
   sd = stats.stat_dtype(x.dtype)
   shape = resolved.broadcast_shape
   gamma, beta = _broadcast_params(config, resolved, params, sd)
-  a, b = fused_lib.folded_scale_shift(
-      state["moving_mean"].reshape(shape).astype(sd),
-      state["moving_variance"].reshape(shape).astype(sd), config.epsilon,
-      None if gamma is None else gamma.astype(sd),
-      None if beta is None else beta.astype(sd))
-  return fused_lib.scale_shift(x, a, b)
+  a = lax.rsqrt(state["moving_variance"].reshape(shape).astype(sd)
+                + jnp.asarray(config.epsilon, sd))
+  if gamma is not None:
+    a = a * gamma.astype(sd)
+  return fused_lib.normalize(x, state["moving_mean"].reshape(shape), a, beta)
 
 
 def _train_fused(config, resolved, params, state, x, weights, axis_name,
                  groups):
   sd = stats.stat_dtype(x.dtype)
-  view = fused_lib.canonical_view(x.shape, resolved.axes, weights)
-  if view is None:
-    x_view, axes, shape = x, resolved.reduction_axes, resolved.broadcast_shape
-  else:
-    x_view, axes, shape = x.reshape(view.shape), view.reduction_axes, \
-        view.param_shape
-  scale = params["gamma"].reshape(shape) if config.scale else jnp.ones(shape,
-                                                                        sd)
-  offset = params["beta"].reshape(shape) if config.center else jnp.zeros(
-      shape, sd)
+  shape = resolved.broadcast_shape
+  gamma, beta = _broadcast_params(config, resolved, params, sd)
+  scale = gamma if gamma is not None else jnp.ones(shape, sd)
+  offset = beta if beta is not None else jnp.zeros(shape, sd)
   y, mean, var, count = fused_lib.normalize_train(
-      x_view, scale, offset, weights, axes, config.epsilon, axis_name, groups)
-  y = y.reshape(x.shape)
+      x, scale, offset, weights, resolved.reduction_axes, config.epsilon,
+      axis_name, groups)
   new_state = _update_moving_statistics(config, resolved, state, mean, var,
                                         count)
   return y, new_state
+
+
+def _updatable(config, resolved, count, mean, var):
+  """Per channel: may the moving statistics take this batch's values?
+
+  Never for a channel without valid elements (its statistics are undefined);
+  with ``skip_nonfinite_updates`` also not for a non-finite mean or variance,
+  so that one bad batch cannot poison the state.
+  """
+  shape = resolved.param_shape
+  valid = jnp.broadcast_to(count, mean.shape).reshape(shape) > 0
+  if config.skip_nonfinite_updates:
+    valid = valid & jnp.isfinite(mean.reshape(shape)) & jnp.isfinite(
+        var.reshape(shape))
+  return lax.stop_gradient(valid)
 
 
 def _update_moving_statistics(config, resolved, state, mean, var, count):
@@ -221,7 +229,7 @@ def _update_moving_statistics(config, resolved, state, mean, var, count):
   mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
   if config.bessel_corrected_moving_variance(resolved):
     var = var * stats.bessel_factor(count)
-  valid = count.reshape(resolved.param_shape) > 0
+  valid = _updatable(config, resolved, count, mean, var)
   new_state = dict(state)
   new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,
                                  valid)
@@ -272,7 +280,7 @@ def _train_general(config, resolved, params, state, x, weights, key,
     scale, offset = _compose(jnp.asarray(adj_scale, sd),
                              jnp.asarray(adj_bias, sd), scale, offset)
   new_state = dict(state)
-  valid = count.reshape(resolved.param_shape) > 0
+  valid = _updatable(config, resolved, count, batch_mean, update_var)
   if config.renorm:
     r, d, renorm_state = _renorm(config, resolved, state, batch_mean,
                                  batch_var, update_var, valid)
@@ -290,10 +298,7 @@ def _train_general(config, resolved, params, state, x, weights, key,
   inv = lax.rsqrt(moments.variance + jnp.asarray(config.epsilon, sd))
   if scale is not None:
     inv = inv * scale
-  shift = -moments.mean * inv
-  if offset is not None:
-    shift = shift + offset
-  y = xs * inv + shift
+  y = fused_lib.normalize(xs, moments.mean, inv, offset)
   return y.reshape(x.shape).astype(x.dtype), new_state
 
 
@@ -404,8 +409,9 @@ def _renorm(config, resolved, state, batch_mean, batch_var, update_var, valid):
   update_std = jnp.sqrt(lax.stop_gradient(update_var) + eps).reshape(shape)
   moving_stddev = ema(state["moving_stddev"], update_std, momentum, valid)
   new["moving_stddev"] = moving_stddev
-  new["moving_variance"] = jnp.maximum(moving_stddev * moving_stddev - eps,
-                                       0.0)
+  new["moving_variance"] = jnp.where(
+      valid, jnp.maximum(moving_stddev * moving_stddev - eps, 0.0),
+      state["moving_variance"])
   return lax.stop_gradient(r), lax.stop_gradient(d), new
 
 

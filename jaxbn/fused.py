@@ -1,10 +1,10 @@
 """The fast training path: batch norm as one ``jax.custom_vjp``.
 
-Forward (statistics in float32 or wider, folded into one multiply-add)::
+Forward (statistics in float32 or wider, then one elementwise output pass)::
 
   mean, var = moments(x)            inv = rsqrt(var + epsilon)
-  a = gamma * inv                   b = beta - mean * a
-  y = x * a + b
+  a = gamma * inv
+  y = (x - mean) * a + beta
 
 Backward, closed form. With S1 = sum(dy) and S2 = sum(dy * (x - mean)) over
 every element (and every device), n the count of valid elements and w the
@@ -27,8 +27,6 @@ custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,32 +34,6 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxbn import stats
-
-
-class View(NamedTuple):
-  """A reshape of the input that XLA reduces faster: ``(P, C)`` or ``(P, C, Q)``."""
-
-  shape: tuple
-  reduction_axes: tuple
-  param_shape: tuple
-
-
-def canonical_view(shape, channel_axes, weights) -> View | None:
-  """Collapses the axes before/after contiguous channel axes (a free reshape).
-
-  NHWC becomes ``(N*H*W, C)`` and NCHW ``(N, C, H*W)``: XLA:CPU emits markedly
-  faster reductions for these than for the 4-D/5-D originals. Returns None
-  when the channel axes are not contiguous or a mask would need reshaping.
-  """
-  axes = sorted(channel_axes)
-  if weights is not None or axes != list(range(axes[0], axes[-1] + 1)):
-    return None
-  before = math.prod(shape[:axes[0]])
-  channels = math.prod(shape[axes[0]:axes[-1] + 1])
-  after = math.prod(shape[axes[-1] + 1:])
-  if after == 1:
-    return View((before, channels), (0,), (1, channels))
-  return View((before, channels, after), (0, 2), (1, channels, 1))
 
 
 def _sum(x, axes):
@@ -137,9 +109,7 @@ def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")
   inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
-  a = scale.astype(sd) * inv
-  b = offset.astype(sd) - mean * a
-  y = (x.astype(sd) * a + b).astype(x.dtype)
+  y = normalize(x, mean, scale.astype(sd) * inv, offset)
   return (y, mean, var, count), (inv,)
 
 
@@ -240,18 +210,18 @@ def _reduce_to(value, like):
 normalize_train.defvjp(_fwd, _bwd)
 
 
-def folded_scale_shift(mean, variance, epsilon, scale=None, offset=None):
-  """``a = gamma * rsqrt(var + eps)``, ``b = beta - mean * a`` (inference)."""
-  a = lax.rsqrt(variance + jnp.asarray(epsilon, variance.dtype))
-  if scale is not None:
-    a = a * scale
-  b = -mean * a
-  if offset is not None:
-    b = b + offset
-  return a, b
+def normalize(x, mean, a, b):
+  """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's.
 
-
-def scale_shift(x, a, b):
-  """One multiply-add pass ``y = x * a + b`` in the statistics dtype."""
+  One elementwise pass with per-channel ``mean``, ``a = gamma * rsqrt(var +
+  eps)`` and ``b = beta``. Subtracting the mean first (rather than folding it
+  into ``b - mean * a``, as Keras does) costs one flop and no memory traffic,
+  and keeps the output exact to float rounding of *y* when |mean| >> std: the
+  folded form errs by ~ulp(mean) * a, which is 1.0 for a constant channel at
+  5e15 and 1e-3 for float32 data with mean 1e4 and std 1.
+  """
   sd = stats.stat_dtype(x.dtype)
-  return (x.astype(sd) * a.astype(sd) + b.astype(sd)).astype(x.dtype)
+  y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
+  if b is not None:
+    y = y + b.astype(sd)
+  return y.astype(x.dtype)

@@ -60,6 +60,7 @@ class BatchNormalization(nn.Module):
   adjustment: Optional[Callable] = None
   moving_variance_estimator: str = "keras"
   virtual_batch_layout: str = "strided"
+  skip_nonfinite_updates: bool = False
   axis_name: Any = None
   axis_index_groups: Any = None
 

@@ -11,7 +11,8 @@ from jaxbn.linen import CONFIG_FIELDS
 from tests import keras_oracle
 
 KERAS_ONLY = {"name", "synchronized", "kwargs", "self"}
-JAXBN_ONLY = {"moving_variance_estimator", "virtual_batch_layout"}
+JAXBN_ONLY = {"moving_variance_estimator", "virtual_batch_layout",
+              "skip_nonfinite_updates"}
 
 
 def test_every_keras_argument_with_keras_defaults():

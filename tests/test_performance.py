@@ -1,0 +1,138 @@
+"""Deterministic performance checks (XLA's own counts, never timings).
+
+On CPU a training step (forward + backward) of the fast path moves at most
+10.2x the input's bytes (two reads for the statistics, one read + one write
+for y, two reads for the backward sums, two reads + one write for dx), needs
+no full-size temporary buffer, and saves nothing but the input (and
+per-channel vectors) for the backward pass. Inference is one multiply-add
+pass: read x, write y.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+CASES = [((16, 28, 28, 64), -1, "float32"), ((16, 28, 28, 64), -1, "bfloat16"),
+         ((16, 64, 28, 28), 1, "float32"), ((16, 64, 28, 28), 1, "bfloat16"),
+         ((256, 512), -1, "float32")]
+
+
+def _analysis(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (float(cost["bytes accessed"]),
+          compiled.memory_analysis().temp_size_in_bytes, compiled.as_text())
+
+
+def _setup(shape, axis, dtype):
+  config = jaxbn.BatchNormConfig(axis=axis)
+  params, state = jaxbn.init(config, shape)
+  x = jnp.ones(shape, dtype)
+  return config, params, state, x
+
+
+@pytest.mark.parametrize("shape,axis,dtype", CASES)
+def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype):
+  config, params, state, x = _setup(shape, axis, dtype)
+
+  def step(params, x, dy):
+    f = lambda p, x: jaxbn.apply(config, p, state, x, training=True)[0]
+    y, vjp = jax.vjp(f, params, x)
+    return y, vjp(dy)
+
+  bytes_accessed, temp, _ = _analysis(step, params, x, x)
+  assert bytes_accessed <= 10.2 * x.nbytes
+  assert temp <= 0.01 * x.nbytes
+  _, vjp_fn = jax.vjp(lambda p, x: jaxbn.apply(
+      config, p, state, x, training=True)[0], params, x)
+  # the input (possibly as a free reshape of it) plus per-channel vectors
+  saved = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_fn))
+  assert saved - x.nbytes <= 0.05 * x.nbytes
+
+
+@pytest.mark.parametrize("shape,axis,dtype", CASES)
+def test_inference_is_one_pass(shape, axis, dtype):
+  config, params, state, x = _setup(shape, axis, dtype)
+  bytes_accessed, temp, _ = _analysis(
+      lambda p, x: jaxbn.apply(config, p, state, x, training=False)[0],
+      params, x)
+  assert bytes_accessed <= 2.05 * x.nbytes
+  assert temp <= 0.01 * x.nbytes
+
+
+def _full_size_fusions(hlo, shape):
+  dims = ",".join(str(d) for d in shape)
+  entry = hlo[hlo.index("ENTRY"):]
+  return [line for line in entry.splitlines()
+          if " fusion(" in line
+          and f"[{dims}]" in line.split(" fusion(")[0].split(" = ")[-1]]
+
+
+def test_elementwise_neighbours_fuse_into_the_inference_pass():
+  config, params, state, x = _setup((16, 28, 28, 64), -1, "float32")
+
+  def block(params, x, residual):
+    y, _ = jaxbn.apply(config, params, state, x, training=False)
+    return jax.nn.relu(y + residual)
+
+  bytes_accessed, _, hlo = _analysis(block, params, x, x)
+  assert bytes_accessed <= 3.05 * x.nbytes  # read x, read residual, write
+  assert len(_full_size_fusions(hlo, x.shape)) == 1
+
+
+def test_elementwise_neighbours_fuse_into_the_training_output():
+  config, params, state, x = _setup((16, 28, 28, 64), -1, "float32")
+
+  def block(params, x, residual):
+    y, _ = jaxbn.apply(config, params, state, x, training=True)
+    return jax.nn.relu(y + residual)
+
+  bytes_accessed, _, hlo = _analysis(block, params, x, x)
+  # two reads for the statistics, then x and residual in, the block out
+  assert bytes_accessed <= 5.1 * x.nbytes
+  assert len(_full_size_fusions(hlo, x.shape)) == 1
+
+
+def test_fast_path_moves_fewer_bytes_than_flax():
+  shape = (16, 28, 28, 64)
+  config, params, state, x = _setup(shape, -1, "float32")
+  layer = nn.BatchNorm(use_running_average=False)
+  variables = layer.init(jax.random.PRNGKey(0), x)
+
+  def ours(params, x, dy):
+    f = lambda p, x: jaxbn.apply(config, p, state, x, training=True)[0]
+    y, vjp = jax.vjp(f, params, x)
+    return y, vjp(dy)
+
+  def theirs(params, x, dy):
+    f = lambda p, x: layer.apply({"params": p, **{
+        "batch_stats": variables["batch_stats"]}}, x,
+                                 mutable=["batch_stats"])[0]
+    y, vjp = jax.vjp(f, params, x)
+    return y, vjp(dy)
+
+  ours_bytes, _, _ = _analysis(ours, params, x, x)
+  theirs_bytes, _, _ = _analysis(theirs, variables["params"], x, x)
+  assert ours_bytes < 0.75 * theirs_bytes
+
+
+def test_remat_can_keep_only_the_named_statistics():
+  config, params, state, _ = _setup((8, 4, 4, 16), -1, "float32")
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 16))
+  policy = jax.checkpoint_policies.save_only_these_names(
+      "jaxbn_batch_mean", "jaxbn_batch_variance")
+
+  def loss(params, x):
+    y, _ = jaxbn.apply(config, params, state, x, training=True)
+    return jnp.sum(jnp.sin(y))
+
+  g_plain = jax.grad(loss, argnums=(0, 1))(params, x)
+  g_remat = jax.grad(jax.checkpoint(loss, policy=policy),
+                     argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_plain),
+                  jax.tree_util.tree_leaves(g_remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
