@@ -8,6 +8,10 @@ Functional core::
 
 Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments.
 """
+from jaxbn import interop, nnx, tools
+from jaxbn.interop import (from_flax, from_keras, from_torch,
+                           keras_model_variables, to_keras, to_torch)
+from jaxbn.tools import fold_into_kernel, precise_statistics
 from jaxbn.config import BatchNormConfig, RenormClipping
 from jaxbn.core import apply, init, init_params, init_state, state_names
 from jaxbn.linen import BatchNormalization
@@ -32,12 +36,23 @@ __all__ = [
     "collect_layers",
     "constrain",
     "ema",
+    "fold_into_kernel",
+    "from_flax",
+    "from_keras",
+    "from_torch",
     "init",
     "init_params",
     "init_state",
+    "interop",
+    "keras_model_variables",
     "model_regularization_loss",
     "moments",
+    "nnx",
+    "precise_statistics",
     "project",
     "regularization_loss",
     "state_names",
+    "to_keras",
+    "to_torch",
+    "tools",
 ]

@@ -1,0 +1,104 @@
+"""``jaxbn.nnx.BatchNormalization``: a Flax NNX layer over the same core.
+
+Parameters are ``nnx.Param`` (``gamma``, ``beta``) and the moving statistics
+``nnx.BatchStat`` (``moving_mean``, ``moving_variance``, + renorm statistics),
+with Keras' names. The math is ``jaxbn.apply``; this module only holds the
+variables::
+
+  bn = jaxbn.nnx.BatchNormalization(64, momentum=0.9, rngs=nnx.Rngs(0))
+  y = bn(x, training=True)      # updates the BatchStat variables
+  bn.eval(); y = bn(x)          # training=None follows train()/eval()
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from flax import nnx
+
+from jaxbn import core
+from jaxbn.config import BatchNormConfig
+
+
+class BatchNormalization(nnx.Module):
+  """Keras' ``BatchNormalization`` as an NNX module.
+
+  Args:
+    num_features: channel count, or one count per axis for an axis list.
+    input_rank: rank of the inputs; needed when the variable shape depends on
+      it (an axis list, whose variables have Keras' full-rank shape, or a
+      negative axis in a list).
+    axis_name, axis_index_groups: devices to combine statistics over.
+    use_running_average: the module's mode (``eval()`` sets it True); a call
+      with ``training=None`` trains when it is False.
+    rngs: ``nnx.Rngs``; its ``params`` stream feeds random initializers and an
+      ``adjustment`` stream, if present, feeds ``adjustment``.
+    **kwargs: every ``jaxbn.BatchNormConfig`` argument (Keras' names).
+  """
+
+  def __init__(self, num_features: Union[int, Sequence[int]], *,
+               input_rank: Optional[int] = None, axis_name=None,
+               axis_index_groups=None, use_running_average: bool = False,
+               rngs: nnx.Rngs, **kwargs):
+    self.config = BatchNormConfig(**kwargs)
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_running_average = use_running_average
+    shape = _example_shape(self.config, num_features, input_rank)
+    param_shape, _ = core.variable_shapes(self.config, shape)
+    key = rngs.params()
+    params = core.init_params(self.config, param_shape, key=key)
+    state = core.init_state(self.config, param_shape, key=key)
+    for name, value in params.items():
+      setattr(self, name, nnx.Param(value))
+    for name, value in state.items():
+      setattr(self, name, nnx.BatchStat(value))
+    self.rngs = rngs if "adjustment" in rngs else None
+
+  def __call__(self, x, training: Optional[bool] = None, mask=None):
+    if training is None:
+      training = not self.use_running_average
+    params = {n: getattr(self, n)[...] for n in ("gamma", "beta")
+              if hasattr(self, n)}
+    state = {n: getattr(self, n)[...] for n in core.state_names(self.config)}
+    key = None
+    if training and self.config.adjustment is not None and self.rngs:
+      key = self.rngs.adjustment()
+    y, new_state = core.apply(self.config, params, state, x,
+                              training=bool(training), key=key,
+                              axis_name=self.axis_name,
+                              axis_index_groups=self.axis_index_groups,
+                              mask=mask)
+    if training and self.config.trainable:
+      for name, value in new_state.items():
+        getattr(self, name)[...] = value
+    return y
+
+
+def _example_shape(config, num_features, input_rank):
+  """An input shape with the right rank and channel sizes (others 1)."""
+  axes = (config.axis,) if isinstance(config.axis, int) else config.axis
+  sizes = ((num_features,) if isinstance(num_features, int)
+           else tuple(num_features))
+  if len(sizes) != len(axes):
+    raise ValueError(
+        f"`num_features`={num_features!r} must give one size per channel axis "
+        f"(axis={config.axis!r}).")
+  if input_rank is None:
+    if len(axes) > 1:
+      raise ValueError(
+          f"axis={config.axis!r} gives variables of the input's rank (Keras' "
+          "shape): pass `input_rank=`.")
+    # one channel axis: the variables are (C,) whatever the rank
+    input_rank = max(2, axes[0] + 1 if axes[0] >= 0 else -axes[0])
+  shape = [1] * input_rank
+  for axis, size in zip(axes, sizes):
+    if not -input_rank <= axis < input_rank:
+      raise ValueError(f"axis {axis} is out of range for input_rank="
+                       f"{input_rank}.")
+    shape[axis] = size
+  if config.virtual_batch_size is not None:
+    shape[0] = config.virtual_batch_size
+  return tuple(shape)
+
+
+__all__ = ["BatchNormalization"]

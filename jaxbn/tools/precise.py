@@ -1,0 +1,159 @@
+"""Population statistics (Precise BN): exact moving statistics after training.
+
+The moving averages of a trained network lag behind its final weights. With
+the weights frozen, ``precise_statistics`` runs N batches through the model in
+training mode, records every jaxbn layer's batch statistics and replaces the
+moving statistics with
+
+* ``method='mean_of_batches'``: the plain average over batches of the
+  per-batch means and variances (fvcore's PreciseBN), or
+* ``method='all_samples'``: the mean and variance of all samples pooled
+  (Chan's merge of the per-batch ``(count, mean, M2)``),
+
+the variance following each layer's ``moving_variance_estimator``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxbn import stats as stats_lib
+from jaxbn.linen import BatchNormalization
+
+_COLLECTION = "jaxbn_batch_moments"
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  if isinstance(module, BatchNormalization) and \
+      context.method_name == "__call__":
+    x = args[0] if args else kwargs["x"]
+    mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+    config = module.config
+    resolved = config.resolve(x.shape)
+    sd = stats_lib.stat_dtype(x.dtype)
+    weights = None if mask is None else jnp.broadcast_to(
+        jnp.asarray(mask, sd), x.shape)
+    count, mean, m2 = stats_lib.local_moments(
+        x.astype(sd), resolved.reduction_axes, weights)
+    module.sow(_COLLECTION, "moments", jax.tree_util.tree_map(
+        lambda v: v.reshape(resolved.param_shape), (count, mean, m2)))
+  return next_fun(*args, **kwargs)
+
+
+def precise_statistics(model: nn.Module, variables: Mapping[str, Any],
+                       batches: Iterable, *, method: str = "all_samples",
+                       num_batches: int | None = None, progress: bool = True,
+                       **apply_kwargs) -> dict:
+  """Returns ``variables`` with exact moving statistics for every jaxbn layer.
+
+  Args:
+    model: a Linen model containing ``jaxbn.BatchNormalization`` layers.
+    variables: its variables (``params`` and ``batch_stats``); unchanged.
+    batches: model inputs (an array, or a tuple of positional arguments).
+    method: ``'all_samples'`` or ``'mean_of_batches'``.
+    num_batches: stop after this many batches.
+    progress: show a progress bar.
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``training=True``).
+  """
+  if method not in ("all_samples", "mean_of_batches"):
+    raise ValueError(f"`method` must be 'all_samples' or 'mean_of_batches'; "
+                     f"got {method!r}.")
+
+  @jax.jit
+  def moments_of(variables, args):
+    with nn.intercept_methods(_interceptor):
+      _, sown = model.apply(variables, *args, mutable=["batch_stats",
+                                                       _COLLECTION],
+                            **apply_kwargs)
+    return sown[_COLLECTION]
+
+  totals = None
+  seen = 0
+  for batch in tqdm(batches, total=num_batches, desc="precise BN",
+                    disable=not progress):
+    if num_batches is not None and seen >= num_batches:
+      break
+    args = batch if isinstance(batch, tuple) else (batch,)
+    sown = jax.tree_util.tree_map(np.asarray, moments_of(variables, args))
+    per_layer = _flatten_sown(sown)
+    if totals is None:
+      totals = {path: [] for path in per_layer}
+    for path, moments in per_layer.items():
+      totals[path].append(moments)
+    seen += 1
+  if not totals:
+    raise ValueError("precise_statistics needs at least one batch.")
+  new_stats = jax.tree_util.tree_map(np.asarray, dict(variables["batch_stats"]))
+  new_stats = _unfreeze(new_stats)
+  layers = _modules_by_path(model, variables, args, apply_kwargs)
+  for path, history in totals.items():
+    config, resolved = layers[path]
+    mean, var = _combine(
+        history, method,
+        bessel=config.bessel_corrected_moving_variance(resolved))
+    node = new_stats
+    for name in path:
+      node = node[name]
+    node["moving_mean"] = mean.astype(np.float32)
+    node["moving_variance"] = var.astype(np.float32)
+    if "moving_stddev" in node:
+      node["moving_stddev"] = np.sqrt(var + config.epsilon).astype(np.float32)
+  return {**variables, "batch_stats": new_stats}
+
+
+def _combine(history, method, bessel):
+  counts = np.stack([h[0] for h in history]).astype(np.float64)
+  means = np.stack([h[1] for h in history]).astype(np.float64)
+  m2s = np.stack([h[2] for h in history]).astype(np.float64)
+  if method == "mean_of_batches":
+    variances = m2s / np.maximum(counts, 1)
+    if bessel:
+      variances = variances * counts / np.maximum(counts - 1, 1)
+    return means.mean(0), variances.mean(0)
+  total = counts.sum(0)
+  mean = (counts * means).sum(0) / np.maximum(total, 1)
+  m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+  denominator = np.maximum(total - 1, 1) if bessel else np.maximum(total, 1)
+  return mean, m2 / denominator
+
+
+def _flatten_sown(tree, prefix=()):
+  out = {}
+  for name, value in tree.items():
+    if name == "moments":
+      out[prefix] = value[0]  # sow keeps a tuple of calls; one call each
+    else:
+      out.update(_flatten_sown(value, prefix + (name,)))
+  return out
+
+
+def _modules_by_path(model, variables, args, apply_kwargs):
+  found = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if isinstance(module, BatchNormalization) and \
+        context.method_name == "__call__":
+      x = call_args[0] if call_args else call_kwargs["x"]
+      config = module.config
+      found[tuple(module.scope.path)] = (config, config.resolve(x.shape))
+    return next_fun(*call_args, **call_kwargs)
+
+  def run(v):
+    with nn.intercept_methods(record):
+      return model.apply(v, *args, mutable=["batch_stats"], **apply_kwargs)
+
+  jax.eval_shape(run, variables)
+  return found
+
+
+def _unfreeze(tree):
+  if isinstance(tree, Mapping):
+    return {k: _unfreeze(v) for k, v in tree.items()}
+  return tree
