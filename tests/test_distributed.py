@@ -297,3 +297,32 @@ def test_local_statistics_in_shard_map_sum_parameter_gradients():
   for a, b in zip(jax.tree_util.tree_leaves(results[0]),
                   jax.tree_util.tree_leaves(results[1])):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows_per_device=st.integers(1, 4), channels=st.integers(1, 5),
+       keep=st.floats(0.0, 1.0), seed=st.integers(0, 1000),
+       fused=st.sampled_from([None, False]))
+def test_sync_bn_on_devices_equals_one_device_property(rows_per_device,
+                                                       channels, keep, seed,
+                                                       fused):
+  rng = np.random.RandomState(seed)
+  rows = rows_per_device * N_DEV
+  x = (rng.randn(rows, channels) * rng.uniform(0.5, 3)
+       + rng.uniform(-5, 5)).astype(np.float32)
+  mask = rng.rand(rows, 1) < keep
+  dy = (rng.randn(rows, channels) * mask).astype(np.float32)
+  config = jaxbn.BatchNormConfig(momentum=0.5, fused=fused)
+  params, state = _params(config, x.shape)
+  y, s, (gp, gx) = _sharded_step(config, _mesh())(params, state, x, mask, dy)
+  y_ref, s_ref, (gp_ref, gx_ref) = _single_step(config, params, state, x,
+                                                mask, dy)
+  np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(gx, gx_ref, atol=2e-5, rtol=2e-5)
+  for k in s_ref:
+    np.testing.assert_allclose(s[k], s_ref[k], atol=2e-5, rtol=2e-5)
+  for k in gp_ref:
+    np.testing.assert_allclose(gp[k], gp_ref[k], atol=1e-4, rtol=1e-4)
