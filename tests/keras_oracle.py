@@ -16,6 +16,9 @@ import numpy as np
 import jaxbn
 
 _keras = None
+# (configurations, quantity comparisons) checked in this session, for the
+# summary printed at the end of the test run
+TALLY = {"configs": 0, "checks": 0}
 
 
 def keras():
@@ -165,4 +168,6 @@ def compare(kwargs, shape, *, steps=3, seed=0, mask=None, adjustment=None,
                    floor=floor)
       checks += 1
   assert_close(j_inf, k_inf, rtol, "inference output")
+  TALLY["configs"] += 1
+  TALLY["checks"] += checks + 1
   return checks + 1

@@ -1,4 +1,5 @@
 """The Linen layer: variables, modes, and composition under JAX/Flax transforms."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,9 +107,7 @@ def test_jit_grad_and_training_loop_in_a_model():
   (loss2, _), grads2 = _train_step(model)(variables["params"],
                                           variables["batch_stats"], x)
   np.testing.assert_allclose(loss, loss2, rtol=1e-5)
-  for g, g2 in zip(jax.tree_util.tree_leaves(grads),
-                   jax.tree_util.tree_leaves(grads2)):
-    np.testing.assert_allclose(g, g2, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(grads, grads2, rtol=1e-4, atol=1e-5)
   assert not np.allclose(stats["BatchNormalization_0"]["moving_mean"], 0)
 
 
@@ -127,9 +126,7 @@ def test_remat_gives_the_same_gradients():
     return jnp.sum(y ** 2 * jnp.arange(3.0)), updates["batch_stats"]
   (_, s2), g2 = jax.value_and_grad(loss_fn, has_aux=True)(
       variables["params"], variables["batch_stats"], x)
-  for a, b in zip(jax.tree_util.tree_leaves((g1, s1)),
-                  jax.tree_util.tree_leaves((g2, s2))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close((g1, s1), (g2, s2), rtol=1e-5, atol=1e-6)
 
 
 def test_scan_over_layers_carries_batch_stats():
