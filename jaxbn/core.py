@@ -177,9 +177,11 @@ def _fast_path_applies(config: BatchNormConfig) -> bool:
 
 
 def _broadcast_params(config, resolved, params, dtype):
+  """gamma and beta (None when absent) shaped to broadcast against x."""
   shape = resolved.broadcast_shape
-  gamma = params["gamma"].reshape(shape) if config.scale else None
-  beta = params["beta"].reshape(shape) if config.center else None
+  cast = lambda v: v.reshape(shape).astype(dtype)
+  gamma = cast(params["gamma"]) if config.scale else None
+  beta = cast(params["beta"]) if config.center else None
   return gamma, beta
 
 
@@ -190,7 +192,7 @@ def _inference(config, resolved, params, state, x):
   a = lax.rsqrt(state["moving_variance"].reshape(shape).astype(sd)
                 + jnp.asarray(config.epsilon, sd))
   if gamma is not None:
-    a = a * gamma.astype(sd)
+    a = a * gamma
   return fused_lib.normalize(x, state["moving_mean"].reshape(shape), a, beta)
 
 
@@ -247,8 +249,6 @@ def _train_general(config, resolved, params, state, x, weights, key,
   sd = stats.stat_dtype(x.dtype)
   xs = x.astype(sd)
   gamma, beta = _broadcast_params(config, resolved, params, sd)
-  gamma = None if gamma is None else gamma.astype(sd)
-  beta = None if beta is None else beta.astype(sd)
   vbs = config.virtual_batch_size
   if weights is not None:
     weights = jnp.broadcast_to(weights, x.shape).astype(sd)
@@ -256,20 +256,17 @@ def _train_general(config, resolved, params, state, x, weights, key,
     red_axes = resolved.reduction_axes
     moments = stats.moments(xs, red_axes, weights=weights,
                             axis_name=axis_name, axis_index_groups=groups)
-    batch_mean, batch_var, count = moments
-    update_var = batch_var
-    if config.bessel_corrected_moving_variance(resolved):
-      update_var = batch_var * stats.bessel_factor(count)
-  else:
+  else:  # statistics per virtual batch, on a view with two batch axes
     xs, weights, red_axes, group_axis = _virtual_view(config, xs, weights,
                                                       resolved)
     gamma = None if gamma is None else gamma[None]
     beta = None if beta is None else beta[None]
     moments = stats.moments(xs, red_axes, weights=weights)
-    batch_mean, batch_var, count = moments
-    update_var = batch_var
-    if config.bessel_corrected_moving_variance(resolved):
-      update_var = batch_var * stats.bessel_factor(count)
+  batch_mean, batch_var, count = moments
+  update_var = batch_var
+  if config.bessel_corrected_moving_variance(resolved):
+    update_var = batch_var * stats.bessel_factor(count)
+  if vbs is not None:
     # Renorm's corrections use these averages too (as Keras does).
     count, batch_mean, batch_var, update_var = _merge_virtual_batches(
         count, (batch_mean, batch_var, update_var), group_axis, axis_name,
