@@ -39,6 +39,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import fused as fused_lib
@@ -154,8 +155,8 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   """
   x = _check_input(x)
   resolved = config.resolve(x.shape)
-  _check_variables(config, resolved, params, state)
-  training = _check_training(training)
+  _check_variables(config, resolved, params, state, x.shape)
+  training = check_training(training)
   weights = _check_mask(mask, x.shape)
   if axis_index_groups is not None:
     axis_index_groups = tuple(tuple(int(i) for i in g)
@@ -432,10 +433,11 @@ def _check_input(x):
   return x
 
 
-def _check_training(training):
-  if isinstance(training, (bool, type(None))):
+def check_training(training) -> bool:
+  """``training`` as a Python bool, or a TypeError explaining why not."""
+  if isinstance(training, (bool, np.bool_, type(None))):
     return bool(training)
-  if isinstance(training, (int,)) and training in (0, 1):
+  if isinstance(training, int) and training in (0, 1):
     return bool(training)
   if isinstance(training, jax.Array) and not isinstance(training,
                                                         jax.core.Tracer):
@@ -470,7 +472,7 @@ def _check_mask(mask, shape):
                   f"{mask.dtype}.")
 
 
-def _check_variables(config, resolved, params, state):
+def _check_variables(config, resolved, params, state, input_shape):
   expected = resolved.param_shape
   needed = [("params", "gamma", config.scale), ("params", "beta", config.center)]
   for kind, name, present in needed:
@@ -486,7 +488,8 @@ def _check_variables(config, resolved, params, state):
       if name in tree and tuple(tree[name].shape) != tuple(expected):
         raise ValueError(
             f"'{name}' has shape {tuple(tree[name].shape)} but an input of "
-            f"shape ... with axis={config.axis!r} needs {tuple(expected)} "
+            f"shape {tuple(input_shape)} with axis={config.axis!r} needs "
+            f"{tuple(expected)} "
             f"(resolved channel axes {resolved.axes}). The input's channel "
             "count does not match the layer's variables: check `axis` and the "
             "input layout.")

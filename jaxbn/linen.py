@@ -106,7 +106,7 @@ class BatchNormalization(nn.Module):
                  for n in names}
     state = {n: v.value for n, v in variables.items()}
 
-    training = bool(training) if training is not None else False
+    training = core.check_training(training)
     updates = training and config.trainable and not self.is_initializing()
     if updates and not self.is_mutable_collection("batch_stats"):
       raise ValueError(

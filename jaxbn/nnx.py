@@ -57,6 +57,7 @@ class BatchNormalization(nnx.Module):
   def __call__(self, x, training: Optional[bool] = None, mask=None):
     if training is None:
       training = not self.use_running_average
+    training = core.check_training(training)
     params = {n: getattr(self, n)[...] for n in ("gamma", "beta")
               if hasattr(self, n)}
     state = {n: getattr(self, n)[...] for n in core.state_names(self.config)}
@@ -64,7 +65,7 @@ class BatchNormalization(nnx.Module):
     if training and self.config.adjustment is not None and self.rngs:
       key = self.rngs.adjustment()
     y, new_state = core.apply(self.config, params, state, x,
-                              training=bool(training), key=key,
+                              training=training, key=key,
                               axis_name=self.axis_name,
                               axis_index_groups=self.axis_index_groups,
                               mask=mask)

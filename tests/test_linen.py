@@ -224,3 +224,13 @@ def test_optax_training_reduces_the_loss():
     params, stats, opt_state, loss = step(params, stats, opt_state)
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_traced_training_flag_gets_a_clear_error():
+  layer = jaxbn.BatchNormalization()
+  x = _x()
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(TypeError, match="static_argnames"):
+    jax.jit(lambda v, x, t: layer.apply(v, x, training=t,
+                                        mutable=["batch_stats"]))(
+                                            variables, x, True)
