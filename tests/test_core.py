@@ -198,3 +198,15 @@ def test_both_moment_strategies_are_exact_for_large_means(strategy, use_mask):
   var_ref = (ww * (xx - mean_ref) ** 2).sum(0) / ww.sum()
   np.testing.assert_allclose(np.ravel(m2 / count), var_ref, rtol=1e-4)
   np.testing.assert_allclose(np.ravel(mean), mean_ref, atol=2e-3)
+
+
+def test_forward_mode_works_with_fused_false_and_agrees_with_the_fast_path():
+  x = jnp.asarray(np.random.RandomState(7).randn(6, 3), jnp.float32)
+  fast = jaxbn.BatchNormConfig()
+  plain = jaxbn.BatchNormConfig(fused=False)
+  params, state = jaxbn.init(fast, x.shape)
+  f = lambda c: (lambda x: jaxbn.apply(c, params, state, x, training=True)[0])
+  np.testing.assert_allclose(jax.jacfwd(f(plain))(x), jax.jacrev(f(fast))(x),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jacfwd(f(fast))(x)
