@@ -206,3 +206,45 @@ def test_checkpointed_state_continues_bit_exactly(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(straight),
                   jax.tree_util.tree_leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_functional_core_under_lax_scan_over_batches():
+  config = jaxbn.BatchNormConfig(momentum=0.5, renorm=True)
+  xs = jnp.asarray(np.random.RandomState(8).randn(5, 16, 3) * 2 + 1,
+                   jnp.float32)
+  params, state = jaxbn.init(config, xs.shape[1:])
+
+  def body(state, x):
+    y, state = jaxbn.apply(config, params, state, x, training=True)
+    return state, y
+
+  final, ys = jax.lax.scan(body, state, xs)
+  loop = state
+  for i, x in enumerate(xs):
+    y, loop = jaxbn.apply(config, params, loop, x, training=True)
+    np.testing.assert_allclose(ys[i], y, rtol=1e-6, atol=1e-6)
+  for k in loop:
+    np.testing.assert_allclose(final[k], loop[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: jaxbn.init(jaxbn.BatchNormConfig(), (4, 3), dtype=jnp.int32),
+     TypeError, "float dtype"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), *jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True,
+                         mask=jnp.ones((4, 3), jnp.complex64)),
+     TypeError, "`mask` must be boolean"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), *jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True,
+                         mask=jnp.ones((2, 4, 3), bool)),
+     ValueError, "enlarge"),
+    (lambda: jaxbn.init(jaxbn.BatchNormConfig(
+        gamma_initializer="random_normal"), (4, 3)),
+     ValueError, "PRNG key"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(renorm=True), *jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True),
+     ValueError, "renorm=True needs state entries"),
+])
+def test_more_bad_inputs_raise_clear_errors(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
