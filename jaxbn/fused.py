@@ -40,68 +40,9 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
-def _separate(*values):
-  """Distinct copies of ``values`` that XLA may not merge (CSE) again.
-
-  XLA:CPU does not fuse two reductions that read one producer; it writes the
-  shared producer (``x - mean``, a float32 copy of a bf16 ``x``) to memory in
-  full. Handing each reduction its own copy of the inputs keeps every
-  elementwise producer inside the reduction that reads it.
-  """
-  return lax.optimization_barrier(values)
-
-
-def _moments_two_pass(x, axes, weights, sd):
-  """``(count, mean, M2)``: one pass for the mean, one for M2 (CPU)."""
-  x_for_mean, x_for_m2 = _separate(x, x)
-  count = stats.reduce_count(x.shape, axes, weights, sd)
-  xs = x_for_mean.astype(sd)
-  if weights is None:
-    mean = _sum(xs, axes) / count
-    centered = x_for_m2.astype(sd) - _separate(mean)[0]
-    m2 = _sum(jnp.square(centered), axes)
-  else:
-    mean = stats.safe_divide(_sum(weights * xs, axes), count)
-    centered = x_for_m2.astype(sd) - _separate(mean)[0]
-    m2 = _sum(weights * jnp.square(centered), axes)
-  return jnp.broadcast_to(count, mean.shape), mean, m2
-
-
-def _moments_shifted(x, axes, weights, sd):
-  """``(count, mean, M2)`` from one pass of shifted sums (GPU/TPU).
-
-  With a per-channel shift ``s`` taken from the data (the first element),
-  ``S1 = sum w (x - s)`` and ``S2 = sum w (x - s)^2`` are sibling reductions
-  of one read, which XLA:GPU fuses; ``M2 = S2 - S1^2 / n`` loses only
-  ``(mean - s)^2 / var`` ulps, small because ``s`` is a sample of the data.
-  """
-  count = stats.reduce_count(x.shape, axes, weights, sd)
-  shift = x.astype(sd)
-  for axis in axes:
-    shift = lax.slice_in_dim(shift, 0, 1, axis=axis)
-  shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-  centered = x.astype(sd) - shift
-  if weights is not None:
-    s1 = _sum(weights * centered, axes)
-    s2 = _sum(weights * jnp.square(centered), axes)
-  else:
-    s1 = _sum(centered, axes)
-    s2 = _sum(jnp.square(centered), axes)
-  mean_shifted = stats.safe_divide(s1, count)
-  m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
-  return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
-
-
-def _moments(x, axes, weights, sd):
-  """Two passes on CPU (no sibling fusion there), shifted sums elsewhere."""
-  two_pass = lambda: _moments_two_pass(x, axes, weights, sd)
-  shifted = lambda: _moments_shifted(x, axes, weights, sd)
-  return lax.platform_dependent(cpu=two_pass, default=shifted)
-
-
 def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
   sd = stats.stat_dtype(x.dtype)
-  count, mean, m2 = _moments(x, axes, weights, sd)
+  count, mean, m2 = stats.platform_moments(x, axes, weights)
   if axis_name is not None:
     count, mean, m2 = stats.merge_across_devices(count, mean, m2, axis_name,
                                                  groups)
@@ -146,7 +87,8 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   x, scale, offset, weights, mean, inv, count = residuals
   dy, dmean, dvar, _ = cotangents
   sd = mean.dtype
-  dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = _separate(dy, dy, x, mean)
+  dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
+      dy, dy, x, mean)
   sum_dy = _sum(dy_for_sum.astype(sd), axes)
   sum_dy_xc = _sum(
       dy_for_dot.astype(sd) * (x_for_dot.astype(sd) - mean_for_dot), axes)

@@ -105,30 +105,4 @@ def get(value: Any, argument: str):
                              allow_none=False)
 
 
-def sqrt_of(init) -> Any:
-  """An initializer giving ``sqrt(init(...))`` (Keras' renorm stddev init)."""
-  return _SqrtInitializer(init)
-
-
-class _SqrtInitializer:
-  __slots__ = ("inner",)
-
-  def __init__(self, inner):
-    self.inner = inner
-
-  def __call__(self, key, shape, dtype=jnp.float32):
-    return jnp.sqrt(self.inner(key, shape, dtype))
-
-  def __eq__(self, other):
-    return isinstance(other, _SqrtInitializer) and other.inner == self.inner
-
-  def __hash__(self):
-    return hash(("sqrt", self.inner))
-
-
-def is_deterministic(init) -> bool:
-  return isinstance(init, Initializer) and init.class_name in (
-      "Zeros", "Ones", "Constant")
-
-
 __all__ = ["Initializer", "get", "REGISTRY"]

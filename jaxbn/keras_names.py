@@ -43,9 +43,6 @@ class KerasObject:
     return {k: (list(v) if isinstance(v, tuple) else v)
             for k, v in self.config_items}
 
-  def get(self, key: str, default: Any = None) -> Any:
-    return self.config.get(key, default)
-
   def serialize(self) -> dict:
     """The dict Keras writes for this object in a layer config."""
     return {"module": self.keras_module, "class_name": self.class_name,

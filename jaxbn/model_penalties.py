@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import optax
+from flax.core import unfreeze
 
 from jaxbn import penalties
 from jaxbn.config import BatchNormConfig
@@ -26,7 +27,11 @@ from jaxbn.linen import BatchNormalization
 class LayerInfo(NamedTuple):
   path: tuple  # module path inside the params tree
   config: BatchNormConfig
-  input_rank: int
+  input_shape: tuple
+
+  @property
+  def input_rank(self) -> int:
+    return len(self.input_shape)
 
 
 def collect_layers(model: nn.Module, variables: Mapping[str, Any], *args,
@@ -40,7 +45,7 @@ def collect_layers(model: nn.Module, variables: Mapping[str, Any], *args,
         and context.method_name == "__call__"):
       x = call_args[0] if call_args else call_kwargs["x"]
       found[module.scope.path] = LayerInfo(tuple(module.scope.path),
-                                           module.config, len(x.shape))
+                                           module.config, tuple(x.shape))
     return next_fun(*call_args, **call_kwargs)
 
   def run(v):
@@ -52,8 +57,7 @@ def collect_layers(model: nn.Module, variables: Mapping[str, Any], *args,
 
 
 def _subtree(params, path):
-  node = params.get("params", params) if "params" in params and isinstance(
-      params["params"], Mapping) else params
+  node = penalties.unwrap_params(params)
   for name in path:
     node = node[name]
   return node
@@ -70,22 +74,13 @@ def model_regularization_loss(layers, params) -> jax.Array:
 
 def project(layers, params):
   """``params`` with every jaxbn layer's constraints applied."""
-  wrapped = "params" in params and isinstance(params["params"], Mapping)
-  tree = jax.tree_util.tree_map(lambda v: v, dict(
-      params["params"] if wrapped else params))
-  tree = _unfreeze(tree)
+  tree = unfreeze(penalties.unwrap_params(params))  # a fresh nested dict
   for layer in layers:
-    node = tree
-    for name in layer.path[:-1]:
-      node = node[name]
-    node[layer.path[-1]] = dict(penalties.apply_constraints(
-        layer.config, node[layer.path[-1]], input_rank=layer.input_rank))
-  return {**params, "params": tree} if wrapped else tree
-
-
-def _unfreeze(tree):
-  if isinstance(tree, Mapping):
-    return {k: _unfreeze(v) for k, v in tree.items()}
+    parent = _subtree(tree, layer.path[:-1])
+    parent[layer.path[-1]] = dict(penalties.apply_constraints(
+        layer.config, parent[layer.path[-1]], input_rank=layer.input_rank))
+  if "params" in params and isinstance(params["params"], Mapping):
+    return {**params, "params": tree}
   return tree
 
 

@@ -111,8 +111,8 @@ def _config_of(config_or_module):
   return config
 
 
-def _unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-  # Accept the Linen {'params': {...}} variables dict as well as bare params.
+def unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Bare params from either bare params or a Linen variables dict."""
   if "params" in params and isinstance(params["params"], Mapping):
     return params["params"]
   return params
@@ -125,7 +125,7 @@ def regularization_loss(config_or_module, params: Mapping[str, Any]
   Equals the sum of a Keras layer's ``layer.losses``.
   """
   config = _config_of(config_or_module)
-  params = _unwrap_params(params)
+  params = unwrap_params(params)
   total = jnp.zeros((), jnp.float32)
   for name, reg in (("gamma", config.gamma_regularizer),
                     ("beta", config.beta_regularizer)):
@@ -161,7 +161,7 @@ def apply_constraints(config_or_module, params: Mapping[str, Any], *,
   axis-based constraints project exactly what Keras projects.
   """
   config = _config_of(config_or_module)
-  params = dict(_unwrap_params(params))
+  params = dict(unwrap_params(params))
   for name, constraint in (("gamma", config.gamma_constraint),
                            ("beta", config.beta_constraint)):
     if constraint is None or name not in params:

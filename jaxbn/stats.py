@@ -58,21 +58,76 @@ def reduce_count(shape: Sequence[int], reduction_axes: Sequence[int],
   return jnp.sum(w, axis=tuple(reduction_axes), keepdims=True)
 
 
+def separate(*values):
+  """Distinct copies of ``values`` that XLA may not merge (CSE) again.
+
+  XLA:CPU does not fuse two reductions that read one producer; it writes the
+  shared producer (``x - mean``, a float32 copy of a bf16 ``x``) to memory in
+  full. Handing each reduction its own copy of its inputs keeps every
+  elementwise producer inside the reduction that reads it. The barrier is
+  differentiable and costs nothing at run time.
+  """
+  return lax.optimization_barrier(values)
+
+
+def _sum(x, axes):
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(count, mean, M2)`` of one device's data, two-pass, keepdims."""
+  """``(count, mean, M2)`` of one device's data: two passes, keepdims.
+
+  ``x`` may be 16-bit; the arithmetic is in ``stat_dtype(x.dtype)``.
+  """
   axes = tuple(reduction_axes)
-  count = reduce_count(x.shape, axes, weights, x.dtype)
-  if weights is None:
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    m2 = jnp.sum(jnp.square(x - mean), axis=axes, keepdims=True)
+  sd = stat_dtype(x.dtype)
+  x_for_mean, x_for_m2 = separate(x, x)
+  count = reduce_count(x.shape, axes, weights, sd)
+  xs = x_for_mean.astype(sd)
+  w = None if weights is None else weights.astype(sd)
+  if w is None:
+    mean = _sum(xs, axes) / count
   else:
-    w = weights.astype(x.dtype)
-    mean = safe_divide(jnp.sum(w * x, axis=axes, keepdims=True), count)
-    m2 = jnp.sum(w * jnp.square(x - mean), axis=axes, keepdims=True)
-  count = jnp.broadcast_to(count, mean.shape)
-  return count, mean, m2
+    mean = safe_divide(_sum(w * xs, axes), count)
+  squares = jnp.square(x_for_m2.astype(sd) - separate(mean)[0])
+  m2 = _sum(squares if w is None else w * squares, axes)
+  return jnp.broadcast_to(count, mean.shape), mean, m2
+
+
+def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
+                          weights: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(count, mean, M2)`` from one pass of shifted sums (for GPU/TPU).
+
+  With a per-channel shift ``s`` taken from the data (the first element),
+  ``S1 = sum w (x - s)`` and ``S2 = sum w (x - s)^2`` are sibling reductions
+  of one read, which XLA:GPU fuses; ``M2 = S2 - S1^2 / n`` loses only
+  ``(mean - s)^2 / var`` ulps, small because ``s`` is a sample of the data.
+  """
+  axes = tuple(reduction_axes)
+  sd = stat_dtype(x.dtype)
+  count = reduce_count(x.shape, axes, weights, sd)
+  shift = x.astype(sd)
+  for axis in axes:
+    shift = lax.slice_in_dim(shift, 0, 1, axis=axis)
+  shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
+  centered = x.astype(sd) - shift
+  w = None if weights is None else weights.astype(sd)
+  s1 = _sum(centered if w is None else w * centered, axes)
+  squares = jnp.square(centered)
+  s2 = _sum(squares if w is None else w * squares, axes)
+  mean_shifted = safe_divide(s1, count)
+  m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
+  return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
+
+
+def platform_moments(x, reduction_axes, weights=None):
+  """Two passes on CPU (no sibling fusion there), shifted sums elsewhere."""
+  return lax.platform_dependent(
+      cpu=lambda: local_moments(x, reduction_axes, weights),
+      default=lambda: local_moments_shifted(x, reduction_axes, weights))
 
 
 def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
@@ -120,18 +175,11 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
     axis_name: optional named axis (or tuple) to combine devices over.
     axis_index_groups: optional device groups for ``axis_name``.
   """
-  count, mean, m2 = local_moments(x, reduction_axes, weights)
+  count, mean, m2 = platform_moments(x, reduction_axes, weights)
   if axis_name is not None:
     count, mean, m2 = merge_across_devices(count, mean, m2, axis_name,
                                            axis_index_groups)
   return Moments(mean, safe_divide(m2, count), count)
-
-
-def weighted_average(values: jax.Array, counts: jax.Array, axis: int
-                     ) -> jax.Array:
-  """Count-weighted mean of per-group statistics along ``axis`` (keepdims)."""
-  total = jnp.sum(counts, axis=axis, keepdims=True)
-  return safe_divide(jnp.sum(counts * values, axis=axis, keepdims=True), total)
 
 
 def bessel_factor(count: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
+from flax.core import unfreeze
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from jaxbn import stats as stats_lib
 from jaxbn.linen import BatchNormalization
+from jaxbn.model_penalties import collect_layers
 
 _COLLECTION = "jaxbn_batch_moments"
 
@@ -89,11 +91,13 @@ def precise_statistics(model: nn.Module, variables: Mapping[str, Any],
     seen += 1
   if not totals:
     raise ValueError("precise_statistics needs at least one batch.")
-  new_stats = jax.tree_util.tree_map(np.asarray, dict(variables["batch_stats"]))
-  new_stats = _unfreeze(new_stats)
-  layers = _modules_by_path(model, variables, args, apply_kwargs)
+  new_stats = unfreeze(jax.tree_util.tree_map(np.asarray,
+                                              variables["batch_stats"]))
+  layers = {layer.path: layer for layer in collect_layers(
+      model, variables, *args, mutable=["batch_stats"], **apply_kwargs)}
   for path, history in totals.items():
-    config, resolved = layers[path]
+    config = layers[path].config
+    resolved = config.resolve(layers[path].input_shape)
     mean, var = _combine(
         history, method,
         bessel=config.bessel_corrected_moving_variance(resolved))
@@ -131,29 +135,3 @@ def _flatten_sown(tree, prefix=()):
     else:
       out.update(_flatten_sown(value, prefix + (name,)))
   return out
-
-
-def _modules_by_path(model, variables, args, apply_kwargs):
-  found = {}
-
-  def record(next_fun, call_args, call_kwargs, context):
-    module = context.module
-    if isinstance(module, BatchNormalization) and \
-        context.method_name == "__call__":
-      x = call_args[0] if call_args else call_kwargs["x"]
-      config = module.config
-      found[tuple(module.scope.path)] = (config, config.resolve(x.shape))
-    return next_fun(*call_args, **call_kwargs)
-
-  def run(v):
-    with nn.intercept_methods(record):
-      return model.apply(v, *args, mutable=["batch_stats"], **apply_kwargs)
-
-  jax.eval_shape(run, variables)
-  return found
-
-
-def _unfreeze(tree):
-  if isinstance(tree, Mapping):
-    return {k: _unfreeze(v) for k, v in tree.items()}
-  return tree
