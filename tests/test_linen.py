@@ -126,7 +126,9 @@ def test_remat_gives_the_same_gradients():
     return jnp.sum(y ** 2 * jnp.arange(3.0)), updates["batch_stats"]
   (_, s2), g2 = jax.value_and_grad(loss_fn, has_aux=True)(
       variables["params"], variables["batch_stats"], x)
-  chex.assert_trees_all_close((g1, s1), (g2, s2), rtol=1e-5, atol=1e-6)
+  # atol 1e-5: Dense biases in front of BN have zero gradient in exact
+  # arithmetic, so both runs return rounding noise of ~1e-6 there.
+  chex.assert_trees_all_close((g1, s1), (g2, s2), rtol=1e-5, atol=1e-5)
 
 
 def test_scan_over_layers_carries_batch_stats():
