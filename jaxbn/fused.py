@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxbn import stats
+from jaxbn import cpu_kernels, manual_axes, stats
 
 
 def _sum(x, axes):
@@ -87,11 +87,7 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   x, scale, offset, weights, mean, inv, count = residuals
   dy, dmean, dvar, _ = cotangents
   sd = mean.dtype
-  dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
-      dy, dy, x, mean)
-  sum_dy = _sum(dy_for_sum.astype(sd), axes)
-  sum_dy_xc = _sum(
-      dy_for_dot.astype(sd) * (x_for_dot.astype(sd) - mean_for_dot), axes)
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
   xs = x.astype(sd)
   dys = dy.astype(sd)
   if axis_name is not None:
@@ -114,7 +110,7 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a
   # psum, as JAX's own transpose would.
-  shared_axes = _varying_axes(x) - _varying_axes(scale)
+  shared_axes = manual_axes.varying_axes(x) - manual_axes.varying_axes(scale)
   names = frozenset(() if axis_name is None else
                     axis_name if isinstance(axis_name, tuple) else (axis_name,))
   if names and names <= shared_axes:
@@ -128,13 +124,31 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   return dx, dscale, doffset, dweights
 
 
-def _varying_axes(value) -> frozenset:
-  """Manual mesh axes over which ``value`` differs (shard_map's typing)."""
-  aval = jax.typeof(value)
-  manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))
+def _gradient_sums(dy, x, mean, axes):
+  """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims).
+
+  On CPU one read of ``dy`` and ``x`` through the kernel where it applies;
+  otherwise two XLA reductions, each with its own copy of its inputs (see
+  ``stats.separate``).
+  """
+  sd = mean.dtype
+
+  def in_xla():
+    dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
+        dy, dy, x, mean)
+    return (_sum(dy_for_sum.astype(sd), axes),
+            _sum(dy_for_dot.astype(sd)
+                 * (x_for_dot.astype(sd) - mean_for_dot), axes))
+
+  view = cpu_kernels.applicable(x, axes, None, dy, mean)
+  if view is None:
+    return in_xla()
+
+  def in_kernel():
+    sum_dy, sum_dy_xc = cpu_kernels.grad_sums(dy, x, mean, view)
+    return sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+
+  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
 def _reduce_to(value, like):

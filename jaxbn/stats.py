@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn import cpu_kernels
+
 
 class Moments(NamedTuple):
   """Per-channel statistics, each with the input's rank (reduced axes = 1)."""
@@ -111,7 +113,10 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   count = reduce_count(x.shape, axes, weights, sd)
   shift = x.astype(sd)
   for axis in axes:
-    shift = lax.slice_in_dim(shift, 0, 1, axis=axis)
+    if shift.shape[axis] == 0:  # an empty batch: nothing to shift by
+      shift = jnp.zeros(shift.shape[:axis] + (1,) + shift.shape[axis + 1:], sd)
+    else:
+      shift = lax.slice_in_dim(shift, 0, 1, axis=axis)
   shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
   centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
@@ -123,11 +128,30 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
 
 
+def kernel_moments(x, reduction_axes, view):
+  """``(count, mean, M2)`` (keepdims) from the one-read CPU kernel."""
+  kept = tuple(1 if i in reduction_axes else s for i, s in enumerate(x.shape))
+  mean, m2 = cpu_kernels.moments(x, view)
+  count = jnp.full(kept, view.a * view.b, mean.dtype)
+  return count, mean.reshape(kept), m2.reshape(kept)
+
+
 def platform_moments(x, reduction_axes, weights=None):
-  """Two passes on CPU (no sibling fusion there), shifted sums elsewhere."""
+  """One-read kernel or two XLA passes on CPU, shifted sums elsewhere.
+
+  XLA:CPU has no sibling fusion, so its two-pass moments cost two reads; the
+  CPU kernel (float32, unmasked, see ``jaxbn.cpu_kernels``) costs one.
+  """
+  axes = tuple(reduction_axes)
+  view = cpu_kernels.applicable(x, axes, weights)
+  if view is None:
+    cpu = lambda: local_moments(x, axes, weights)
+  else:
+    cpu = lambda: kernel_moments(x, axes, view)
+  if cpu_kernels.sharded_along(x, axes):  # no x[0] to shift by: two passes
+    return local_moments(x, axes, weights)
   return lax.platform_dependent(
-      cpu=lambda: local_moments(x, reduction_axes, weights),
-      default=lambda: local_moments_shifted(x, reduction_axes, weights))
+      cpu=cpu, default=lambda: local_moments_shifted(x, axes, weights))
 
 
 def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:

@@ -1,4 +1,9 @@
-"""Test setup: 8 simulated CPU devices, quiet TensorFlow, legacy Keras."""
+"""Test setup: 8 simulated CPU devices, quiet TensorFlow, legacy Keras.
+
+The CPU kernels are switched on for every test (their default, 'auto', would
+leave them off with 8 devices): every test of the fast path then runs them;
+tests of the XLA formulation ask for ``cpu_kernels.use('off')``.
+"""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -6,6 +11,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
 import hypothesis  # noqa: E402
 

@@ -1,0 +1,181 @@
+"""CPU kernels for the statistics of the fast path (XLA FFI), and when to use them.
+
+On CPU, XLA runs every reduction as its own pass and evaluates an elementwise
+producer inside a reduction (``x - mean``, ``dy * (x - mean)``) at about half
+the speed of a plain sum. Two small C++ kernels (``jaxbn/csrc``) read the data
+once instead:
+
+* ``moments``: ``x -> (mean, M2)`` per channel, exact (two passes over each
+  L1-sized block, blocks merged in float64 with shifted sums and Chan's
+  formula);
+* ``grad_sums``: ``(dy, x, mean) -> (sum dy, sum dy * (x - mean))``.
+
+Both are bit-deterministic (a fixed, shape-only split of the work; partial
+results merged in order). The elementwise passes stay in XLA, where they fuse
+with their neighbours. Each kernel carries a ``custom_jvp`` written in plain
+JAX, so ``jvp``, ``grad`` and ``grad`` of ``grad`` differentiate through it;
+``ffi_call``'s ``broadcast_all`` batching makes ``vmap`` one kernel call.
+
+When they run: float32 data, no mask, channel axes contiguous in memory
+(NHWC, NCHW, (N, C), any rank), on the CPU backend, and
+
+* ``mode 'auto'`` (default): only when the process sees one device. A custom
+  call cannot be partitioned by sharded ``jit``: XLA would all-gather a
+  batch-sharded input onto every device. Inputs whose sharding jit knows to
+  split a reduced axis always stay in XLA; under ``shard_map`` or ``pmap`` the
+  data are local and ``'on'`` is safe and fast.
+* ``'on'`` / ``'off'``: always / never.
+
+Set the mode with ``JAXBN_CPU_KERNELS=auto|on|off`` or :func:`set_mode` /
+:func:`use` (read when a function is traced: jitted functions keep what they
+were traced with). Without a compiled extension (no C++ compiler at install
+time) everything runs in XLA; :func:`available` tells which.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn import manual_axes
+
+try:  # built by setup.py when a C++ compiler is present
+  from jaxbn import _cpu_kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the install
+  _cpu_kernels = None
+
+MODES = ("auto", "on", "off")
+_mode = os.environ.get("JAXBN_CPU_KERNELS", "auto")
+if _mode not in MODES:
+  raise ValueError(
+      f"JAXBN_CPU_KERNELS must be one of {MODES}; got {_mode!r}.")
+
+
+def available() -> bool:
+  """Whether the compiled kernels are installed."""
+  return _cpu_kernels is not None
+
+
+def set_mode(mode: str) -> None:
+  """``'auto'`` (one device only), ``'on'`` or ``'off'``."""
+  global _mode
+  if mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+  _mode = mode
+
+
+def get_mode() -> str:
+  return _mode
+
+
+@contextlib.contextmanager
+def use(mode: str) -> Iterator[None]:
+  """Temporarily sets the mode (for the functions traced inside)."""
+  previous = _mode
+  set_mode(mode)
+  try:
+    yield
+  finally:
+    set_mode(previous)
+
+
+if _cpu_kernels is not None:
+  for _name, _handler in _cpu_kernels.handlers().items():
+    jax.ffi.register_ffi_target(_name, _handler, platform="cpu")
+
+
+class ChannelView(NamedTuple):
+  """``x`` seen as ``(A, C, B)``: channels ``C`` between reduced ``A``, ``B``."""
+
+  a: int
+  c: int
+  b: int
+
+
+def channel_view(shape: Sequence[int],
+                 reduction_axes: Sequence[int]) -> ChannelView | None:
+  """The (A, C, B) view, or None when the kept axes are not contiguous."""
+  kept = [i for i in range(len(shape)) if i not in set(reduction_axes)]
+  if not kept or kept != list(range(kept[0], kept[-1] + 1)):
+    return None
+  first, last = kept[0], kept[-1] + 1
+  return ChannelView(math.prod(shape[:first]), math.prod(shape[first:last]),
+                     math.prod(shape[last:]))
+
+
+def sharded_along(x: jax.Array, axes: Sequence[int]) -> bool:
+  """Whether ``x``'s sharding (as jit sees it) splits one of ``axes``."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(
+      i < len(spec) and spec[i] is not None for i in axes)
+
+
+def applicable(x: jax.Array, reduction_axes: Sequence[int],
+               weights=None, *others: jax.Array) -> ChannelView | None:
+  """The view to run the kernels on, or None to stay in XLA."""
+  if _mode == "off" or _cpu_kernels is None or weights is not None:
+    return None
+  if _mode == "auto" and jax.device_count() != 1:
+    return None
+  if any(jnp.dtype(v.dtype) != jnp.float32 for v in (x,) + others):
+    return None
+  if sharded_along(x, reduction_axes):  # a custom call would gather x
+    return None
+  return channel_view(x.shape, reduction_axes)
+
+
+def _channel_sum(value, view: ChannelView):
+  return jnp.sum(value.reshape(view), axis=(0, 2))
+
+
+def _per_channel(vector, view: ChannelView):
+  return vector.reshape(1, view.c, 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def moments(x: jax.Array, view: ChannelView) -> tuple[jax.Array, jax.Array]:
+  """``(mean, M2)``, each ``(C,)`` float32, of ``x`` viewed as ``(A, C, B)``."""
+  out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
+  results = jax.ffi.ffi_call("jaxbn_moments_f32", (out, out),
+                             vmap_method="broadcast_all")(x.reshape(view))
+  return manual_axes.like_inputs(results, x)
+
+
+@moments.defjvp
+def _moments_jvp(view, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  mean, m2 = moments(x, view)
+  n = view.a * view.b
+  dmean = _channel_sum(dx, view) / max(n, 1)
+  centered = x.reshape(view) - _per_channel(mean, view)
+  dm2 = 2 * jnp.sum(centered * dx.reshape(view), axis=(0, 2))
+  return (mean, m2), (dmean, dm2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
+              view: ChannelView) -> tuple[jax.Array, jax.Array]:
+  """``(sum dy, sum dy * (x - mean))`` per channel, each ``(C,)`` float32."""
+  out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
+  results = jax.ffi.ffi_call("jaxbn_grad_sums_f32", (out, out),
+                             vmap_method="broadcast_all")(
+                                 dy.reshape(view), x.reshape(view),
+                                 mean.reshape(view.c))
+  return manual_axes.like_inputs(results, dy, x, mean)
+
+
+@grad_sums.defjvp
+def _grad_sums_jvp(view, primals, tangents):
+  (dy, x, mean), (ddy, dx, dmean) = primals, tangents
+  out = grad_sums(dy, x, mean, view)
+  centered = x.reshape(view) - _per_channel(mean.reshape(view.c), view)
+  d_centered = dx.reshape(view) - _per_channel(dmean.reshape(view.c), view)
+  d_sum_dy = _channel_sum(ddy, view)
+  d_sum_dy_xc = (jnp.sum(ddy.reshape(view) * centered, axis=(0, 2))
+                 + jnp.sum(dy.reshape(view) * d_centered, axis=(0, 2)))
+  return out, (d_sum_dy, d_sum_dy_xc)

@@ -1,0 +1,476 @@
+// CPU kernels for jaxbn's fast training path, called through the XLA FFI.
+//
+// XLA:CPU runs each reduction of batch norm as its own pass over memory and
+// evaluates any elementwise producer of a reduction (x - mean, dy * (x - mean))
+// at about half the speed of a plain sum. These two kernels do the statistics
+// in one read each:
+//
+//   jaxbn_moments_f32:   x[..., A, C, B] -> mean[..., C], M2[..., C]
+//       M2 = sum (x - mean)^2 over A and B, exact: every cache-sized block is
+//       reduced with two passes while it sits in L1, and blocks are merged
+//       with Chan's formula in double precision.
+//   jaxbn_grad_sums_f32: dy, x[..., A, C, B], mean[..., C]
+//                            -> sum dy[..., C], sum dy * (x - mean)[..., C]
+//       float32 sums per block, double across blocks.
+//
+// The elementwise passes (the output y and the input gradient) stay in XLA,
+// where they fuse with their neighbours. Work is split into a number of parts
+// that depends on the shape only and results are merged in part order, so the
+// answer is bit-identical whatever the thread count or scheduling.
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eight floats; GCC and Clang lower it to one AVX or two SSE registers.
+typedef float Vec __attribute__((vector_size(32)));
+constexpr int64_t kVec = 8;
+constexpr int64_t kLanes = 2 * kVec;      // channels or elements per step
+constexpr int64_t kBlockElems = 4096;     // elements per block (16 KB, in L1)
+constexpr int64_t kMinRowsPerBlock = 16;  // for very wide channel counts
+constexpr int64_t kElemsPerPart = 1 << 16;
+constexpr int64_t kMaxParts = 64;
+
+// The hot loops are compiled twice on x86-64: for AVX2 + FMA and for the
+// baseline ISA; the loader picks one at run time (GCC/Clang ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define JAXBN_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define JAXBN_HOT
+#endif
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Sum(Vec v) {
+  float s = 0.f;
+  for (int64_t j = 0; j < kVec; ++j) s += v[j];
+  return s;
+}
+
+// ------------------------------------------------------------- threading
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs body(part) for every part in [0, parts) on the calling thread and on
+// idle threads of XLA's intra-op pool. Late helpers find no work left and only
+// touch the shared progress counters, which they keep alive.
+template <class Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
+  auto progress = std::make_shared<Progress>();
+  const Body* shared_body = &body;
+  auto work = [progress, parts, shared_body]() {
+    for (int64_t p; (p = progress->next.fetch_add(1)) < parts;) {
+      (*shared_body)(p);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), parts - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (progress->done.load(std::memory_order_acquire) < parts) {
+    std::this_thread::yield();
+  }
+}
+
+// ------------------------------------------------------------ statistics
+
+// Per-channel (count, mean, M2) in double. Blocks are added as shifted sums
+// around a reference (the channel's first block mean), which needs no
+// division per block and loses nothing: the shift is a sample mean, so
+// S2 - S1^2 / n never cancels. Parts are merged with Chan's formula.
+struct Moments {
+  std::vector<double> ref, n, s1, s2;
+  explicit Moments(int64_t channels)
+      : ref(channels, 0.0), n(channels, 0.0), s1(channels, 0.0),
+        s2(channels, 0.0) {}
+
+  // A block of `nb` elements of channel c, reduced around a provisional
+  // float32 mean `shift` to residual sums r = sum (x - shift) and
+  // q = sum (x - shift)^2: its mean is shift + r / nb and its M2 is
+  // q - r^2 / nb (the corrected two-pass algorithm).
+  void Add(int64_t c, double nb, float shift, float r, float q) {
+    const double mean_b = shift + double(r) / nb;
+    const double m2_b = double(q) - double(r) * (double(r) / nb);
+    if (n[c] == 0) ref[c] = mean_b;
+    const double d = mean_b - ref[c];
+    n[c] += nb;
+    s1[c] += nb * d;
+    s2[c] += m2_b + nb * d * d;
+  }
+  // The same for a block of `nb` rows of every channel.
+  void AddRows(double nb, const float* __restrict shift,
+               const float* __restrict r, const float* __restrict q) {
+    const int64_t channels = n.size();
+    double* __restrict nn = n.data();
+    double* __restrict base = ref.data();
+    double* __restrict a1 = s1.data();
+    double* __restrict a2 = s2.data();
+    const bool first = nn[0] == 0;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double mean_b = shift[c] + double(r[c]) / nb;
+      const double m2_b = double(q[c]) - double(r[c]) * (double(r[c]) / nb);
+      if (first) base[c] = mean_b;
+      const double d = mean_b - base[c];
+      nn[c] += nb;
+      a1[c] += nb * d;
+      a2[c] += m2_b + nb * d * d;
+    }
+  }
+  double Mean(int64_t c) const { return n[c] ? ref[c] + s1[c] / n[c] : 0.0; }
+  double M2(int64_t c) const {
+    return n[c] ? std::max(0.0, s2[c] - s1[c] * (s1[c] / n[c])) : 0.0;
+  }
+  // Chan's merge of another accumulator's channel c into this one.
+  void Merge(int64_t c, const Moments& other) {
+    const double nb = other.n[c];
+    if (nb == 0) return;
+    const double na = n[c], mean_a = Mean(c), mean_b = other.Mean(c);
+    const double total = na + nb, delta = mean_b - mean_a;
+    const double m2 = M2(c) + other.M2(c) + delta * delta * (na * nb / total);
+    ref[c] = mean_a + delta * (nb / total);
+    n[c] = total;
+    s1[c] = 0.0;
+    s2[c] = m2;
+  }
+};
+
+// The problem as `outer` independent (A, C, B) reductions.
+struct View {
+  int64_t outer, a, c, b;
+};
+
+View ViewOf(ffi::Span<const int64_t> dims) {
+  const int64_t rank = dims.size();
+  View v{1, dims[rank - 3], dims[rank - 2], dims[rank - 1]};
+  for (int64_t i = 0; i < rank - 3; ++i) v.outer *= dims[i];
+  return v;
+}
+
+// Work items of one (A, C, B) problem: blocks of rows when B == 1 (channels
+// last), runs of B contiguous elements of one channel otherwise.
+struct Plan {
+  int64_t rows_per_block;  // B == 1 only
+  int64_t items;
+  int64_t parts;
+};
+
+Plan PlanFor(const View& v) {
+  Plan plan{};
+  int64_t item_elems;
+  if (v.b == 1) {
+    plan.rows_per_block =
+        std::max<int64_t>(kMinRowsPerBlock, kBlockElems / std::max<int64_t>(v.c, 1));
+    plan.items = (v.a + plan.rows_per_block - 1) / plan.rows_per_block;
+    item_elems = plan.rows_per_block * v.c;
+  } else {
+    plan.rows_per_block = 0;
+    plan.items = v.a * v.c;
+    item_elems = v.b;
+  }
+  const int64_t total = plan.items * item_elems;
+  plan.parts = std::clamp<int64_t>(total / kElemsPerPart, 1, kMaxParts);
+  plan.parts = std::max<int64_t>(1, std::min(plan.parts, plan.items));
+  return plan;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Two passes over a row-major (rows, C) block while it sits in L1: the first
+// gives a provisional mean, the second residual sums around it; added to
+// `acc`. Rows are read in memory order (one stream for the prefetchers); the
+// per-channel partial sums live in `scratch` (3 C floats).
+JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
+                               int64_t channels, float* __restrict scratch,
+                               Moments& acc) {
+  float* __restrict s = scratch;
+  float* __restrict r = scratch + channels;
+  float* __restrict q = scratch + 2 * channels;
+  std::fill(scratch, scratch + 3 * channels, 0.f);
+  const int64_t vec_end = channels - channels % kVec;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = x + i * channels;
+    for (int64_t c = 0; c < vec_end; c += kVec) Store(s + c, Load(s + c) + Load(row + c));
+    for (int64_t c = vec_end; c < channels; ++c) s[c] += row[c];
+  }
+  const float inv_rows = 1.0f / static_cast<float>(rows);
+  for (int64_t c = 0; c < channels; ++c) s[c] *= inv_rows;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = x + i * channels;
+    for (int64_t c = 0; c < vec_end; c += kVec) {
+      const Vec d = Load(row + c) - Load(s + c);
+      Store(r + c, Load(r + c) + d);
+      Store(q + c, Load(q + c) + d * d);
+    }
+    for (int64_t c = vec_end; c < channels; ++c) {
+      const float d = row[c] - s[c];
+      r[c] += d;
+      q[c] += d * d;
+    }
+  }
+  acc.AddRows(rows, s, r, q);
+}
+
+// The same for `n` contiguous elements of one channel (n <= kBlockElems):
+// the provisional mean and the residual sums around it.
+JAXBN_HOT void RunMoments(const float* __restrict x, int64_t n, float& shift,
+                          float& r, float& q) {
+  Vec s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    s0 += Load(x + i);
+    s1 += Load(x + i + kVec);
+  }
+  float s = Sum(s0 + s1);
+  for (; i < n; ++i) s += x[i];
+  shift = s / static_cast<float>(n);
+  const Vec m = shift - Vec{};
+  Vec r0 = {}, r1 = {}, q0 = {}, q1 = {};
+  i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec d0 = Load(x + i) - m, d1 = Load(x + i + kVec) - m;
+    r0 += d0;
+    r1 += d1;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+  }
+  r = Sum(r0 + r1);
+  q = Sum(q0 + q1);
+  for (; i < n; ++i) {
+    const float d = x[i] - shift;
+    r += d;
+    q += d * d;
+  }
+}
+
+ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
+                   ffi::Result<ffi::AnyBuffer> mean_buf,
+                   ffi::Result<ffi::AnyBuffer> m2_buf) {
+  if (x_buf.element_type() != ffi::F32 || x_buf.dimensions().size() < 3) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_moments_f32 expects a float32 array of rank >= 3");
+  }
+  const View v = ViewOf(x_buf.dimensions());
+  const Plan plan = PlanFor(v);
+  const float* x = x_buf.typed_data<float>();
+  std::vector<Moments> parts(v.outer * plan.parts, Moments(v.c));
+  ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
+    const int64_t o = task / plan.parts, p = task % plan.parts;
+    const float* problem = x + o * v.a * v.c * v.b;
+    Moments& acc = parts[task];
+    std::vector<float> scratch(3 * v.c);
+    const int64_t first = plan.items * p / plan.parts;
+    const int64_t last = plan.items * (p + 1) / plan.parts;
+    for (int64_t item = first; item < last; ++item) {
+      if (v.b == 1) {
+        const int64_t r0 = item * plan.rows_per_block;
+        const int64_t rows = std::min(v.a, r0 + plan.rows_per_block) - r0;
+        RowBlockMoments(problem + r0 * v.c, rows, v.c, scratch.data(), acc);
+      } else {
+        const float* run = problem + item * v.b;
+        for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
+          const int64_t n = std::min(v.b - b0, kBlockElems);
+          float shift, r, q;
+          RunMoments(run + b0, n, shift, r, q);
+          acc.Add(item % v.c, n, shift, r, q);
+        }
+      }
+    }
+  });
+  float* mean_out = mean_buf->typed_data<float>();
+  float* m2_out = m2_buf->typed_data<float>();
+  for (int64_t o = 0; o < v.outer; ++o) {
+    Moments total(v.c);
+    for (int64_t p = 0; p < plan.parts; ++p) {
+      for (int64_t c = 0; c < v.c; ++c) total.Merge(c, parts[o * plan.parts + p]);
+    }
+    for (int64_t c = 0; c < v.c; ++c) {
+      mean_out[o * v.c + c] = static_cast<float>(total.Mean(c));
+      m2_out[o * v.c + c] = static_cast<float>(total.M2(c));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------- gradient reductions
+
+// sum dy and sum dy * (x - mean) over rows of a (rows, C) block, added to
+// the part's double accumulators.
+JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restrict x,
+                      const float* __restrict mean, int64_t rows,
+                      int64_t channels, float* __restrict scratch,
+                      double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+  float* __restrict s = scratch;
+  float* __restrict q = scratch + channels;
+  std::fill(scratch, scratch + 2 * channels, 0.f);
+  const int64_t vec_end = channels - channels % kVec;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = dy + r * channels;
+    const float* v = x + r * channels;
+    for (int64_t c = 0; c < vec_end; c += kVec) {
+      const Vec gc = Load(g + c);
+      Store(s + c, Load(s + c) + gc);
+      Store(q + c, Load(q + c) + gc * (Load(v + c) - Load(mean + c)));
+    }
+    for (int64_t c = vec_end; c < channels; ++c) {
+      s[c] += g[c];
+      q[c] += g[c] * (v[c] - mean[c]);
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    sum_dy[c] += s[c];
+    sum_dy_xc[c] += q[c];
+  }
+}
+
+JAXBN_HOT void RunGradSums(const float* __restrict dy, const float* __restrict x,
+                 float mean, int64_t n, float& sum_dy, float& sum_dy_xc) {
+  Vec s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  const Vec m = mean - Vec{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Vec g0 = Load(dy + i), g1 = Load(dy + i + kVec);
+    s0 += g0;
+    s1 += g1;
+    q0 += g0 * (Load(x + i) - m);
+    q1 += g1 * (Load(x + i + kVec) - m);
+  }
+  float st = Sum(s0 + s1), qt = Sum(q0 + q1);
+  for (; i < n; ++i) {
+    st += dy[i];
+    qt += dy[i] * (x[i] - mean);
+  }
+  sum_dy = st;
+  sum_dy_xc = qt;
+}
+
+ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
+                    ffi::AnyBuffer x_buf, ffi::AnyBuffer mean_buf,
+                    ffi::Result<ffi::AnyBuffer> sum_dy_buf,
+                    ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf) {
+  if (x_buf.element_type() != ffi::F32 || dy_buf.element_type() != ffi::F32 ||
+      mean_buf.element_type() != ffi::F32 || x_buf.dimensions().size() < 3) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_grad_sums_f32 expects float32 arrays, x of rank >= 3");
+  }
+  const View v = ViewOf(x_buf.dimensions());
+  const Plan plan = PlanFor(v);
+  const float* dy = dy_buf.typed_data<float>();
+  const float* x = x_buf.typed_data<float>();
+  const float* mean = mean_buf.typed_data<float>();
+  const int64_t tasks = v.outer * plan.parts;
+  std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
+  ParallelFor(pool, tasks, [&](int64_t task) {
+    const int64_t o = task / plan.parts, p = task % plan.parts;
+    const int64_t offset = o * v.a * v.c * v.b;
+    const float* problem_mean = mean + o * v.c;
+    double* s = acc_dy.data() + task * v.c;
+    double* q = acc_dy_xc.data() + task * v.c;
+    std::vector<float> scratch(2 * v.c);
+    const int64_t first = plan.items * p / plan.parts;
+    const int64_t last = plan.items * (p + 1) / plan.parts;
+    for (int64_t item = first; item < last; ++item) {
+      if (v.b == 1) {
+        const int64_t r0 = item * plan.rows_per_block;
+        const int64_t rows = std::min(v.a, r0 + plan.rows_per_block) - r0;
+        RowBlockGradSums(dy + offset + r0 * v.c, x + offset + r0 * v.c,
+                         problem_mean, rows, v.c, scratch.data(), s, q);
+      } else {
+        const int64_t c = item % v.c;
+        const int64_t start = offset + item * v.b;
+        for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
+          const int64_t n = std::min(v.b - b0, kBlockElems);
+          float block_dy, block_dy_xc;
+          RunGradSums(dy + start + b0, x + start + b0, problem_mean[c], n,
+                      block_dy, block_dy_xc);
+          s[c] += block_dy;
+          q[c] += block_dy_xc;
+        }
+      }
+    }
+  });
+  float* sum_dy = sum_dy_buf->typed_data<float>();
+  float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
+  for (int64_t o = 0; o < v.outer; ++o) {
+    for (int64_t c = 0; c < v.c; ++c) {
+      double s = 0.0, q = 0.0;
+      for (int64_t p = 0; p < plan.parts; ++p) {
+        s += acc_dy[(o * plan.parts + p) * v.c + c];
+        q += acc_dy_xc[(o * plan.parts + p) * v.c + c];
+      }
+      sum_dy[o * v.c + c] = static_cast<float>(s);
+      sum_dy_xc[o * v.c + c] = static_cast<float>(q);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMomentsF32, MomentsKernel,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSumsF32, GradSumsKernel,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+// ------------------------------------------------------- Python module
+
+namespace {
+
+PyObject* Handlers(PyObject*, PyObject*) {
+  PyObject* handlers = PyDict_New();
+  if (handlers == nullptr) return nullptr;
+  const std::pair<const char*, void*> entries[] = {
+      {"jaxbn_moments_f32", reinterpret_cast<void*>(JaxbnMomentsF32)},
+      {"jaxbn_grad_sums_f32", reinterpret_cast<void*>(JaxbnGradSumsF32)},
+  };
+  for (const auto& [name, fn] : entries) {
+    PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
+    if (capsule == nullptr || PyDict_SetItemString(handlers, name, capsule)) {
+      Py_XDECREF(capsule);
+      Py_DECREF(handlers);
+      return nullptr;
+    }
+    Py_DECREF(capsule);
+  }
+  return handlers;
+}
+
+PyMethodDef kMethods[] = {
+    {"handlers", Handlers, METH_NOARGS,
+     "{target name: XLA FFI handler capsule} for the CPU kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
+                       "jaxbn's XLA FFI CPU kernels.", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,51 @@
+"""Builds jaxbn's optional CPU kernels (an XLA FFI extension).
+
+Everything else is declared in pyproject.toml. The extension needs a C++17
+compiler and the XLA FFI headers that ship with jaxlib; when either is
+missing the build prints why and jaxbn runs all of its statistics in XLA.
+"""
+import importlib.util
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _jaxlib_include() -> str:
+  spec = importlib.util.find_spec("jaxlib")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  return os.path.join(list(spec.submodule_search_locations)[0], "include")
+
+
+class OptionalBuildExt(build_ext):
+  """Builds the kernels if it can; never fails the install."""
+
+  def run(self):
+    include = _jaxlib_include()
+    if not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+      print("jaxbn: jaxlib's XLA FFI headers not found; skipping the CPU "
+            "kernels (statistics run in XLA).", file=sys.stderr)
+      return
+    for ext in self.extensions:
+      ext.include_dirs.append(include)
+    try:
+      super().run()
+    except Exception as err:  # noqa: BLE001 - any compiler failure
+      print(f"jaxbn: building the CPU kernels failed ({err}); statistics "
+            "run in XLA.", file=sys.stderr)
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "jaxbn._cpu_kernels",
+            sources=["jaxbn/csrc/batch_norm_cpu.cc"],
+            language="c++",
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden",
+                                "-Wno-attributes", "-Wno-return-type"],
+        )
+    ],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

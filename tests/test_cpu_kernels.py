@@ -1,0 +1,290 @@
+"""The CPU kernels (jaxbn/csrc) against NumPy float64 and against XLA."""
+import shutil
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jaxbn
+from jaxbn import cpu_kernels, stats
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="CPU kernels not built")
+
+
+def test_kernels_are_built_wherever_a_compiler_is():
+  if shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"):
+    assert cpu_kernels.available(), (
+        "a C++ compiler is installed but jaxbn._cpu_kernels was not built: "
+        "reinstall with `pip install -e .` and read the build log")
+
+
+def _reference_moments(x, view):
+  x3 = np.asarray(x, np.float64).reshape(view)
+  mean = x3.mean(axis=(0, 2)) if x3.size else np.zeros(view.c)
+  m2 = ((x3 - mean[None, :, None]) ** 2).sum(axis=(0, 2))
+  return mean, m2
+
+
+VIEWS = [
+    ((64, 8, 8, 16), (0, 1, 2)),     # NHWC
+    ((16, 24, 9, 9), (0, 2, 3)),     # NCHW
+    ((300, 3), (0,)),                # (N, C), C not a multiple of 8
+    ((7, 5, 17), (0, 1)),            # 17 channels
+    ((40, 2050), (0,)),              # wide: 16-row blocks
+    ((3, 2, 9000), (0, 2)),          # channel runs longer than a block
+    ((1, 4, 3, 3), (0, 2, 3)),       # one example
+    ((0, 6), (0,)),                  # empty batch
+    ((5, 4, 3, 2), (0, 3)),          # two channel axes (1, 2)
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axes", VIEWS)
+@pytest.mark.parametrize("center", [0.0, 1e4])
+def test_moments_match_float64(shape, axes, center):
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=shape) * 2 + center).astype(np.float32)
+  view = cpu_kernels.channel_view(shape, axes)
+  mean, m2 = jax.jit(cpu_kernels.moments, static_argnums=1)(jnp.asarray(x),
+                                                           view)
+  want_mean, want_m2 = _reference_moments(x, view)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(m2, want_m2, rtol=2e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axes", VIEWS)
+def test_gradient_sums_match_float64(shape, axes):
+  rng = np.random.default_rng(1)
+  x = (rng.normal(size=shape) + 3).astype(np.float32)
+  dy = rng.normal(size=shape).astype(np.float32)
+  view = cpu_kernels.channel_view(shape, axes)
+  mean = _reference_moments(x, view)[0].astype(np.float32)
+  sum_dy, sum_dy_xc = jax.jit(cpu_kernels.grad_sums, static_argnums=3)(
+      dy, x, mean, view)
+  x3 = np.asarray(x, np.float64).reshape(view)
+  dy3 = np.asarray(dy, np.float64).reshape(view)
+  scale = np.abs(dy3).sum(axis=(0, 2)) * (1 + np.abs(x3).max(initial=0))
+  np.testing.assert_allclose(sum_dy, dy3.sum(axis=(0, 2)),
+                             atol=1e-6 * scale.max(initial=1) + 1e-6)
+  want = (dy3 * (x3 - mean[None, :, None])).sum(axis=(0, 2))
+  np.testing.assert_allclose(sum_dy_xc, want,
+                             atol=1e-6 * scale.max(initial=1) + 1e-6)
+
+
+@needs_kernels
+@given(data=st.data())
+def test_moments_property_random_layouts(data):
+  rank = data.draw(st.integers(2, 4))
+  shape = data.draw(hnp.array_shapes(min_dims=rank, max_dims=rank,
+                                     min_side=1, max_side=9))
+  channel = data.draw(st.integers(0, rank - 1))
+  axes = tuple(i for i in range(rank) if i != channel)
+  center = data.draw(st.sampled_from([0.0, 50.0, -3e3]))
+  x = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(
+      -4, 4, width=32))) + np.float32(center)
+  view = cpu_kernels.channel_view(shape, axes)
+  mean, m2 = cpu_kernels.moments(jnp.asarray(x), view)
+  want_mean, want_m2 = _reference_moments(x, view)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-5)
+  # float32 data around `center` carry ulp(center) of rounding already
+  np.testing.assert_allclose(m2, want_m2, rtol=1e-4,
+                             atol=1e-4 * (1 + abs(center)) * x.size)
+
+
+@needs_kernels
+def test_results_are_bit_identical_run_to_run_and_under_vmap():
+  rng = np.random.default_rng(2)
+  xs = jnp.asarray(rng.normal(size=(3, 512, 48)).astype(np.float32) + 7)
+  view = cpu_kernels.channel_view((512, 48), (0,))
+  one = [cpu_kernels.moments(x, view) for x in xs]
+  again = [cpu_kernels.moments(x, view) for x in xs]
+  batched = jax.vmap(lambda x: cpu_kernels.moments(x, view))(xs)
+  for i in range(3):
+    for a, b, c in zip(one[i], again[i], (batched[0][i], batched[1][i])):
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(a, c)
+
+
+@needs_kernels
+def test_derivatives_equal_those_of_the_xla_formulation():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(6, 5, 4)).astype(np.float32) + 2)
+  t = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  dy = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  axes = (0, 2)
+  view = cpu_kernels.channel_view(x.shape, axes)
+
+  def kernel_stats(x):
+    mean, m2 = cpu_kernels.moments(x, view)
+    return mean, m2
+
+  def xla_stats(x):
+    _, mean, m2 = stats.local_moments(x, axes)
+    return mean.reshape(-1), m2.reshape(-1)
+
+  for f_kernel, f_xla in [(kernel_stats, xla_stats)]:
+    got = jax.jvp(f_kernel, (x,), (t,))
+    want = jax.jvp(f_xla, (x,), (t,))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def kernel_sums(dy, x, mean):
+    return cpu_kernels.grad_sums(dy, x, mean, view)
+
+  def xla_sums(dy, x, mean):
+    m = mean.reshape(1, -1, 1)
+    return jnp.sum(dy, axis=axes), jnp.sum(dy * (x - m), axis=axes)
+
+  mean = jnp.mean(x, axis=axes)
+  args = (dy, x, mean)
+  tangents = (t, 2 * t, mean * 0.5)
+  got = jax.jvp(kernel_sums, args, tangents)
+  want = jax.jvp(xla_sums, args, tangents)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # reverse mode through the jvp rule (as grad of grad of a layer does)
+  g_kernel = jax.grad(lambda x: jnp.sum(kernel_sums(dy, x, mean)[1] ** 2))(x)
+  g_xla = jax.grad(lambda x: jnp.sum(xla_sums(dy, x, mean)[1] ** 2))(x)
+  np.testing.assert_allclose(g_kernel, g_xla, rtol=1e-4, atol=1e-4)
+
+
+def _step(config, params, state, x, dy):
+  (y, new_state), vjp = jax.vjp(
+      lambda p, x: jaxbn.apply(config, p, state, x, training=True), params, x)
+  return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axis", [((16, 6, 6, 24), -1),
+                                        ((16, 24, 6, 6), 1),
+                                        ((128, 40), -1)])
+@pytest.mark.parametrize("center", [0.0, 1e4])
+def test_fast_path_with_and_without_kernels_agree(shape, axis, center):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32) + center)
+  dy = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  config = jaxbn.BatchNormConfig(axis=axis, momentum=0.5)
+  params, state = jaxbn.init(config, shape)
+  results = {}
+  for mode in ("on", "off"):
+    with cpu_kernels.use(mode):
+      step = jax.jit(lambda *a: _step(config, *a))
+      results[mode] = step(params, state, x, dy)
+      hlo = step.lower(params, state, x, dy).as_text()
+    assert ("jaxbn_grad_sums_f32" in hlo) == (mode == "on")
+  # Both means carry float32 rounding of ~ulp(center) (1e-3 at 1e4), which
+  # moves x - mean, hence y and the gradients, by that much times 1/std.
+  rounding = 2e-5 + 2 * float(np.spacing(np.float32(center)))
+  for a, b in zip(jax.tree.leaves(results["on"]),
+                  jax.tree.leaves(results["off"])):
+    scale = float(jnp.max(jnp.abs(b))) + 1e-6
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=rounding * scale)
+
+
+@needs_kernels
+def test_fast_path_with_kernels_matches_the_numpy_reference():
+  rng = np.random.default_rng(5)
+  shape = (32, 5, 5, 12)
+  x = rng.normal(size=shape).astype(np.float32) * 3 + 500
+  dy = rng.normal(size=shape).astype(np.float32)
+  config = jaxbn.BatchNormConfig(momentum=0.9, epsilon=1e-3)
+  params, state = jaxbn.init(config, shape)
+  with cpu_kernels.use("on"):
+    y, new_state, (grads, dx) = jax.jit(lambda *a: _step(config, *a))(
+        params, state, jnp.asarray(x), jnp.asarray(dy))
+  x64 = np.asarray(x, np.float64)
+  mean = x64.mean(axis=(0, 1, 2))
+  var = x64.var(axis=(0, 1, 2))
+  inv = 1 / np.sqrt(var + 1e-3)
+  np.testing.assert_allclose(y, (x64 - mean) * inv, rtol=1e-4, atol=1e-4)
+  xhat = (x64 - mean) * inv
+  n = x64.size / shape[-1]
+  want_dx = inv / n * (n * dy - dy.sum(axis=(0, 1, 2))
+                       - xhat * (dy * xhat).sum(axis=(0, 1, 2)))
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(grads["gamma"], (dy * xhat).sum(axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-3)
+  bessel = n / (n - 1)  # Keras' fused estimator (4-D input, last axis)
+  np.testing.assert_allclose(new_state["moving_variance"],
+                             0.9 + 0.1 * var * bessel, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernels_under_shard_map_equal_one_device():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(64, 4, 4, 8)).astype(np.float32) + 20)
+  dy = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  params, state = jaxbn.init(config, x.shape)
+  with cpu_kernels.use("on"):
+    one = jax.jit(lambda *a: _step(config, *a))(params, state, x, dy)
+
+    def local(params, state, x, dy):
+      (y, new_state), vjp = jax.vjp(
+          lambda p, x: jaxbn.apply(config, p, state, x, training=True,
+                                   axis_name="data"), params, x)
+      # gradients of the replicated parameters come back summed over devices
+      return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
+
+    sharded = jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+        out_specs=(P("data"), P(), (P(), P("data")))))
+    many = sharded(params, state, x, dy)
+    assert "jaxbn_moments_f32" in sharded.lower(params, state, x,
+                                                dy).as_text()
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_batch_sharded_jit_auto_stays_in_xla_and_on_is_still_correct():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  rng = np.random.default_rng(7)
+  x = jax.device_put(jnp.asarray(rng.normal(size=(64, 8)), jnp.float32),
+                     NamedSharding(mesh, P("data")))
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, x.shape)
+  outputs, hlos = {}, {}
+  for mode in ("auto", "on"):
+    with cpu_kernels.use(mode):
+      step = jax.jit(lambda *a: _step(config, *a))
+      outputs[mode] = step(params, state, x, x)
+      hlos[mode] = step.lower(params, state, x, x).compile().as_text()
+  # 'auto' with 8 devices: XLA's reductions, partitioned, no gather of x
+  assert "jaxbn_" not in hlos["auto"] and "all-gather" not in hlos["auto"]
+  # 'on': the custom call sees all of x (XLA gathers it), same numbers
+  assert "jaxbn_moments_f32" in hlos["on"] and "all-gather" in hlos["on"]
+  for a, b in zip(jax.tree.leaves(outputs["on"]),
+                  jax.tree.leaves(outputs["auto"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_are_skipped_where_they_do_not_apply():
+  x = jnp.ones((4, 3, 5), jnp.float32)
+  with cpu_kernels.use("on"):
+    assert cpu_kernels.applicable(x.astype(jnp.bfloat16), (0, 2)) is None
+    assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 1))) is None
+    assert cpu_kernels.applicable(x, (1,)) is None  # kept axes 0, 2
+  with cpu_kernels.use("off"):
+    assert cpu_kernels.applicable(x, (0, 2)) is None
+
+
+def test_channel_view_of_common_layouts():
+  view = cpu_kernels.channel_view
+  assert view((8, 4, 4, 16), (0, 1, 2)) == (128, 16, 1)
+  assert view((8, 16, 4, 4), (0, 2, 3)) == (8, 16, 16)
+  assert view((8, 3, 4, 5), (0, 3)) == (8, 12, 5)
+  assert view((8, 3, 4, 5), (0, 2)) is None
+
+
+def test_bad_mode_names_the_value():
+  with pytest.raises(ValueError, match="'fast'"):
+    cpu_kernels.set_mode("fast")
+  assert cpu_kernels.get_mode() in cpu_kernels.MODES
