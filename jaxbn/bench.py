@@ -8,11 +8,13 @@ DRAM-sized and an in-cache size) it times, in one process and interleaved:
   gradient), the way a training step runs it;
 * ``infer``: inference with the moving statistics;
 
-for jaxbn, flax.linen, haiku, equinox, tf_keras (fused and not) and torch,
-each where installed. Every time is also given as a ratio to one elementwise
+for jaxbn (as installed: with its CPU kernels where they apply), jaxbn in XLA
+alone, flax.linen, haiku, equinox, tf_keras (fused and not) and torch, each
+where installed. Every time is also given as a ratio to one elementwise
 pass ``x * a + b`` over the same tensor in the same run (float32 arithmetic for
-bf16). For JAX implementations it reports XLA's bytes accessed
-(``cost_analysis``) and temp memory (``memory_analysis``) as multiples of the
+bf16). For JAX implementations it reports the bytes moved (XLA's
+``cost_analysis`` plus the operands and results of jaxbn's kernels, which XLA
+counts as nothing) and temp memory (``memory_analysis``) as multiples of the
 input size, the bytes saved for the backward pass beyond the input, and the
 compile time.
 
@@ -93,18 +95,31 @@ def _installed(name):
 # ----------------------------------------------------------- JAX libraries
 
 
-def _jax_impl(apply_train, apply_infer, params, x, dy):
-  """Wraps pure train/infer functions of (params, x) into timed callables."""
+def _jax_impl(apply_train, apply_infer, params, x, dy, tracing=None):
+  """Wraps pure train/infer functions of (params, x) into timed callables.
+
+  ``tracing``: a context manager factory entered whenever a function is
+  traced (the backward pass is traced inside ``fwdbwd``).
+  """
+  import contextlib
   import jax
+  tracing = tracing or contextlib.nullcontext
 
-  fwd = jax.jit(apply_train)
+  def traced(fn):
+    def wrapped(*args):
+      with tracing():
+        return fn(*args)
+    return wrapped
 
+  fwd = jax.jit(traced(apply_train))
+
+  @traced
   def fwdbwd_fn(params, x, dy):
     y, vjp = jax.vjp(lambda p, x: apply_train(p, x)[0], params, x)
     return y, vjp(dy)
 
   fwdbwd = jax.jit(fwdbwd_fn)
-  infer = jax.jit(apply_infer)
+  infer = jax.jit(traced(apply_infer))
   return Impl(lambda: fwd(params, x), lambda: fwdbwd(params, x, dy),
               lambda: infer(params, x),
               {"fwd": (fwd, (params, x)), "fwd+bwd": (fwdbwd, (params, x, dy)),
@@ -112,15 +127,22 @@ def _jax_impl(apply_train, apply_infer, params, x, dy):
                "_residuals": (fwdbwd_fn, apply_train, params, x)})
 
 
-def jaxbn_impl(case, x, dy):
-  import jax
+def jaxbn_impl(case, x, dy, kernels=None):
+  """jaxbn as users get it (``kernels=None``), or with the CPU kernels forced
+  ``'on'``/``'off'`` while its functions are traced."""
+  import functools
   import jaxbn
+  from jaxbn import cpu_kernels
   config = jaxbn.BatchNormConfig(axis=case.axis)
   params, state = jaxbn.init(config, x.shape)
   train = lambda p, x: jaxbn.apply(config, p, state, x, training=True)
   infer = lambda p, x: jaxbn.apply(config, p, state, x, training=False)[0]
-  del jax
-  return _jax_impl(train, infer, params, x, dy)
+  tracing = functools.partial(cpu_kernels.use, kernels) if kernels else None
+  return _jax_impl(train, infer, params, x, dy, tracing)
+
+
+def jaxbn_xla_impl(case, x, dy):
+  return jaxbn_impl(case, x, dy, kernels="off")
 
 
 def flax_impl(case, x, dy):
@@ -277,6 +299,7 @@ def torch_impl(case, x, dy):
 
 IMPLS = {
     "jaxbn": ("jax", jaxbn_impl),
+    "jaxbn (XLA only)": ("jax", jaxbn_xla_impl),
     "flax.linen": ("flax", flax_impl),
     "haiku": ("haiku", haiku_impl),
     "equinox": ("equinox", equinox_impl),
@@ -450,7 +473,7 @@ def format_table(results):
     lines.append(f"\n## {case['name']}  shape={tuple(case['shape'])}  "
                  f"({res['input_bytes'] / 1e6:.0f} MB)")
     lines.append("| implementation | fwd ms (x elem) | fwd+bwd ms (x elem) "
-                 "| infer ms (x elem) | fwd+bwd XLA bytes (x input) "
+                 "| infer ms (x elem) | fwd+bwd bytes (x input) "
                  "| fwd+bwd temp (x input) | saved beyond x (x input) "
                  "| compile s |")
     lines.append("|---|---|---|---|---|---|---|---|")
@@ -471,12 +494,13 @@ def format_table(results):
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ratios = []
     for mode in ("fwd+bwd", "infer"):
-      ours = res["modes"][mode].get("jaxbn")
-      for other in ("flax.linen", "tf_keras fused"):
-        theirs = res["modes"][mode].get(other)
-        if ours and theirs:
-          ratios.append(f"{mode} jaxbn/{other} = "
-                        f"{ours['median_ms'] / theirs['median_ms']:.2f}")
+      for name in ("jaxbn", "jaxbn (XLA only)"):
+        ours = res["modes"][mode].get(name)
+        for other in ("flax.linen", "tf_keras fused"):
+          theirs = res["modes"][mode].get(other)
+          if ours and theirs:
+            ratios.append(f"{mode} {name}/{other} = "
+                          f"{ours['median_ms'] / theirs['median_ms']:.2f}")
     if ratios:
       lines.append("\n" + "; ".join(ratios))
     if res["skipped"]:
