@@ -6,9 +6,10 @@
 // in one read each:
 //
 //   jaxbn_moments_f32:   x[..., A, C, B] -> mean[..., C], M2[..., C]
-//       M2 = sum (x - mean)^2 over A and B, exact: every cache-sized block is
-//       reduced with two passes while it sits in L1, and blocks are merged
-//       with Chan's formula in double precision.
+//       M2 = sum (x - mean)^2 over A and B, exact: every L1-sized block is
+//       reduced with the corrected two-pass algorithm while it sits in L1,
+//       blocks are accumulated in double as sums shifted by a sample mean,
+//       and the parts of the work are merged with Chan's formula.
 //   jaxbn_grad_sums_f32: dy, x[..., A, C, B], mean[..., C]
 //                            -> sum dy[..., C], sum dy * (x - mean)[..., C]
 //       float32 sums per block, double across blocks.
