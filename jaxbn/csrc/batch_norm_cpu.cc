@@ -194,6 +194,30 @@ Plan PlanFor(const View& v) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Visits the blocks of one task (problem o = task / parts, part p): for
+// B == 1, row_block(offset, rows) per block of rows; otherwise
+// run_block(offset, channel, n) per block of a channel's run. Offsets are in
+// elements from the start of x.
+template <class RowBlock, class RunBlock>
+void ForEachBlock(const View& v, const Plan& plan, int64_t task,
+                  const RowBlock& row_block, const RunBlock& run_block) {
+  const int64_t o = task / plan.parts, p = task % plan.parts;
+  const int64_t problem = o * v.a * v.c * v.b;
+  const int64_t first = plan.items * p / plan.parts;
+  const int64_t last = plan.items * (p + 1) / plan.parts;
+  for (int64_t item = first; item < last; ++item) {
+    if (v.b == 1) {
+      const int64_t r0 = item * plan.rows_per_block;
+      row_block(problem + r0 * v.c, std::min(v.a, r0 + plan.rows_per_block) - r0);
+    } else {
+      for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
+        run_block(problem + item * v.b + b0, item % v.c,
+                  std::min(v.b - b0, kBlockElems));
+      }
+    }
+  }
+}
+
 // Two passes over a row-major (rows, C) block while it sits in L1: the first
 // gives a provisional mean, the second residual sums around it; added to
 // `acc`. Rows are read in memory order (one stream for the prefetchers); the
@@ -273,27 +297,18 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
   const float* x = x_buf.typed_data<float>();
   std::vector<Moments> parts(v.outer * plan.parts, Moments(v.c));
   ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
-    const int64_t o = task / plan.parts, p = task % plan.parts;
-    const float* problem = x + o * v.a * v.c * v.b;
     Moments& acc = parts[task];
     std::vector<float> scratch(3 * v.c);
-    const int64_t first = plan.items * p / plan.parts;
-    const int64_t last = plan.items * (p + 1) / plan.parts;
-    for (int64_t item = first; item < last; ++item) {
-      if (v.b == 1) {
-        const int64_t r0 = item * plan.rows_per_block;
-        const int64_t rows = std::min(v.a, r0 + plan.rows_per_block) - r0;
-        RowBlockMoments(problem + r0 * v.c, rows, v.c, scratch.data(), acc);
-      } else {
-        const float* run = problem + item * v.b;
-        for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
-          const int64_t n = std::min(v.b - b0, kBlockElems);
+    ForEachBlock(
+        v, plan, task,
+        [&](int64_t offset, int64_t rows) {
+          RowBlockMoments(x + offset, rows, v.c, scratch.data(), acc);
+        },
+        [&](int64_t offset, int64_t c, int64_t n) {
           float shift, r, q;
-          RunMoments(run + b0, n, shift, r, q);
-          acc.Add(item % v.c, n, shift, r, q);
-        }
-      }
-    }
+          RunMoments(x + offset, n, shift, r, q);
+          acc.Add(c, n, shift, r, q);
+        });
   });
   float* mean_out = mean_buf->typed_data<float>();
   float* m2_out = m2_buf->typed_data<float>();
@@ -379,33 +394,23 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
   const int64_t tasks = v.outer * plan.parts;
   std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
   ParallelFor(pool, tasks, [&](int64_t task) {
-    const int64_t o = task / plan.parts, p = task % plan.parts;
-    const int64_t offset = o * v.a * v.c * v.b;
-    const float* problem_mean = mean + o * v.c;
+    const float* problem_mean = mean + (task / plan.parts) * v.c;
     double* s = acc_dy.data() + task * v.c;
     double* q = acc_dy_xc.data() + task * v.c;
     std::vector<float> scratch(2 * v.c);
-    const int64_t first = plan.items * p / plan.parts;
-    const int64_t last = plan.items * (p + 1) / plan.parts;
-    for (int64_t item = first; item < last; ++item) {
-      if (v.b == 1) {
-        const int64_t r0 = item * plan.rows_per_block;
-        const int64_t rows = std::min(v.a, r0 + plan.rows_per_block) - r0;
-        RowBlockGradSums(dy + offset + r0 * v.c, x + offset + r0 * v.c,
-                         problem_mean, rows, v.c, scratch.data(), s, q);
-      } else {
-        const int64_t c = item % v.c;
-        const int64_t start = offset + item * v.b;
-        for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
-          const int64_t n = std::min(v.b - b0, kBlockElems);
+    ForEachBlock(
+        v, plan, task,
+        [&](int64_t offset, int64_t rows) {
+          RowBlockGradSums(dy + offset, x + offset, problem_mean, rows, v.c,
+                           scratch.data(), s, q);
+        },
+        [&](int64_t offset, int64_t c, int64_t n) {
           float block_dy, block_dy_xc;
-          RunGradSums(dy + start + b0, x + start + b0, problem_mean[c], n,
-                      block_dy, block_dy_xc);
+          RunGradSums(dy + offset, x + offset, problem_mean[c], n, block_dy,
+                      block_dy_xc);
           s[c] += block_dy;
           q[c] += block_dy_xc;
-        }
-      }
-    }
+        });
   });
   float* sum_dy = sum_dy_buf->typed_data<float>();
   float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
