@@ -20,9 +20,12 @@ compile time.
 
 Fresh multi-MB outputs page-fault on some machines; the benchmark re-executes
 itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (disable with
-``--no-hugetlb``) and reports min and median of interleaved repeats.
+``--no-hugetlb``) and reports min and median of interleaved rounds; in each
+round every implementation runs once untimed, then ``--burst`` times timed, so
+that an in-cache case is measured in cache.
 
   python -m jaxbn.bench [--quick] [--out bench_results] [--repeats 15]
+                        [--burst 3]
 """
 from __future__ import annotations
 
@@ -386,21 +389,30 @@ def xla_analysis(jax_fns, input_bytes):
 # ------------------------------------------------------------------ timing
 
 
-def time_interleaved(runners, repeats):
-  """``runners``: name -> callable. Returns name -> list of seconds."""
+def time_interleaved(runners, repeats, burst=3):
+  """``runners``: name -> callable. Returns name -> list of seconds.
+
+  Rounds are interleaved (every implementation once per round, so drift of
+  the machine hits all alike); within a round each runs once untimed and
+  then ``burst`` times back to back, timed. Without the untimed call an
+  in-cache case would be measured with its input evicted by the previous
+  implementation's outputs, which says nothing about the implementation.
+  """
   import jax
   times = {name: [] for name in runners}
   for run in runners.values():  # warm up (compile, allocate)
     jax.block_until_ready(run())
   for _ in range(repeats):
     for name, run in runners.items():
-      start = time.perf_counter()
       jax.block_until_ready(run())
-      times[name].append(time.perf_counter() - start)
+      for _ in range(burst):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times[name].append(time.perf_counter() - start)
   return times
 
 
-def run_case(case, names, repeats, seed=0):
+def run_case(case, names, repeats, seed=0, burst=3):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -437,7 +449,7 @@ def run_case(case, names, repeats, seed=0):
     runners = {name: getattr(impl, mode.replace("+", "").replace(
         "fwdbwd", "fwdbwd")) for name, impl in impls.items()}
     runners = {n: r for n, r in runners.items() if r is not None}
-    times = time_interleaved(runners, repeats)
+    times = time_interleaved(runners, repeats, burst)
     base = float(np.median(times["elementwise"]))
     result["modes"][mode] = {
         name: {"median_ms": 1e3 * float(np.median(t)),
@@ -538,7 +550,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description="jaxbn benchmark")
   parser.add_argument("--quick", action="store_true",
                       help="one in-cache size, fewer repeats")
-  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="interleaved rounds (default 15, --quick 5)")
+  parser.add_argument("--burst", type=int, default=3,
+                      help="timed back-to-back calls per implementation and "
+                      "round, after one untimed call")
   parser.add_argument("--out", default="bench_results")
   parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated subset of " + ",".join(IMPLS))
@@ -556,8 +572,9 @@ def main(argv=None):
   results = []
   for case in cases(args.quick):
     print(f"running {case.name} ...", flush=True)
-    results.append(run_case(case, names, repeats))
-  report = {"versions": versions(), "repeats": repeats, "results": results}
+    results.append(run_case(case, names, repeats, burst=args.burst))
+  report = {"versions": versions(), "repeats": repeats, "burst": args.burst,
+            "results": results}
   table = format_table(results)
   print(table)
   with open(os.path.join(args.out, "bench.json"), "w") as f:
