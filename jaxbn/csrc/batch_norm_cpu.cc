@@ -83,7 +83,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), parts - 1);
+  // The calling thread works too: one helper fewer than the pool's threads
+  // keeps one worker per core.
+  const int64_t helpers =
+      std::min<int64_t>(std::max<int64_t>(pool.num_threads() - 1, 1), parts - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   while (progress->done.load(std::memory_order_acquire) < parts) {
