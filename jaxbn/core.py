@@ -43,8 +43,8 @@ import numpy as np
 from jax import lax
 
 from jaxbn import fused as fused_lib
-from jaxbn import initializers, stats
-from jaxbn.config import BatchNormConfig, Resolved
+from jaxbn import stats
+from jaxbn.config import BatchNormConfig
 from jaxbn.moving_averages import ema
 
 Params = dict

@@ -108,13 +108,6 @@ def channel_view(shape: Sequence[int],
                      math.prod(shape[last:]))
 
 
-def sharded_along(x: jax.Array, axes: Sequence[int]) -> bool:
-  """Whether ``x``'s sharding (as jit sees it) splits one of ``axes``."""
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  return spec is not None and any(
-      i < len(spec) and spec[i] is not None for i in axes)
-
-
 def applicable(x: jax.Array, reduction_axes: Sequence[int],
                weights=None, *others: jax.Array) -> ChannelView | None:
   """The view to run the kernels on, or None to stay in XLA."""
@@ -124,7 +117,7 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int],
     return None
   if any(jnp.dtype(v.dtype) != jnp.float32 for v in (x,) + others):
     return None
-  if sharded_along(x, reduction_axes):  # a custom call would gather x
+  if manual_axes.sharded_along(x, reduction_axes):  # would gather x
     return None
   return channel_view(x.shape, reduction_axes)
 
@@ -153,7 +146,7 @@ def _moments_jvp(view, primals, tangents):
   n = view.a * view.b
   dmean = _channel_sum(dx, view) / max(n, 1)
   centered = x.reshape(view) - _per_channel(mean, view)
-  dm2 = 2 * jnp.sum(centered * dx.reshape(view), axis=(0, 2))
+  dm2 = 2 * _channel_sum(centered * dx.reshape(view), view)
   return (mean, m2), (dmean, dm2)
 
 
@@ -176,6 +169,6 @@ def _grad_sums_jvp(view, primals, tangents):
   centered = x.reshape(view) - _per_channel(mean.reshape(view.c), view)
   d_centered = dx.reshape(view) - _per_channel(dmean.reshape(view.c), view)
   d_sum_dy = _channel_sum(ddy, view)
-  d_sum_dy_xc = (jnp.sum(ddy.reshape(view) * centered, axis=(0, 2))
-                 + jnp.sum(dy.reshape(view) * d_centered, axis=(0, 2)))
+  d_sum_dy_xc = (_channel_sum(ddy.reshape(view) * centered, view)
+                 + _channel_sum(dy.reshape(view) * d_centered, view))
   return out, (d_sum_dy, d_sum_dy_xc)

@@ -1,4 +1,8 @@
-"""shard_map's typing of values: over which manual mesh axes a value varies."""
+"""Sharding types of values as a trace sees them.
+
+Over which manual mesh axes a value varies (shard_map), and whether jit's
+(explicit) sharding of a value splits given axes.
+"""
 from __future__ import annotations
 
 import jax
@@ -28,3 +32,14 @@ def like_inputs(outputs, *inputs):
       lambda out: lax.pcast(out, tuple(a for a in names
                                        if a not in varying_axes(out)),
                             to="varying"), outputs)
+
+
+def sharded_along(value, axes) -> bool:
+  """Whether ``value``'s sharding, as the trace sees it, splits one of ``axes``.
+
+  Only explicit shardings are visible while tracing; automatic (GSPMD)
+  shardings are decided after it.
+  """
+  spec = getattr(getattr(jax.typeof(value), "sharding", None), "spec", None)
+  return spec is not None and any(
+      i < len(spec) and spec[i] is not None for i in axes)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import cpu_kernels
+from jaxbn import cpu_kernels, manual_axes
 
 
 class Moments(NamedTuple):
@@ -109,6 +109,8 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   ``(mean - s)^2 / var`` ulps, small because ``s`` is a sample of the data.
   """
   axes = tuple(reduction_axes)
+  if manual_axes.sharded_along(x, axes):  # no x[0] to shift by: two passes
+    return local_moments(x, axes, weights)
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
   shift = x.astype(sd)
@@ -148,8 +150,6 @@ def platform_moments(x, reduction_axes, weights=None):
     cpu = lambda: local_moments(x, axes, weights)
   else:
     cpu = lambda: kernel_moments(x, axes, view)
-  if cpu_kernels.sharded_along(x, axes):  # no x[0] to shift by: two passes
-    return local_moments(x, axes, weights)
   return lax.platform_dependent(
       cpu=cpu, default=lambda: local_moments_shifted(x, axes, weights))
 
