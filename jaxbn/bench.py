@@ -18,11 +18,17 @@ counts as nothing) and temp memory (``memory_analysis``) as multiples of the
 input size, the bytes saved for the backward pass beyond the input, and the
 compile time.
 
-Fresh multi-MB outputs page-fault on some machines; the benchmark re-executes
-itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (disable with
-``--no-hugetlb``) and reports min and median of interleaved rounds; in each
-round every implementation runs once untimed, then ``--burst`` times timed, so
-that an in-cache case is measured in cache.
+XLA:CPU allocates its outputs with malloc. By default glibc hands freed
+multi-MB buffers back to the kernel (``mmap``'d chunks, heap trimming), and
+the next call's outputs then fault in page by page: 4096 faults per 16 MB
+output were seen, costing more than the batch norm itself, and landing on
+whichever implementation's allocation pattern trips them (torch keeps its own
+cache). The benchmark therefore re-executes itself with ``GLIBC_TUNABLES``
+that keep freed memory in the process and back it with huge pages
+(``_MALLOC_TUNABLES``; disable with ``--no-malloc-tuning``). It reports min
+and median of interleaved rounds; in each round every implementation runs
+once untimed, then ``--burst`` times timed, so that an in-cache case is
+measured in cache.
 
   python -m jaxbn.bench [--quick] [--out bench_results] [--repeats 15]
                         [--burst 3]
@@ -40,15 +46,21 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-_TUNABLE = "glibc.malloc.hugetlb=1"
+_MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1",  # transparent huge pages for the heap
+    "glibc.malloc.mmap_max=0",  # large buffers from the heap, not mmap
+    "glibc.malloc.trim_threshold=17179869184",  # never shrink the heap
+    "glibc.malloc.arena_max=1",  # one heap for all threads
+)
 
 
 def _maybe_reexec(args):
-  if args.no_hugetlb or _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+  current = os.environ.get("GLIBC_TUNABLES", "")
+  missing = [t for t in _MALLOC_TUNABLES if t not in current.split(":")]
+  if args.no_malloc_tuning or not missing:
     return
   env = dict(os.environ)
-  env["GLIBC_TUNABLES"] = ":".join(
-      t for t in (env.get("GLIBC_TUNABLES"), _TUNABLE) if t)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (current, *missing) if t)
   os.execve(sys.executable, [sys.executable, "-m", "jaxbn.bench"]
             + sys.argv[1:], env)
 
@@ -558,8 +570,9 @@ def main(argv=None):
   parser.add_argument("--out", default="bench_results")
   parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated subset of " + ",".join(IMPLS))
-  parser.add_argument("--no-hugetlb", action="store_true",
-                      help="do not re-execute with glibc huge pages")
+  parser.add_argument("--no-malloc-tuning", action="store_true",
+                      help="do not re-execute with GLIBC_TUNABLES that keep "
+                      "freed memory in the process")
   args = parser.parse_args(argv)
   _maybe_reexec(args)
   names = [n.strip() for n in args.impls.split(",") if n.strip()]

@@ -35,7 +35,9 @@ VIEWS = [
     ((16, 24, 9, 9), (0, 2, 3)),     # NCHW
     ((300, 3), (0,)),                # (N, C), C not a multiple of 8
     ((7, 5, 17), (0, 1)),            # 17 channels
-    ((40, 2050), (0,)),              # wide: 16-row blocks
+    ((40, 2050), (0,)),              # wide: 16-row blocks, a row per step
+    ((1003, 40), (0,)),              # 4 rows per step, rows left over
+    ((70, 96), (0,)),                # 2 rows per step (moments)
     ((3, 2, 9000), (0, 2)),          # channel runs longer than a block
     ((1, 4, 3, 3), (0, 2, 3)),       # one example
     ((0, 6), (0,)),                  # empty batch

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -222,10 +223,52 @@ void ForEachBlock(const View& v, const Plan& plan, int64_t task,
   }
 }
 
+// Lane types of the row-block loops: vectors, then single floats for the
+// channels left over.
+inline Vec LoadLanes(const float* p, Vec) { return Load(p); }
+inline float LoadLanes(const float* p, float) { return *p; }
+inline void StoreLanes(float* p, Vec v) { Store(p, v); }
+inline void StoreLanes(float* p, float v) { *p = v; }
+
+// Calls f(lanes, c) for the channels of a row: vectors, then single floats.
+template <class F>
+[[gnu::always_inline]] inline void ForEachLanes(int64_t channels, const F& f) {
+  int64_t c = 0;
+  for (; c + kVec <= channels; c += kVec) f(Vec{}, c);
+  for (; c < channels; ++c) f(0.f, c);
+}
+
+template <int R> using RowCount = std::integral_constant<int, R>;
+
+template <int R, class Step>
+[[gnu::always_inline]] inline void ForEachRowStep(int64_t rows, const Step& step) {
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) step(i, RowCount<R>{});
+  for (; i < rows; ++i) step(i, RowCount<1>{});
+}
+
+// Calls step(i, RowCount<R>{}) over the rows of row-major blocks read from
+// memory, R rows at a time. The per-channel partial sums live in memory (C
+// can be large); taking several rows per step loads and stores them once per
+// step instead of once per row. Rows are read in memory order, and the rows
+// one step reads, over all arrays (`bytes_per_row` in all), span at most
+// 1 KB: as separate streams they would outnumber what the hardware
+// prefetchers follow, which costs more than it saves.
+template <class Step>
+[[gnu::always_inline]] inline void ForEachRowStep(int64_t rows, int64_t bytes_per_row,
+                                                  const Step& step) {
+  if (bytes_per_row <= 256) {
+    ForEachRowStep<4>(rows, step);
+  } else if (bytes_per_row <= 512) {
+    ForEachRowStep<2>(rows, step);
+  } else {
+    ForEachRowStep<1>(rows, step);
+  }
+}
+
 // Two passes over a row-major (rows, C) block while it sits in L1: the first
 // gives a provisional mean, the second residual sums around it; added to
-// `acc`. Rows are read in memory order (one stream for the prefetchers); the
-// per-channel partial sums live in `scratch` (3 C floats).
+// `acc`. `scratch` holds 3 C floats.
 JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
                                int64_t channels, float* __restrict scratch,
                                Moments& acc) {
@@ -233,27 +276,35 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
   float* __restrict r = scratch + channels;
   float* __restrict q = scratch + 2 * channels;
   std::fill(scratch, scratch + 3 * channels, 0.f);
-  const int64_t vec_end = channels - channels % kVec;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = x + i * channels;
-    for (int64_t c = 0; c < vec_end; c += kVec) Store(s + c, Load(s + c) + Load(row + c));
-    for (int64_t c = vec_end; c < channels; ++c) s[c] += row[c];
-  }
+  const int64_t C = channels;
+  ForEachRowStep(rows, C * sizeof(float), [&](int64_t i, auto step) {
+    ForEachLanes(C, [&](auto t, int64_t c) {
+      const float* row = x + i * C + c;
+      auto sum = LoadLanes(row, t);
+#pragma GCC unroll 4
+      for (int k = 1; k < decltype(step)::value; ++k) sum += LoadLanes(row + k * C, t);
+      StoreLanes(s + c, LoadLanes(s + c, t) + sum);
+    });
+  });
   const float inv_rows = 1.0f / static_cast<float>(rows);
-  for (int64_t c = 0; c < channels; ++c) s[c] *= inv_rows;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = x + i * channels;
-    for (int64_t c = 0; c < vec_end; c += kVec) {
-      const Vec d = Load(row + c) - Load(s + c);
-      Store(r + c, Load(r + c) + d);
-      Store(q + c, Load(q + c) + d * d);
-    }
-    for (int64_t c = vec_end; c < channels; ++c) {
-      const float d = row[c] - s[c];
-      r[c] += d;
-      q[c] += d * d;
-    }
-  }
+  for (int64_t c = 0; c < C; ++c) s[c] *= inv_rows;
+  // The block is in L1 now: four rows per step whatever C.
+  ForEachRowStep<4>(rows, [&](int64_t i, auto step) {
+    ForEachLanes(C, [&](auto t, int64_t c) {
+      const float* row = x + i * C + c;
+      const auto m = LoadLanes(s + c, t);
+      auto d = LoadLanes(row, t) - m;
+      auto sum = d, sum_sq = d * d;
+#pragma GCC unroll 4
+      for (int k = 1; k < decltype(step)::value; ++k) {
+        d = LoadLanes(row + k * C, t) - m;
+        sum += d;
+        sum_sq += d * d;
+      }
+      StoreLanes(r + c, LoadLanes(r + c, t) + sum);
+      StoreLanes(q + c, LoadLanes(q + c, t) + sum_sq);
+    });
+  });
   acc.AddRows(rows, s, r, q);
 }
 
@@ -332,29 +383,33 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
 // ----------------------------------------------------- gradient reductions
 
 // sum dy and sum dy * (x - mean) over rows of a (rows, C) block, added to
-// the part's double accumulators.
+// the part's double accumulators; `scratch` holds 2 C floats.
 JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restrict x,
-                      const float* __restrict mean, int64_t rows,
-                      int64_t channels, float* __restrict scratch,
-                      double* __restrict sum_dy, double* __restrict sum_dy_xc) {
+                                const float* __restrict mean, int64_t rows,
+                                int64_t channels, float* __restrict scratch,
+                                double* __restrict sum_dy, double* __restrict sum_dy_xc) {
   float* __restrict s = scratch;
   float* __restrict q = scratch + channels;
   std::fill(scratch, scratch + 2 * channels, 0.f);
-  const int64_t vec_end = channels - channels % kVec;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* g = dy + r * channels;
-    const float* v = x + r * channels;
-    for (int64_t c = 0; c < vec_end; c += kVec) {
-      const Vec gc = Load(g + c);
-      Store(s + c, Load(s + c) + gc);
-      Store(q + c, Load(q + c) + gc * (Load(v + c) - Load(mean + c)));
-    }
-    for (int64_t c = vec_end; c < channels; ++c) {
-      s[c] += g[c];
-      q[c] += g[c] * (v[c] - mean[c]);
-    }
-  }
-  for (int64_t c = 0; c < channels; ++c) {
+  const int64_t C = channels;
+  ForEachRowStep(rows, 2 * C * sizeof(float), [&](int64_t i, auto step) {
+    ForEachLanes(C, [&](auto t, int64_t c) {
+      const float* g_row = dy + i * C + c;
+      const float* x_row = x + i * C + c;
+      const auto m = LoadLanes(mean + c, t);
+      auto g = LoadLanes(g_row, t);
+      auto sum = g, sum_xc = g * (LoadLanes(x_row, t) - m);
+#pragma GCC unroll 4
+      for (int k = 1; k < decltype(step)::value; ++k) {
+        g = LoadLanes(g_row + k * C, t);
+        sum += g;
+        sum_xc += g * (LoadLanes(x_row + k * C, t) - m);
+      }
+      StoreLanes(s + c, LoadLanes(s + c, t) + sum);
+      StoreLanes(q + c, LoadLanes(q + c, t) + sum_xc);
+    });
+  });
+  for (int64_t c = 0; c < C; ++c) {
     sum_dy[c] += s[c];
     sum_dy_xc[c] += q[c];
   }
