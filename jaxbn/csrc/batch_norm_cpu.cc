@@ -6,10 +6,10 @@
 // in one read each:
 //
 //   jaxbn_moments_f32:   x[..., A, C, B] -> mean[..., C], M2[..., C]
-//       M2 = sum (x - mean)^2 over A and B, exact: every L1-sized block is
-//       reduced with the corrected two-pass algorithm while it sits in L1,
-//       blocks are accumulated in double as sums shifted by a sample mean,
-//       and the parts of the work are merged with Chan's formula.
+//       M2 = sum (x - mean)^2 over A and B, exact: every block (16 KB or
+//       64 rows) is reduced with the corrected two-pass algorithm while it
+//       sits in cache, and blocks are accumulated in double as sums shifted
+//       by a data value of their channel, which makes parts plain sums.
 //   jaxbn_grad_sums_f32: dy, x[..., A, C, B], mean[..., C]
 //                            -> sum dy[..., C], sum dy * (x - mean)[..., C]
 //       float32 sums per block, double across blocks.
@@ -39,9 +39,13 @@ namespace {
 typedef float Vec __attribute__((vector_size(32)));
 constexpr int64_t kVec = 8;
 constexpr int64_t kLanes = 2 * kVec;      // channels or elements per step
-constexpr int64_t kBlockElems = 4096;     // elements per block (16 KB, in L1)
-constexpr int64_t kMinRowsPerBlock = 16;  // for very wide channel counts
+// Blocks of rows hold kBlockElems (16 KB, L1) or kMinRowsPerBlock rows,
+// whichever is more: the per-block work on per-channel vectors (merging a
+// block's float sums into double) needs rows to amortize it.
+constexpr int64_t kBlockElems = 4096;
+constexpr int64_t kMinRowsPerBlock = 64;
 constexpr int64_t kElemsPerPart = 1 << 16;
+constexpr int64_t kElemsPerPartPerChannel = 128;
 constexpr int64_t kMaxParts = 64;
 
 // The hot loops are compiled twice on x86-64: for AVX2 + FMA and for the
@@ -97,15 +101,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
 
 // ------------------------------------------------------------ statistics
 
-// Per-channel (count, mean, M2) in double. Blocks are added as shifted sums
-// around a reference (the channel's first block mean), which needs no
-// division per block and loses nothing: the shift is a sample mean, so
-// S2 - S1^2 / n never cancels. Parts are merged with Chan's formula.
+// Per-channel (count, mean, M2) in double, as sums shifted by a reference
+// value per channel shared by every part of a problem: one of the channel's
+// data values. Then S1 = sum n_b (mean_b - ref) and S2 = sum (M2_b + n_b
+// (mean_b - ref)^2) over blocks b are plain sums, parts merge by addition,
+// and M2 = S2 - S1^2 / n loses at most n * eps(double) relative to M2
+// (a data value lies within sqrt(M2) of the mean), far below float32.
 struct Moments {
-  std::vector<double> ref, n, s1, s2;
-  explicit Moments(int64_t channels)
-      : ref(channels, 0.0), n(channels, 0.0), s1(channels, 0.0),
-        s2(channels, 0.0) {}
+  const double* ref;  // C values, shared
+  std::vector<double> n, s1, s2;
+  Moments(const double* reference, int64_t channels)
+      : ref(reference), n(channels, 0.0), s1(channels, 0.0), s2(channels, 0.0) {}
 
   // A block of `nb` elements of channel c, reduced around a provisional
   // float32 mean `shift` to residual sums r = sum (x - shift) and
@@ -113,48 +119,36 @@ struct Moments {
   // q - r^2 / nb (the corrected two-pass algorithm).
   void Add(int64_t c, double nb, float shift, float r, float q) {
     const double mean_b = shift + double(r) / nb;
-    const double m2_b = double(q) - double(r) * (double(r) / nb);
-    if (n[c] == 0) ref[c] = mean_b;
     const double d = mean_b - ref[c];
     n[c] += nb;
     s1[c] += nb * d;
-    s2[c] += m2_b + nb * d * d;
+    s2[c] += double(q) - double(r) * (double(r) / nb) + nb * d * d;
   }
-  // The same for a block of `nb` rows of every channel, without a branch per
-  // channel so that the loop vectorizes.
+  // The same for a block of `nb` rows of every channel.
   void AddRows(double nb, const float* __restrict shift,
                const float* __restrict r, const float* __restrict q) {
-    const int64_t channels = n.size();
+    const double* __restrict base = ref;
     double* __restrict nn = n.data();
-    double* __restrict base = ref.data();
     double* __restrict a1 = s1.data();
     double* __restrict a2 = s2.data();
-    const bool first = nn[0] == 0;
-    for (int64_t c = 0; c < channels; ++c) {
+    for (size_t c = 0; c < n.size(); ++c) {
       const double mean_b = shift[c] + double(r[c]) / nb;
-      const double m2_b = double(q[c]) - double(r[c]) * (double(r[c]) / nb);
-      if (first) base[c] = mean_b;
       const double d = mean_b - base[c];
       nn[c] += nb;
       a1[c] += nb * d;
-      a2[c] += m2_b + nb * d * d;
+      a2[c] += double(q[c]) - double(r[c]) * (double(r[c]) / nb) + nb * d * d;
+    }
+  }
+  void Absorb(const Moments& other) {
+    for (size_t c = 0; c < n.size(); ++c) {
+      n[c] += other.n[c];
+      s1[c] += other.s1[c];
+      s2[c] += other.s2[c];
     }
   }
   double Mean(int64_t c) const { return n[c] ? ref[c] + s1[c] / n[c] : 0.0; }
   double M2(int64_t c) const {
     return n[c] ? std::max(0.0, s2[c] - s1[c] * (s1[c] / n[c])) : 0.0;
-  }
-  // Chan's merge of another accumulator's channel c into this one.
-  void Merge(int64_t c, const Moments& other) {
-    const double nb = other.n[c];
-    if (nb == 0) return;
-    const double na = n[c], mean_a = Mean(c), mean_b = other.Mean(c);
-    const double total = na + nb, delta = mean_b - mean_a;
-    const double m2 = M2(c) + other.M2(c) + delta * delta * (na * nb / total);
-    ref[c] = mean_a + delta * (nb / total);
-    n[c] = total;
-    s1[c] = 0.0;
-    s2[c] = m2;
   }
 };
 
@@ -192,7 +186,12 @@ Plan PlanFor(const View& v) {
     item_elems = v.b;
   }
   const int64_t total = plan.items * item_elems;
-  plan.parts = std::clamp<int64_t>(total / kElemsPerPart, 1, kMaxParts);
+  // Each part has its own per-channel accumulators, which it zeroes, fills
+  // and hands to the merge: at least kElemsPerPartPerChannel elements per
+  // channel keep that traffic small next to the data.
+  const int64_t part_elems =
+      std::max(kElemsPerPart, kElemsPerPartPerChannel * v.c);
+  plan.parts = std::clamp<int64_t>(total / part_elems, 1, kMaxParts);
   plan.parts = std::max<int64_t>(1, std::min(plan.parts, plan.items));
   return plan;
 }
@@ -247,28 +246,27 @@ template <int R, class Step>
   for (; i < rows; ++i) step(i, RowCount<1>{});
 }
 
-// Calls step(i, RowCount<R>{}) over the rows of row-major blocks read from
-// memory, R rows at a time. The per-channel partial sums live in memory (C
-// can be large); taking several rows per step loads and stores them once per
-// step instead of once per row. Rows are read in memory order, and the rows
-// one step reads, over all arrays (`bytes_per_row` in all), span at most
-// 1 KB: as separate streams they would outnumber what the hardware
-// prefetchers follow, which costs more than it saves.
+// The same with R = `rows_per_step` (4, 2 or 1) chosen at run time. The
+// per-channel partial sums live in memory (C can be large); several rows per
+// step load and store them once per step instead of once per row. But each
+// row of a step is a separate stream for the hardware prefetchers, which for
+// wide rows costs more than it saves: the call sites choose R per kernel
+// from measurements.
 template <class Step>
-[[gnu::always_inline]] inline void ForEachRowStep(int64_t rows, int64_t bytes_per_row,
+[[gnu::always_inline]] inline void ForEachRowStep(int64_t rows, int rows_per_step,
                                                   const Step& step) {
-  if (bytes_per_row <= 256) {
+  if (rows_per_step == 4) {
     ForEachRowStep<4>(rows, step);
-  } else if (bytes_per_row <= 512) {
+  } else if (rows_per_step == 2) {
     ForEachRowStep<2>(rows, step);
   } else {
     ForEachRowStep<1>(rows, step);
   }
 }
 
-// Two passes over a row-major (rows, C) block while it sits in L1: the first
-// gives a provisional mean, the second residual sums around it; added to
-// `acc`. `scratch` holds 3 C floats.
+// Two passes over a row-major (rows, C) block while it sits in cache: the
+// first gives a provisional mean, the second residual sums around it; added
+// to `acc`. `scratch` holds 3 C floats.
 JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
                                int64_t channels, float* __restrict scratch,
                                Moments& acc) {
@@ -277,7 +275,7 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
   float* __restrict q = scratch + 2 * channels;
   std::fill(scratch, scratch + 3 * channels, 0.f);
   const int64_t C = channels;
-  ForEachRowStep(rows, C * sizeof(float), [&](int64_t i, auto step) {
+  ForEachRowStep(rows, C <= 64 ? 4 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
       const float* row = x + i * C + c;
       auto sum = LoadLanes(row, t);
@@ -288,7 +286,7 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
   });
   const float inv_rows = 1.0f / static_cast<float>(rows);
   for (int64_t c = 0; c < C; ++c) s[c] *= inv_rows;
-  // The block is in L1 now: four rows per step whatever C.
+  // The block is in cache now: four rows per step whatever C.
   ForEachRowStep<4>(rows, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
       const float* row = x + i * C + c;
@@ -350,7 +348,18 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
   const View v = ViewOf(x_buf.dimensions());
   const Plan plan = PlanFor(v);
   const float* x = x_buf.typed_data<float>();
-  std::vector<Moments> parts(v.outer * plan.parts, Moments(v.c));
+  // The reference of each channel: its first value in the problem.
+  std::vector<double> ref(v.outer * v.c, 0.0);
+  if (v.a > 0 && v.b > 0) {
+    for (int64_t o = 0; o < v.outer; ++o) {
+      for (int64_t c = 0; c < v.c; ++c) ref[o * v.c + c] = x[(o * v.a * v.c + c) * v.b];
+    }
+  }
+  std::vector<Moments> parts;
+  parts.reserve(v.outer * plan.parts);
+  for (int64_t task = 0; task < v.outer * plan.parts; ++task) {
+    parts.emplace_back(ref.data() + task / plan.parts * v.c, v.c);
+  }
   ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
     Moments& acc = parts[task];
     std::vector<float> scratch(3 * v.c);
@@ -368,10 +377,8 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
   float* mean_out = mean_buf->typed_data<float>();
   float* m2_out = m2_buf->typed_data<float>();
   for (int64_t o = 0; o < v.outer; ++o) {
-    Moments total(v.c);
-    for (int64_t p = 0; p < plan.parts; ++p) {
-      for (int64_t c = 0; c < v.c; ++c) total.Merge(c, parts[o * plan.parts + p]);
-    }
+    Moments total(ref.data() + o * v.c, v.c);
+    for (int64_t p = 0; p < plan.parts; ++p) total.Absorb(parts[o * plan.parts + p]);
     for (int64_t c = 0; c < v.c; ++c) {
       mean_out[o * v.c + c] = static_cast<float>(total.Mean(c));
       m2_out[o * v.c + c] = static_cast<float>(total.M2(c));
@@ -392,7 +399,7 @@ JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restr
   float* __restrict q = scratch + channels;
   std::fill(scratch, scratch + 2 * channels, 0.f);
   const int64_t C = channels;
-  ForEachRowStep(rows, 2 * C * sizeof(float), [&](int64_t i, auto step) {
+  ForEachRowStep(rows, C <= 32 ? 4 : C <= 64 ? 2 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
       const float* g_row = dy + i * C + c;
       const float* x_row = x + i * C + c;
