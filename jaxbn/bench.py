@@ -1,7 +1,8 @@
 """``python -m jaxbn.bench``: batch norm speed and memory traffic, side by side.
 
 For ResNet-50 activation shapes (NHWC and NCHW, float32 and bfloat16, a
-DRAM-sized and an in-cache size) it times, in one process and interleaved:
+DRAM-sized and an in-cache size, plus the last stage's 2048 channels) it
+times, in one process and interleaved:
 
 * ``fwd``: the training forward pass (batch statistics + state update);
 * ``fwd+bwd``: a jitted ``jax.vjp`` with a given cotangent (outputs and every
@@ -89,6 +90,8 @@ def cases(quick: bool):
       out.append(Case(f"{label} NHWC {dtype}", (n, h, w, c), "NHWC", dtype))
     out.append(Case(f"{label} NCHW float32", (n, c, h, w), "NCHW",
                     "float32"))
+  if not quick:  # ResNet-50's last stage: few rows, many channels
+    out.append(Case("wide NHWC float32", (32, 7, 7, 2048), "NHWC", "float32"))
   return out
 
 
@@ -405,17 +408,24 @@ def time_interleaved(runners, repeats, burst=3):
   """``runners``: name -> callable. Returns name -> list of seconds.
 
   Rounds are interleaved (every implementation once per round, so drift of
-  the machine hits all alike); within a round each runs once untimed and
-  then ``burst`` times back to back, timed. Without the untimed call an
-  in-cache case would be measured with its input evicted by the previous
-  implementation's outputs, which says nothing about the implementation.
+  the machine hits all alike), each round in a new random order (seeded):
+  an implementation that always ran right after torch or TensorFlow would
+  share the cores with their still-spinning thread pools every time. Within
+  a round each runs once untimed and then ``burst`` times back to back,
+  timed. Without the untimed call an in-cache case would be measured with
+  its input evicted by the previous implementation's outputs, which says
+  nothing about the implementation.
   """
+  import random
   import jax
   times = {name: [] for name in runners}
   for run in runners.values():  # warm up (compile, allocate)
     jax.block_until_ready(run())
+  order = list(runners.items())
+  shuffle = random.Random(0).shuffle
   for _ in range(repeats):
-    for name, run in runners.items():
+    shuffle(order)
+    for name, run in order:
       jax.block_until_ready(run())
       for _ in range(burst):
         start = time.perf_counter()

@@ -80,6 +80,28 @@ def test_gradient_sums_match_float64(shape, axes):
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_moments_exact_when_first_value_is_an_outlier_and_the_mean_drifts(
+    layout):
+  # The kernel shifts each channel's double sums by its first value: make
+  # that value an outlier, and let the second half of the batch sit 1e4
+  # higher than the first, across many parts of the work.
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(64, 16, 16, 8)).astype(np.float32)
+  x[32:] += np.float32(1e4)
+  x[0, 0, 0] = 5e5
+  if layout == "NCHW":
+    x, axes = np.ascontiguousarray(x.transpose(0, 3, 1, 2)), (0, 2, 3)
+  else:
+    axes = (0, 1, 2)
+  view = cpu_kernels.channel_view(x.shape, axes)
+  mean, m2 = cpu_kernels.moments(jnp.asarray(x), view)
+  want_mean, want_m2 = _reference_moments(x, view)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
+  np.testing.assert_allclose(m2, want_m2, rtol=1e-6)
+
+
+@needs_kernels
 @given(data=st.data())
 def test_moments_property_random_layouts(data):
   rank = data.draw(st.integers(2, 4))
