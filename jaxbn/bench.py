@@ -404,13 +404,14 @@ def xla_analysis(jax_fns, input_bytes):
 # ------------------------------------------------------------------ timing
 
 
-def time_interleaved(runners, repeats, burst=3):
+def time_interleaved(runners, repeats, burst=3, seed=0):
   """``runners``: name -> callable. Returns name -> list of seconds.
 
   Rounds are interleaved (every implementation once per round, so drift of
-  the machine hits all alike), each round in a new random order (seeded):
-  an implementation that always ran right after torch or TensorFlow would
-  share the cores with their still-spinning thread pools every time. Within
+  the machine hits all alike), each round in a new random order (from
+  ``seed``): an implementation that always ran right after torch or
+  TensorFlow would share the cores with their still-spinning thread pools
+  every time (that slows the next sub-millisecond call by up to 2x). Within
   a round each runs once untimed and then ``burst`` times back to back,
   timed. Without the untimed call an in-cache case would be measured with
   its input evicted by the previous implementation's outputs, which says
@@ -422,7 +423,7 @@ def time_interleaved(runners, repeats, burst=3):
   for run in runners.values():  # warm up (compile, allocate)
     jax.block_until_ready(run())
   order = list(runners.items())
-  shuffle = random.Random(0).shuffle
+  shuffle = random.Random(seed).shuffle
   for _ in range(repeats):
     shuffle(order)
     for name, run in order:
@@ -471,7 +472,8 @@ def run_case(case, names, repeats, seed=0, burst=3):
     runners = {name: getattr(impl, mode.replace("+", "").replace(
         "fwdbwd", "fwdbwd")) for name, impl in impls.items()}
     runners = {n: r for n, r in runners.items() if r is not None}
-    times = time_interleaved(runners, repeats, burst)
+    times = time_interleaved(runners, repeats, burst,
+                             seed=f"{case.name} {mode} {seed}")
     base = float(np.median(times["elementwise"]))
     result["modes"][mode] = {
         name: {"median_ms": 1e3 * float(np.median(t)),
