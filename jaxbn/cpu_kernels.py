@@ -6,8 +6,8 @@ the speed of a plain sum. Two small C++ kernels (``jaxbn/csrc``) read the data
 once instead:
 
 * ``moments``: ``x -> (mean, M2)`` per channel, exact (two passes over each
-  L1-sized block, blocks merged in float64 with shifted sums and Chan's
-  formula);
+  cache-resident block, blocks added in float64 as sums shifted by one data
+  value of the channel);
 * ``grad_sums``: ``(dy, x, mean) -> (sum dy, sum dy * (x - mean))``.
 
 Both are bit-deterministic (a fixed, shape-only split of the work; partial
