@@ -125,19 +125,8 @@ struct Moments {
     s2[c] += double(q) - double(r) * (double(r) / nb) + nb * d * d;
   }
   // The same for a block of `nb` rows of every channel.
-  void AddRows(double nb, const float* __restrict shift,
-               const float* __restrict r, const float* __restrict q) {
-    const double* __restrict base = ref;
-    double* __restrict nn = n.data();
-    double* __restrict a1 = s1.data();
-    double* __restrict a2 = s2.data();
-    for (size_t c = 0; c < n.size(); ++c) {
-      const double mean_b = shift[c] + double(r[c]) / nb;
-      const double d = mean_b - base[c];
-      nn[c] += nb;
-      a1[c] += nb * d;
-      a2[c] += double(q[c]) - double(r[c]) * (double(r[c]) / nb) + nb * d * d;
-    }
+  void AddRows(double nb, const float* shift, const float* r, const float* q) {
+    for (size_t c = 0; c < n.size(); ++c) Add(c, nb, shift[c], r[c], q[c]);
   }
   void Absorb(const Moments& other) {
     for (size_t c = 0; c < n.size(); ++c) {
