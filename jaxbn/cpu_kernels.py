@@ -16,7 +16,8 @@ with their neighbours. Each kernel carries a ``custom_jvp`` written in plain
 JAX, so ``jvp``, ``grad`` and ``grad`` of ``grad`` differentiate through it;
 ``ffi_call``'s ``broadcast_all`` batching makes ``vmap`` one kernel call.
 
-When they run: float32 data, no mask, channel axes contiguous in memory
+When they run: float32 or bfloat16 data (read as is, accumulated in float32
+and float64), no mask, channel axes contiguous in memory
 (NHWC, NCHW, (N, C), any rank), on the CPU backend, and
 
 * ``mode 'auto'`` (default): only when the process sees one device. A custom
@@ -41,6 +42,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbn import manual_axes
 
@@ -108,22 +110,41 @@ def channel_view(shape: Sequence[int],
                      math.prod(shape[last:]))
 
 
-def applicable(x: jax.Array, reduction_axes: Sequence[int],
-               weights=None, *others: jax.Array) -> ChannelView | None:
-  """The view to run the kernels on, or None to stay in XLA."""
+INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
+               dy: jax.Array | None = None,
+               mean: jax.Array | None = None) -> ChannelView | None:
+  """The view to run the kernels on, or None to stay in XLA.
+
+  ``x`` (and ``dy``, of the same dtype) float32 or bfloat16, ``mean``
+  float32, no weights.
+  """
   if _mode == "off" or _cpu_kernels is None or weights is not None:
     return None
   if _mode == "auto" and jax.device_count() != 1:
     return None
-  if any(jnp.dtype(v.dtype) != jnp.float32 for v in (x,) + others):
+  if jnp.dtype(x.dtype) not in INPUT_DTYPES:
+    return None
+  if dy is not None and dy.dtype != x.dtype:
+    return None
+  if mean is not None and jnp.dtype(mean.dtype) != jnp.float32:
     return None
   if manual_axes.sharded_along(x, reduction_axes):  # would gather x
     return None
   return channel_view(x.shape, reduction_axes)
 
 
+def _view_attributes(x, view: ChannelView):
+  # x goes to the kernel in its own shape: XLA:CPU copies a bfloat16 operand
+  # to reshape it, even where the reshape is free for float32.
+  return dict(rank=np.int64(x.ndim), a=np.int64(view.a), c=np.int64(view.c),
+              b=np.int64(view.b))
+
+
 def _channel_sum(value, view: ChannelView):
-  return jnp.sum(value.reshape(view), axis=(0, 2))
+  return jnp.sum(value.reshape(view).astype(jnp.float32), axis=(0, 2))
 
 
 def _per_channel(vector, view: ChannelView):
@@ -134,8 +155,9 @@ def _per_channel(vector, view: ChannelView):
 def moments(x: jax.Array, view: ChannelView) -> tuple[jax.Array, jax.Array]:
   """``(mean, M2)``, each ``(C,)`` float32, of ``x`` viewed as ``(A, C, B)``."""
   out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
-  results = jax.ffi.ffi_call("jaxbn_moments_f32", (out, out),
-                             vmap_method="broadcast_all")(x.reshape(view))
+  results = jax.ffi.ffi_call("jaxbn_moments", (out, out),
+                             vmap_method="broadcast_all")(
+                                 x, **_view_attributes(x, view))
   return manual_axes.like_inputs(results, x)
 
 
@@ -145,8 +167,8 @@ def _moments_jvp(view, primals, tangents):
   mean, m2 = moments(x, view)
   n = view.a * view.b
   dmean = _channel_sum(dx, view) / max(n, 1)
-  centered = x.reshape(view) - _per_channel(mean, view)
-  dm2 = 2 * _channel_sum(centered * dx.reshape(view), view)
+  centered = x.reshape(view).astype(mean.dtype) - _per_channel(mean, view)
+  dm2 = 2 * _channel_sum(centered * dx.reshape(view).astype(mean.dtype), view)
   return (mean, m2), (dmean, dm2)
 
 
@@ -155,10 +177,10 @@ def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
               view: ChannelView) -> tuple[jax.Array, jax.Array]:
   """``(sum dy, sum dy * (x - mean))`` per channel, each ``(C,)`` float32."""
   out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
-  results = jax.ffi.ffi_call("jaxbn_grad_sums_f32", (out, out),
+  results = jax.ffi.ffi_call("jaxbn_grad_sums", (out, out),
                              vmap_method="broadcast_all")(
-                                 dy.reshape(view), x.reshape(view),
-                                 mean.reshape(view.c))
+                                 dy, x, mean.reshape(view.c),
+                                 **_view_attributes(x, view))
   return manual_axes.like_inputs(results, dy, x, mean)
 
 
@@ -166,9 +188,10 @@ def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
 def _grad_sums_jvp(view, primals, tangents):
   (dy, x, mean), (ddy, dx, dmean) = primals, tangents
   out = grad_sums(dy, x, mean, view)
-  centered = x.reshape(view) - _per_channel(mean.reshape(view.c), view)
-  d_centered = dx.reshape(view) - _per_channel(dmean.reshape(view.c), view)
+  f32 = lambda v: v.reshape(view).astype(jnp.float32)
+  centered = f32(x) - _per_channel(mean.reshape(view.c), view)
+  d_centered = f32(dx) - _per_channel(dmean.reshape(view.c), view)
   d_sum_dy = _channel_sum(ddy, view)
-  d_sum_dy_xc = (_channel_sum(ddy.reshape(view) * centered, view)
-                 + _channel_sum(dy.reshape(view) * d_centered, view))
+  d_sum_dy_xc = (_channel_sum(f32(ddy) * centered, view)
+                 + _channel_sum(f32(dy) * d_centered, view))
   return out, (d_sum_dy, d_sum_dy_xc)

@@ -140,7 +140,7 @@ def _gradient_sums(dy, x, mean, axes):
             _sum(dy_for_dot.astype(sd)
                  * (x_for_dot.astype(sd) - mean_for_dot), axes))
 
-  view = cpu_kernels.applicable(x, axes, None, dy, mean)
+  view = cpu_kernels.applicable(x, axes, dy=dy, mean=mean)
   if view is None:
     return in_xla()
 

@@ -142,7 +142,8 @@ def platform_moments(x, reduction_axes, weights=None):
   """One-read kernel or two XLA passes on CPU, shifted sums elsewhere.
 
   XLA:CPU has no sibling fusion, so its two-pass moments cost two reads; the
-  CPU kernel (float32, unmasked, see ``jaxbn.cpu_kernels``) costs one.
+  CPU kernel (float32 or bfloat16, unmasked, see ``jaxbn.cpu_kernels``)
+  costs one.
   """
   axes = tuple(reduction_axes)
   view = cpu_kernels.applicable(x, axes, weights)

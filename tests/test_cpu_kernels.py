@@ -48,27 +48,34 @@ VIEWS = [
 @needs_kernels
 @pytest.mark.parametrize("shape,axes", VIEWS)
 @pytest.mark.parametrize("center", [0.0, 1e4])
-def test_moments_match_float64(shape, axes, center):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moments_match_float64(shape, axes, center, dtype):
   rng = np.random.default_rng(0)
-  x = (rng.normal(size=shape) * 2 + center).astype(np.float32)
+  x = jnp.asarray((rng.normal(size=shape) * 2 + center).astype(np.float32),
+                  dtype)
   view = cpu_kernels.channel_view(shape, axes)
-  mean, m2 = jax.jit(cpu_kernels.moments, static_argnums=1)(jnp.asarray(x),
-                                                           view)
-  want_mean, want_m2 = _reference_moments(x, view)
+  mean, m2 = jax.jit(cpu_kernels.moments, static_argnums=1)(x, view)
+  assert mean.dtype == m2.dtype == jnp.float32
+  # the reference sees the same (bf16-rounded) values, in float64
+  want_mean, want_m2 = _reference_moments(np.asarray(x, np.float32), view)
   np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(m2, want_m2, rtol=2e-5, atol=1e-6)
 
 
 @needs_kernels
 @pytest.mark.parametrize("shape,axes", VIEWS)
-def test_gradient_sums_match_float64(shape, axes):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_sums_match_float64(shape, axes, dtype):
   rng = np.random.default_rng(1)
   x = (rng.normal(size=shape) + 3).astype(np.float32)
   dy = rng.normal(size=shape).astype(np.float32)
+  if dtype == "bfloat16":  # the reference sees the bf16-rounded values
+    x, dy = (np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32)
+             for v in (x, dy))
   view = cpu_kernels.channel_view(shape, axes)
   mean = _reference_moments(x, view)[0].astype(np.float32)
   sum_dy, sum_dy_xc = jax.jit(cpu_kernels.grad_sums, static_argnums=3)(
-      dy, x, mean, view)
+      jnp.asarray(dy, dtype), jnp.asarray(x, dtype), mean, view)
   x3 = np.asarray(x, np.float64).reshape(view)
   dy3 = np.asarray(dy, np.float64).reshape(view)
   scale = np.abs(dy3).sum(axis=(0, 2)) * (1 + np.abs(x3).max(initial=0))
@@ -201,7 +208,7 @@ def test_fast_path_with_and_without_kernels_agree(shape, axis, center):
       step = jax.jit(lambda *a: _step(config, *a))
       results[mode] = step(params, state, x, dy)
       hlo = step.lower(params, state, x, dy).as_text()
-    assert ("jaxbn_grad_sums_f32" in hlo) == (mode == "on")
+    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
   # Both means carry float32 rounding of ~ulp(center) (1e-3 at 1e4), which
   # moves x - mean, hence y and the gradients, by that much times 1/std.
   rounding = 2e-5 + 2 * float(np.spacing(np.float32(center)))
@@ -209,6 +216,34 @@ def test_fast_path_with_and_without_kernels_agree(shape, axis, center):
                   jax.tree.leaves(results["off"])):
     scale = float(jnp.max(jnp.abs(b))) + 1e-6
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=rounding * scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_bfloat16_fast_path_with_and_without_kernels_agree(axis):
+  rng = np.random.default_rng(6)
+  shape = (16, 24, 6, 6) if axis == 1 else (16, 6, 6, 24)
+  x = jnp.asarray(rng.normal(size=shape) * 2 + 30, jnp.bfloat16)
+  dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  config = jaxbn.BatchNormConfig(axis=axis, momentum=0.5)
+  params, state = jaxbn.init(config, shape)
+  results = {}
+  for mode in ("on", "off"):
+    with cpu_kernels.use(mode):
+      step = jax.jit(lambda *a: _step(config, *a))
+      results[mode] = step(params, state, x, dy)
+      hlo = step.lower(params, state, x, dy).as_text()
+    assert ("jaxbn_moments" in hlo) == (mode == "on")
+    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
+  for a, b in zip(jax.tree.leaves(results["on"]),
+                  jax.tree.leaves(results["off"])):
+    assert a.dtype == b.dtype
+    # float32 results (statistics, state, parameter gradients) agree to
+    # float32 rounding, bf16 ones (y, dx) to a bf16 ulp
+    tol = 1e-2 if a.dtype == jnp.bfloat16 else 2e-5
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = np.abs(b).max() + 1e-6
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
 
 
 @needs_kernels
@@ -261,7 +296,7 @@ def test_kernels_under_shard_map_equal_one_device():
         local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
         out_specs=(P("data"), P(), (P(), P("data")))))
     many = sharded(params, state, x, dy)
-    assert "jaxbn_moments_f32" in sharded.lower(params, state, x,
+    assert "jaxbn_moments" in sharded.lower(params, state, x,
                                                 dy).as_text()
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -284,7 +319,7 @@ def test_batch_sharded_jit_auto_stays_in_xla_and_on_is_still_correct():
   # 'auto' with 8 devices: XLA's reductions, partitioned, no gather of x
   assert "jaxbn_" not in hlos["auto"] and "all-gather" not in hlos["auto"]
   # 'on': the custom call sees all of x (XLA gathers it), same numbers
-  assert "jaxbn_moments_f32" in hlos["on"] and "all-gather" in hlos["on"]
+  assert "jaxbn_moments" in hlos["on"] and "all-gather" in hlos["on"]
   for a, b in zip(jax.tree.leaves(outputs["on"]),
                   jax.tree.leaves(outputs["auto"])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -292,8 +327,12 @@ def test_batch_sharded_jit_auto_stays_in_xla_and_on_is_still_correct():
 
 def test_kernels_are_skipped_where_they_do_not_apply():
   x = jnp.ones((4, 3, 5), jnp.float32)
+  mean = jnp.ones((3,), jnp.float32)
   with cpu_kernels.use("on"):
-    assert cpu_kernels.applicable(x.astype(jnp.bfloat16), (0, 2)) is None
+    assert cpu_kernels.applicable(x.astype(jnp.float16), (0, 2)) is None
+    assert cpu_kernels.applicable(x, (0, 2), dy=x.astype(jnp.bfloat16)) is None
+    assert cpu_kernels.applicable(x.astype(jnp.bfloat16), (0, 2),
+                                  mean=mean.astype(jnp.bfloat16)) is None
     assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 1))) is None
     assert cpu_kernels.applicable(x, (1,)) is None  # kept axes 0, 2
   with cpu_kernels.use("off"):

@@ -5,14 +5,17 @@
 // at about half the speed of a plain sum. These two kernels do the statistics
 // in one read each:
 //
-//   jaxbn_moments_f32:   x[..., A, C, B] -> mean[..., C], M2[..., C]
+//   jaxbn_moments:   x[..., A, C, B] -> mean[..., C], M2[..., C]
+//                    (x in its own shape, (A, C, B) given as attributes)
 //       M2 = sum (x - mean)^2 over A and B, exact: every block (16 KB or
 //       64 rows) is reduced with the corrected two-pass algorithm while it
 //       sits in cache, and blocks are accumulated in double as sums shifted
 //       by a data value of their channel, which makes parts plain sums.
-//   jaxbn_grad_sums_f32: dy, x[..., A, C, B], mean[..., C]
-//                            -> sum dy[..., C], sum dy * (x - mean)[..., C]
+//   jaxbn_grad_sums: dy, x[..., A, C, B], mean[..., C]
+//                        -> sum dy[..., C], sum dy * (x - mean)[..., C]
 //       float32 sums per block, double across blocks.
+//
+// x and dy are float32 or bfloat16 (read as float32); statistics are float32.
 //
 // The elementwise passes (the output y and the input gradient) stay in XLA,
 // where they fuse with their neighbours. Work is split into a number of parts
@@ -25,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -60,6 +64,29 @@ inline Vec Load(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+// A bfloat16 is the top half of a float32's bits.
+struct BF16 {
+  uint16_t bits;
+};
+typedef uint16_t Halves __attribute__((vector_size(kVec * 2)));
+typedef uint32_t Words __attribute__((vector_size(kVec * 4)));
+
+inline Vec Load(const BF16* p) {
+  Halves h;
+  std::memcpy(&h, p, sizeof(h));
+  const Words w = __builtin_convertvector(h, Words) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(BF16 v) {
+  const uint32_t w = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
 }
 
 inline float Sum(Vec v) {
@@ -146,10 +173,19 @@ struct View {
   int64_t outer, a, c, b;
 };
 
-View ViewOf(ffi::Span<const int64_t> dims) {
-  const int64_t rank = dims.size();
-  View v{1, dims[rank - 3], dims[rank - 2], dims[rank - 1]};
-  for (int64_t i = 0; i < rank - 3; ++i) v.outer *= dims[i];
+// x arrives in its own shape (reshaping a bfloat16 operand costs XLA:CPU a
+// copy) with the view of one problem as attributes: `rank` trailing
+// dimensions that are (a, c, b) in row-major order; leading dimensions
+// (vmap's) are independent problems.
+std::optional<View> ViewOf(ffi::Span<const int64_t> dims, int64_t rank, int64_t a,
+                           int64_t c, int64_t b) {
+  const int64_t leading = static_cast<int64_t>(dims.size()) - rank;
+  if (leading < 0) return std::nullopt;
+  View v{1, a, c, b};
+  int64_t problem = 1;
+  for (int64_t i = 0; i < leading; ++i) v.outer *= dims[i];
+  for (int64_t i = leading; i < static_cast<int64_t>(dims.size()); ++i) problem *= dims[i];
+  if (problem != a * c * b) return std::nullopt;
   return v;
 }
 
@@ -213,8 +249,8 @@ void ForEachBlock(const View& v, const Plan& plan, int64_t task,
 
 // Lane types of the row-block loops: vectors, then single floats for the
 // channels left over.
-inline Vec LoadLanes(const float* p, Vec) { return Load(p); }
-inline float LoadLanes(const float* p, float) { return *p; }
+template <class In> inline Vec LoadLanes(const In* p, Vec) { return Load(p); }
+template <class In> inline float LoadLanes(const In* p, float) { return ToFloat(*p); }
 inline void StoreLanes(float* p, Vec v) { Store(p, v); }
 inline void StoreLanes(float* p, float v) { *p = v; }
 
@@ -256,9 +292,10 @@ template <class Step>
 // Two passes over a row-major (rows, C) block while it sits in cache: the
 // first gives a provisional mean, the second residual sums around it; added
 // to `acc`. `scratch` holds 3 C floats.
-JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
-                               int64_t channels, float* __restrict scratch,
-                               Moments& acc) {
+template <class In>
+[[gnu::always_inline]] inline void RowBlockMoments(const In* __restrict x, int64_t rows,
+                                                   int64_t channels, float* __restrict scratch,
+                                                   Moments& acc) {
   float* __restrict s = scratch;
   float* __restrict r = scratch + channels;
   float* __restrict q = scratch + 2 * channels;
@@ -266,7 +303,7 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
   const int64_t C = channels;
   ForEachRowStep(rows, C <= 64 ? 4 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
-      const float* row = x + i * C + c;
+      const auto* row = x + i * C + c;
       auto sum = LoadLanes(row, t);
 #pragma GCC unroll 4
       for (int k = 1; k < decltype(step)::value; ++k) sum += LoadLanes(row + k * C, t);
@@ -278,7 +315,7 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
   // The block is in cache now: four rows per step whatever C.
   ForEachRowStep<4>(rows, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
-      const float* row = x + i * C + c;
+      const auto* row = x + i * C + c;
       const auto m = LoadLanes(s + c, t);
       auto d = LoadLanes(row, t) - m;
       auto sum = d, sum_sq = d * d;
@@ -297,8 +334,9 @@ JAXBN_HOT void RowBlockMoments(const float* __restrict x, int64_t rows,
 
 // The same for `n` contiguous elements of one channel (n <= kBlockElems):
 // the provisional mean and the residual sums around it.
-JAXBN_HOT void RunMoments(const float* __restrict x, int64_t n, float& shift,
-                          float& r, float& q) {
+template <class In>
+[[gnu::always_inline]] inline void RunMoments(const In* __restrict x, int64_t n,
+                                              float& shift, float& r, float& q) {
   Vec s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -306,7 +344,7 @@ JAXBN_HOT void RunMoments(const float* __restrict x, int64_t n, float& shift,
     s1 += Load(x + i + kVec);
   }
   float s = Sum(s0 + s1);
-  for (; i < n; ++i) s += x[i];
+  for (; i < n; ++i) s += ToFloat(x[i]);
   shift = s / static_cast<float>(n);
   const Vec m = shift - Vec{};
   Vec r0 = {}, r1 = {}, q0 = {}, q1 = {};
@@ -321,27 +359,39 @@ JAXBN_HOT void RunMoments(const float* __restrict x, int64_t n, float& shift,
   r = Sum(r0 + r1);
   q = Sum(q0 + q1);
   for (; i < n; ++i) {
-    const float d = x[i] - shift;
+    const float d = ToFloat(x[i]) - shift;
     r += d;
     q += d * d;
   }
 }
 
-ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
-                   ffi::Result<ffi::AnyBuffer> mean_buf,
-                   ffi::Result<ffi::AnyBuffer> m2_buf) {
-  if (x_buf.element_type() != ffi::F32 || x_buf.dimensions().size() < 3) {
-    return ffi::Error::InvalidArgument(
-        "jaxbn_moments_f32 expects a float32 array of rank >= 3");
-  }
-  const View v = ViewOf(x_buf.dimensions());
+// The hot loops, compiled per input type (and per ISA, see JAXBN_HOT).
+JAXBN_HOT void MomentsBlock(const float* x, int64_t rows, int64_t channels,
+                            float* scratch, Moments& acc) {
+  RowBlockMoments(x, rows, channels, scratch, acc);
+}
+JAXBN_HOT void MomentsBlock(const BF16* x, int64_t rows, int64_t channels,
+                            float* scratch, Moments& acc) {
+  RowBlockMoments(x, rows, channels, scratch, acc);
+}
+JAXBN_HOT void MomentsRun(const float* x, int64_t n, float& shift, float& r, float& q) {
+  RunMoments(x, n, shift, r, q);
+}
+JAXBN_HOT void MomentsRun(const BF16* x, int64_t n, float& shift, float& r, float& q) {
+  RunMoments(x, n, shift, r, q);
+}
+
+template <class In>
+void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x,
+                    float* mean_out, float* m2_out) {
   const Plan plan = PlanFor(v);
-  const float* x = x_buf.typed_data<float>();
   // The reference of each channel: its first value in the problem.
   std::vector<double> ref(v.outer * v.c, 0.0);
   if (v.a > 0 && v.b > 0) {
     for (int64_t o = 0; o < v.outer; ++o) {
-      for (int64_t c = 0; c < v.c; ++c) ref[o * v.c + c] = x[(o * v.a * v.c + c) * v.b];
+      for (int64_t c = 0; c < v.c; ++c) {
+        ref[o * v.c + c] = ToFloat(x[(o * v.a * v.c + c) * v.b]);
+      }
     }
   }
   std::vector<Moments> parts;
@@ -355,16 +405,14 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
-          RowBlockMoments(x + offset, rows, v.c, scratch.data(), acc);
+          MomentsBlock(x + offset, rows, v.c, scratch.data(), acc);
         },
         [&](int64_t offset, int64_t c, int64_t n) {
           float shift, r, q;
-          RunMoments(x + offset, n, shift, r, q);
+          MomentsRun(x + offset, n, shift, r, q);
           acc.Add(c, n, shift, r, q);
         });
   });
-  float* mean_out = mean_buf->typed_data<float>();
-  float* m2_out = m2_buf->typed_data<float>();
   for (int64_t o = 0; o < v.outer; ++o) {
     Moments total(ref.data() + o * v.c, v.c);
     for (int64_t p = 0; p < plan.parts; ++p) total.Absorb(parts[o * plan.parts + p]);
@@ -373,14 +421,37 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
       m2_out[o * v.c + c] = static_cast<float>(total.M2(c));
     }
   }
-  return ffi::Error::Success();
+}
+
+ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
+                         ffi::Result<ffi::AnyBuffer> mean_buf,
+                         ffi::Result<ffi::AnyBuffer> m2_buf, int64_t rank, int64_t a,
+                         int64_t c, int64_t b) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
+  if (!view) {
+    return ffi::Error::InvalidArgument("jaxbn_moments: x does not match (a, c, b)");
+  }
+  const View& v = *view;
+  float* mean = mean_buf->typed_data<float>();
+  float* m2 = m2_buf->typed_data<float>();
+  switch (x_buf.element_type()) {
+    case ffi::F32:
+      ComputeMoments(pool, v, static_cast<const float*>(x_buf.untyped_data()), mean, m2);
+      return ffi::Error::Success();
+    case ffi::BF16:
+      ComputeMoments(pool, v, static_cast<const BF16*>(x_buf.untyped_data()), mean, m2);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("jaxbn_moments expects float32 or bfloat16 x");
+  }
 }
 
 // ----------------------------------------------------- gradient reductions
 
 // sum dy and sum dy * (x - mean) over rows of a (rows, C) block, added to
 // the part's double accumulators; `scratch` holds 2 C floats.
-JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restrict x,
+template <class In>
+[[gnu::always_inline]] inline void RowBlockGradSums(const In* __restrict dy, const In* __restrict x,
                                 const float* __restrict mean, int64_t rows,
                                 int64_t channels, float* __restrict scratch,
                                 double* __restrict sum_dy, double* __restrict sum_dy_xc) {
@@ -390,8 +461,8 @@ JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restr
   const int64_t C = channels;
   ForEachRowStep(rows, C <= 32 ? 4 : C <= 64 ? 2 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
-      const float* g_row = dy + i * C + c;
-      const float* x_row = x + i * C + c;
+      const auto* g_row = dy + i * C + c;
+      const auto* x_row = x + i * C + c;
       const auto m = LoadLanes(mean + c, t);
       auto g = LoadLanes(g_row, t);
       auto sum = g, sum_xc = g * (LoadLanes(x_row, t) - m);
@@ -411,8 +482,10 @@ JAXBN_HOT void RowBlockGradSums(const float* __restrict dy, const float* __restr
   }
 }
 
-JAXBN_HOT void RunGradSums(const float* __restrict dy, const float* __restrict x,
-                 float mean, int64_t n, float& sum_dy, float& sum_dy_xc) {
+template <class In>
+[[gnu::always_inline]] inline void RunGradSums(const In* __restrict dy, const In* __restrict x,
+                                               float mean, int64_t n, float& sum_dy,
+                                               float& sum_dy_xc) {
   Vec s0 = {}, s1 = {}, q0 = {}, q1 = {};
   const Vec m = mean - Vec{};
   int64_t i = 0;
@@ -425,27 +498,37 @@ JAXBN_HOT void RunGradSums(const float* __restrict dy, const float* __restrict x
   }
   float st = Sum(s0 + s1), qt = Sum(q0 + q1);
   for (; i < n; ++i) {
-    st += dy[i];
-    qt += dy[i] * (x[i] - mean);
+    const float g = ToFloat(dy[i]);
+    st += g;
+    qt += g * (ToFloat(x[i]) - mean);
   }
   sum_dy = st;
   sum_dy_xc = qt;
 }
 
-ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
-                    ffi::AnyBuffer x_buf, ffi::AnyBuffer mean_buf,
-                    ffi::Result<ffi::AnyBuffer> sum_dy_buf,
-                    ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf) {
-  if (x_buf.element_type() != ffi::F32 || dy_buf.element_type() != ffi::F32 ||
-      mean_buf.element_type() != ffi::F32 || x_buf.dimensions().size() < 3) {
-    return ffi::Error::InvalidArgument(
-        "jaxbn_grad_sums_f32 expects float32 arrays, x of rank >= 3");
-  }
-  const View v = ViewOf(x_buf.dimensions());
+JAXBN_HOT void GradSumsBlock(const float* dy, const float* x, const float* mean,
+                             int64_t rows, int64_t channels, float* scratch,
+                             double* sum_dy, double* sum_dy_xc) {
+  RowBlockGradSums(dy, x, mean, rows, channels, scratch, sum_dy, sum_dy_xc);
+}
+JAXBN_HOT void GradSumsBlock(const BF16* dy, const BF16* x, const float* mean,
+                             int64_t rows, int64_t channels, float* scratch,
+                             double* sum_dy, double* sum_dy_xc) {
+  RowBlockGradSums(dy, x, mean, rows, channels, scratch, sum_dy, sum_dy_xc);
+}
+JAXBN_HOT void GradSumsRun(const float* dy, const float* x, float mean, int64_t n,
+                           float& sum_dy, float& sum_dy_xc) {
+  RunGradSums(dy, x, mean, n, sum_dy, sum_dy_xc);
+}
+JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, int64_t n,
+                           float& sum_dy, float& sum_dy_xc) {
+  RunGradSums(dy, x, mean, n, sum_dy, sum_dy_xc);
+}
+
+template <class In>
+void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
+                     const float* mean, float* sum_dy, float* sum_dy_xc) {
   const Plan plan = PlanFor(v);
-  const float* dy = dy_buf.typed_data<float>();
-  const float* x = x_buf.typed_data<float>();
-  const float* mean = mean_buf.typed_data<float>();
   const int64_t tasks = v.outer * plan.parts;
   std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
   ParallelFor(pool, tasks, [&](int64_t task) {
@@ -456,19 +539,17 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
-          RowBlockGradSums(dy + offset, x + offset, problem_mean, rows, v.c,
-                           scratch.data(), s, q);
+          GradSumsBlock(dy + offset, x + offset, problem_mean, rows, v.c,
+                        scratch.data(), s, q);
         },
         [&](int64_t offset, int64_t c, int64_t n) {
           float block_dy, block_dy_xc;
-          RunGradSums(dy + offset, x + offset, problem_mean[c], n, block_dy,
+          GradSumsRun(dy + offset, x + offset, problem_mean[c], n, block_dy,
                       block_dy_xc);
           s[c] += block_dy;
           q[c] += block_dy_xc;
         });
   });
-  float* sum_dy = sum_dy_buf->typed_data<float>();
-  float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
   for (int64_t o = 0; o < v.outer; ++o) {
     for (int64_t c = 0; c < v.c; ++c) {
       double s = 0.0, q = 0.0;
@@ -480,26 +561,68 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
       sum_dy_xc[o * v.c + c] = static_cast<float>(q);
     }
   }
-  return ffi::Error::Success();
+}
+
+ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
+                          ffi::AnyBuffer x_buf, ffi::AnyBuffer mean_buf,
+                          ffi::Result<ffi::AnyBuffer> sum_dy_buf,
+                          ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank,
+                          int64_t a, int64_t c, int64_t b) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
+  if (dy_buf.element_type() != x_buf.element_type() ||
+      dy_buf.element_count() != x_buf.element_count() ||
+      mean_buf.element_type() != ffi::F32 || !view ||
+      mean_buf.element_count() != view->outer * c) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_grad_sums expects dy and x of one dtype and shape matching "
+        "(a, c, b), and a float32 mean of c values per problem");
+  }
+  const View& v = *view;
+  const float* mean = mean_buf.typed_data<float>();
+  float* sum_dy = sum_dy_buf->typed_data<float>();
+  float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
+  switch (x_buf.element_type()) {
+    case ffi::F32:
+      ComputeGradSums(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
+                      static_cast<const float*>(x_buf.untyped_data()), mean, sum_dy,
+                      sum_dy_xc);
+      return ffi::Error::Success();
+    case ffi::BF16:
+      ComputeGradSums(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
+                      static_cast<const BF16*>(x_buf.untyped_data()), mean, sum_dy,
+                      sum_dy_xc);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "jaxbn_grad_sums expects float32 or bfloat16 dy and x");
+  }
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMomentsF32, MomentsKernel,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, MomentsKernel,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rank")
+                                  .Attr<int64_t>("a")
+                                  .Attr<int64_t>("c")
+                                  .Attr<int64_t>("b"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSumsF32, GradSumsKernel,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, GradSumsKernel,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rank")
+                                  .Attr<int64_t>("a")
+                                  .Attr<int64_t>("c")
+                                  .Attr<int64_t>("b"));
 
 // ------------------------------------------------------- Python module
 
@@ -509,8 +632,8 @@ PyObject* Handlers(PyObject*, PyObject*) {
   PyObject* handlers = PyDict_New();
   if (handlers == nullptr) return nullptr;
   const std::pair<const char*, void*> entries[] = {
-      {"jaxbn_moments_f32", reinterpret_cast<void*>(JaxbnMomentsF32)},
-      {"jaxbn_grad_sums_f32", reinterpret_cast<void*>(JaxbnGradSumsF32)},
+      {"jaxbn_moments", reinterpret_cast<void*>(JaxbnMoments)},
+      {"jaxbn_grad_sums", reinterpret_cast<void*>(JaxbnGradSums)},
   };
   for (const auto& [name, fn] : entries) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
