@@ -191,6 +191,22 @@ def _step(config, params, state, x, dy):
   return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
 
 
+def _step_with_and_without_kernels(x, dy, axis):
+  """The training step's outputs with kernels 'on' and 'off', and whether
+  each mode's HLO calls the kernels."""
+  config = jaxbn.BatchNormConfig(axis=axis, momentum=0.5)
+  params, state = jaxbn.init(config, x.shape)
+  results = {}
+  for mode in ("on", "off"):
+    with cpu_kernels.use(mode):
+      step = jax.jit(lambda *a: _step(config, *a))
+      hlo = step.lower(params, state, x, dy).as_text()
+      results[mode] = step(params, state, x, dy)
+    assert ("jaxbn_moments" in hlo) == (mode == "on")
+    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
+  return zip(jax.tree.leaves(results["on"]), jax.tree.leaves(results["off"]))
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape,axis", [((16, 6, 6, 24), -1),
                                         ((16, 24, 6, 6), 1),
@@ -200,20 +216,10 @@ def test_fast_path_with_and_without_kernels_agree(shape, axis, center):
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=shape).astype(np.float32) + center)
   dy = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  config = jaxbn.BatchNormConfig(axis=axis, momentum=0.5)
-  params, state = jaxbn.init(config, shape)
-  results = {}
-  for mode in ("on", "off"):
-    with cpu_kernels.use(mode):
-      step = jax.jit(lambda *a: _step(config, *a))
-      results[mode] = step(params, state, x, dy)
-      hlo = step.lower(params, state, x, dy).as_text()
-    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
   # Both means carry float32 rounding of ~ulp(center) (1e-3 at 1e4), which
   # moves x - mean, hence y and the gradients, by that much times 1/std.
   rounding = 2e-5 + 2 * float(np.spacing(np.float32(center)))
-  for a, b in zip(jax.tree.leaves(results["on"]),
-                  jax.tree.leaves(results["off"])):
+  for a, b in _step_with_and_without_kernels(x, dy, axis):
     scale = float(jnp.max(jnp.abs(b))) + 1e-6
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=rounding * scale)
 
@@ -225,18 +231,7 @@ def test_bfloat16_fast_path_with_and_without_kernels_agree(axis):
   shape = (16, 24, 6, 6) if axis == 1 else (16, 6, 6, 24)
   x = jnp.asarray(rng.normal(size=shape) * 2 + 30, jnp.bfloat16)
   dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
-  config = jaxbn.BatchNormConfig(axis=axis, momentum=0.5)
-  params, state = jaxbn.init(config, shape)
-  results = {}
-  for mode in ("on", "off"):
-    with cpu_kernels.use(mode):
-      step = jax.jit(lambda *a: _step(config, *a))
-      results[mode] = step(params, state, x, dy)
-      hlo = step.lower(params, state, x, dy).as_text()
-    assert ("jaxbn_moments" in hlo) == (mode == "on")
-    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
-  for a, b in zip(jax.tree.leaves(results["on"]),
-                  jax.tree.leaves(results["off"])):
+  for a, b in _step_with_and_without_kernels(x, dy, axis):
     assert a.dtype == b.dtype
     # float32 results (statistics, state, parameter gradients) agree to
     # float32 rounding, bf16 ones (y, dx) to a bf16 ulp

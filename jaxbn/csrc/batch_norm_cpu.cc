@@ -600,29 +600,34 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
 
 }  // namespace
 
+namespace {
+
+// Both kernels take the view of one problem as attributes (see ViewOf).
+template <class Binding>
+auto WithViewAttributes(Binding binding) {
+  return binding.template Attr<int64_t>("rank")
+      .template Attr<int64_t>("a")
+      .template Attr<int64_t>("c")
+      .template Attr<int64_t>("b");
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, MomentsKernel,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("rank")
-                                  .Attr<int64_t>("a")
-                                  .Attr<int64_t>("c")
-                                  .Attr<int64_t>("b"));
+                              WithViewAttributes(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::ThreadPool>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, GradSumsKernel,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("rank")
-                                  .Attr<int64_t>("a")
-                                  .Attr<int64_t>("c")
-                                  .Attr<int64_t>("b"));
+                              WithViewAttributes(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::ThreadPool>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>()));
 
 // ------------------------------------------------------- Python module
 
