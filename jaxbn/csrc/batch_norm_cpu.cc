@@ -31,6 +31,7 @@
 #include <optional>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -605,7 +606,8 @@ namespace {
 // Both kernels take the view of one problem as attributes (see ViewOf).
 template <class Binding>
 auto WithViewAttributes(Binding binding) {
-  return binding.template Attr<int64_t>("rank")
+  return std::move(binding)
+      .template Attr<int64_t>("rank")
       .template Attr<int64_t>("a")
       .template Attr<int64_t>("c")
       .template Attr<int64_t>("b");
