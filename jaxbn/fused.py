@@ -88,8 +88,6 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   dy, dmean, dvar, _ = cotangents
   sd = mean.dtype
   sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
-  xs = x.astype(sd)
-  dys = dy.astype(sd)
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
     packed = lax.psum(packed, axis_name, axis_index_groups=groups)
@@ -102,10 +100,7 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
   c = stats.safe_divide(2.0 * dl_dvar, count)
   d = stats.safe_divide(dl_dmean, count) - c * mean
-  correction = c * xs + d
-  if weights is not None:
-    correction = weights.astype(sd) * correction
-  dx = (a * dys + correction).astype(x.dtype)
+  dx = _input_gradient(dy, x, weights, a, c, d, axes)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a
@@ -147,6 +142,32 @@ def _gradient_sums(dy, x, mean, axes):
   def in_kernel():
     sum_dy, sum_dy_xc = cpu_kernels.grad_sums(dy, x, mean, view)
     return sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+
+  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
+
+
+def _input_gradient(dy, x, weights, a, c, d, axes):
+  """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's.
+
+  On CPU through the kernel where it applies (no mask), which writes big
+  outputs with streaming stores; otherwise one XLA elementwise pass.
+  """
+  sd = d.dtype
+
+  def in_xla():
+    correction = c * x.astype(sd) + d
+    if weights is not None:
+      correction = weights.astype(sd) * correction
+    return (a * dy.astype(sd) + correction).astype(x.dtype)
+
+  view = cpu_kernels.applicable(x, axes, weights, dy=dy, mean=d)
+  if view is None:
+    return in_xla()
+
+  def in_kernel():
+    coefficients = jnp.stack(
+        [jnp.broadcast_to(v, d.shape).reshape(view.c) for v in (a, c, d)])
+    return cpu_kernels.input_grad(dy, x, coefficients, view)
 
   return lax.platform_dependent(cpu=in_kernel, default=in_xla)
 

@@ -86,6 +86,110 @@ def test_gradient_sums_match_float64(shape, axes, dtype):
                              atol=1e-6 * scale.max(initial=1) + 1e-6)
 
 
+def _input_grad_inputs(shape, axes, dtype, seed=4):
+  rng = np.random.default_rng(seed)
+  view = cpu_kernels.channel_view(shape, axes)
+  dy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
+  x = jnp.asarray((rng.normal(size=shape) + 3).astype(np.float32), dtype)
+  coefficients = rng.normal(size=(3, view.c)).astype(np.float32)
+  return dy, x, coefficients, view
+
+
+def _reference_input_grad(dy, x, coefficients, view):
+  a, c, d = (np.asarray(v, np.float64)[None, :, None] for v in coefficients)
+  dy3, x3 = (np.asarray(v, np.float64).reshape(view) for v in (dy, x))
+  return (a * dy3 + c * x3 + d).reshape(np.shape(x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axes", VIEWS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_input_gradient_matches_float64(shape, axes, dtype, stream):
+  dy, x, coefficients, view = _input_grad_inputs(shape, axes, dtype)
+  dx = jax.jit(cpu_kernels.input_grad, static_argnums=(3, 4))(
+      dy, x, coefficients, view, stream)
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  want = _reference_input_grad(dy, x, coefficients, view)
+  if dtype == "float32":
+    np.testing.assert_allclose(dx, want, rtol=1e-6, atol=1e-5)
+  else:  # one rounding to bfloat16 (half an ulp) plus float32 arithmetic
+    np.testing.assert_allclose(np.asarray(dx, np.float32), want,
+                               rtol=2 ** -8 + 1e-6, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streaming_stores_write_the_same_bits(dtype):
+  # Large enough to stream by default, with 17 channels so that rows start
+  # at every alignment (unaligned rows take plain stores), and NCHW runs.
+  for shape, axes in [((8192, 17), (0,)), ((8, 16, 96, 100), (0, 2, 3))]:
+    dy, x, coefficients, view = _input_grad_inputs(shape, axes, dtype)
+    plain = cpu_kernels.input_grad(dy, x, coefficients, view, stream=False)
+    streamed = cpu_kernels.input_grad(dy, x, coefficients, view, stream=True)
+    np.testing.assert_array_equal(np.asarray(plain, np.float32),
+                                  np.asarray(streamed, np.float32))
+  threshold = cpu_kernels.streaming_threshold_bytes()
+  assert 1 << 20 <= threshold <= cpu_kernels.last_level_cache_bytes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("stream", [False, True])
+def test_input_gradient_rounds_to_bfloat16_like_xla(stream):
+  # a = c = 1, d = 0: dx is dy + x rounded once from float32, so every
+  # bfloat16 rounding case shows, ties to even, overflow to inf and NaNs.
+  rng = np.random.default_rng(5)
+  n = 64 * 129
+  dy = rng.normal(size=n).astype(np.float32) * np.float32(2.0) ** rng.integers(
+      -12, 12, size=n)
+  x = rng.normal(size=n).astype(np.float32)
+  special = np.array([np.nan, np.inf, -np.inf, 3.0e38, -3.0e38, 0.0, -0.0,
+                      1.0], np.float32)
+  dy[:8], x[:8] = special, special[::-1]
+  dy, x = (jnp.asarray(v, jnp.bfloat16).reshape(64, 129) for v in (dy, x))
+  view = cpu_kernels.channel_view((64, 129), (0,))
+  coefficients = np.stack([np.ones(129), np.ones(129),
+                           np.zeros(129)]).astype(np.float32)
+  dx = cpu_kernels.input_grad(dy, x, coefficients, view, stream)
+  want = (dy.astype(jnp.float32) + x.astype(jnp.float32)).astype(jnp.bfloat16)
+  got_bits = np.asarray(dx).view(np.uint16)
+  want_bits = np.asarray(want).view(np.uint16)
+  nan = np.isnan(np.asarray(want, np.float32))
+  np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])
+  assert np.isnan(np.asarray(dx, np.float32)[nan]).all()
+
+
+@needs_kernels
+def test_input_gradient_under_vmap_and_its_derivatives():
+  rng = np.random.default_rng(6)
+  dy, x, coefficients, view = _input_grad_inputs((6, 5, 4), (0, 2), "float32")
+  batch = jnp.asarray(rng.normal(size=(3, 3, 5)).astype(np.float32))
+  dys = jnp.stack([dy, 2 * dy, -dy])
+  got = jax.vmap(lambda d, c: cpu_kernels.input_grad(d, x, c, view))(dys,
+                                                                     batch)
+  for i in range(3):
+    np.testing.assert_allclose(
+        got[i], _reference_input_grad(dys[i], x, batch[i], view), rtol=1e-6,
+        atol=1e-5)
+
+  def xla_formula(dy, x, coefficients):
+    a, c, d = (v.reshape(1, -1, 1) for v in coefficients)
+    return a * dy + c * x + d
+
+  kernel = lambda *args: cpu_kernels.input_grad(*args, view)
+  args = (dy, x, jnp.asarray(coefficients))
+  tangents = tuple(jnp.asarray(rng.normal(size=np.shape(v)), jnp.float32)
+                   for v in args)
+  got = jax.jvp(kernel, args, tangents)
+  want = jax.jvp(xla_formula, args, tangents)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda c: jnp.sum(jnp.sin(f(dy, x, c)))
+  np.testing.assert_allclose(jax.grad(loss(kernel))(args[2]),
+                             jax.grad(loss(xla_formula))(args[2]), rtol=1e-5,
+                             atol=1e-5)
+
+
 @needs_kernels
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_moments_exact_when_first_value_is_an_outlier_and_the_mean_drifts(
@@ -202,8 +306,8 @@ def _step_with_and_without_kernels(x, dy, axis):
       step = jax.jit(lambda *a: _step(config, *a))
       hlo = step.lower(params, state, x, dy).as_text()
       results[mode] = step(params, state, x, dy)
-    assert ("jaxbn_moments" in hlo) == (mode == "on")
-    assert ("jaxbn_grad_sums" in hlo) == (mode == "on")
+    for kernel in ("jaxbn_moments", "jaxbn_grad_sums", "jaxbn_input_grad"):
+      assert (kernel in hlo) == (mode == "on")
   return zip(jax.tree.leaves(results["on"]), jax.tree.leaves(results["off"]))
 
 

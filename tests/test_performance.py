@@ -53,6 +53,7 @@ def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype,
     bytes_accessed, temp, hlo = _analysis(step, params, x, x)
   kernels = "jaxbn_moments" in hlo
   assert kernels == (mode == "on" and dtype in ("float32", "bfloat16"))
+  assert ("jaxbn_input_grad" in hlo) == kernels
   assert bytes_accessed <= (8.2 if kernels else 10.2) * x.nbytes
   channel_vector = 4 * np.prod(config.resolve(shape).param_shape)
   assert temp <= max(0.01 * x.nbytes, 16 * channel_vector)

@@ -14,11 +14,16 @@
 //   jaxbn_grad_sums: dy, x[..., A, C, B], mean[..., C]
 //                        -> sum dy[..., C], sum dy * (x - mean)[..., C]
 //       float32 sums per block, double across blocks.
+//   jaxbn_input_grad: dy, x, (a, c, d)[..., 3, C] -> dx = a dy + c x + d
+//       the backward's last pass, with streaming stores for big outputs,
+//       which XLA:CPU does not emit.
 //
-// x and dy are float32 or bfloat16 (read as float32); statistics are float32.
+// x, dy and dx are float32 or bfloat16 (computed in float32); statistics and
+// coefficients are float32.
 //
-// The elementwise passes (the output y and the input gradient) stay in XLA,
-// where they fuse with their neighbours. Work is split into a number of parts
+// The forward's output pass stays in XLA, where it fuses with what follows
+// (an add, a ReLU). The input gradient usually feeds a convolution's or a
+// matmul's backward, which fuses nothing. Work is split into a number of parts
 // that depends on the shape only and results are merged in part order, so the
 // answer is bit-identical whatever the thread count or scheduling.
 #include <Python.h>
@@ -33,6 +38,10 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -599,11 +608,205 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
   }
 }
 
+
+// --------------------------------------------------------- input gradient
+
+// dx = a * dy + c * x + d with per-channel a, c, d: the last pass of the
+// backward. Outputs much bigger than a core's share of the cache go out with
+// streaming stores (`stream`): they bypass the cache, so the store does not
+// first read the line it overwrites, one transfer of three saved.
+
+// float32 -> bfloat16, rounding to nearest even; NaNs stay (quiet) NaNs.
+inline uint16_t ToBF16(float v) {
+  uint32_t w;
+  std::memcpy(&w, &v, sizeof(w));
+  if ((w & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((w >> 16) | 0x40u);
+  return static_cast<uint16_t>((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
+}
+inline Halves ToBF16(Vec v) {
+  Words w;
+  std::memcpy(&w, &v, sizeof(w));
+  const Words rounded = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
+  const Words quiet_nan = (w >> 16) | 0x40u;
+  const Words is_nan = (w & 0x7fffffffu) > 0x7f800000u;
+  return __builtin_convertvector(is_nan ? quiet_nan : rounded, Halves);
+}
+
+inline void StoreLanes(BF16* p, Vec v) {
+  const Halves h = ToBF16(v);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void StoreLanes(BF16* p, float v) { p->bits = ToBF16(v); }
+
+// Streaming stores need 16-byte alignment: rows or runs whose start is not
+// aligned take plain stores.
+inline void StreamLanes(float* p, Vec v) {
+#if defined(__SSE2__)
+  __m128 half[2];
+  std::memcpy(half, &v, sizeof(v));
+  _mm_stream_ps(p, half[0]);
+  _mm_stream_ps(p + 4, half[1]);
+#else
+  Store(p, v);
+#endif
+}
+inline void StreamLanes(BF16* p, Vec v) {
+#if defined(__SSE2__)
+  const Halves h = ToBF16(v);
+  __m128i bits;
+  std::memcpy(&bits, &h, sizeof(h));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), bits);
+#else
+  StoreLanes(p, v);
+#endif
+}
+template <class Out> inline void StreamLanes(Out* p, float v) { StoreLanes(p, v); }
+
+inline bool StreamAligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <bool kStream, class In>
+[[gnu::always_inline]] inline void RowInputGrad(const In* __restrict dy, const In* __restrict x,
+                                                const float* __restrict a,
+                                                const float* __restrict c,
+                                                const float* __restrict d, int64_t channels,
+                                                In* __restrict dx) {
+  ForEachLanes(channels, [&](auto t, int64_t ch) {
+    const auto v = LoadLanes(a + ch, t) * LoadLanes(dy + ch, t) +
+                   (LoadLanes(c + ch, t) * LoadLanes(x + ch, t) + LoadLanes(d + ch, t));
+    if constexpr (kStream) {
+      StreamLanes(dx + ch, v);
+    } else {
+      StoreLanes(dx + ch, v);
+    }
+  });
+}
+
+template <bool kStream, class In>
+[[gnu::always_inline]] inline void RunInputGrad(const In* __restrict dy, const In* __restrict x,
+                                                float a, float c, float d, int64_t n,
+                                                In* __restrict dx) {
+  const Vec av = a - Vec{}, cv = c - Vec{}, dv = d - Vec{};
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    const Vec v = av * Load(dy + i) + (cv * Load(x + i) + dv);
+    if constexpr (kStream) {
+      StreamLanes(dx + i, v);
+    } else {
+      StoreLanes(dx + i, v);
+    }
+  }
+  for (; i < n; ++i) StoreLanes(dx + i, a * ToFloat(dy[i]) + (c * ToFloat(x[i]) + d));
+}
+
+template <class In>
+[[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
+                                                     const float* c, const float* d,
+                                                     int64_t rows, int64_t channels,
+                                                     bool stream, In* dx) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t o = i * channels;
+    if (stream && StreamAligned(dx + o)) {
+      RowInputGrad<true>(dy + o, x + o, a, c, d, channels, dx + o);
+    } else {
+      RowInputGrad<false>(dy + o, x + o, a, c, d, channels, dx + o);
+    }
+  }
+}
+
+template <class In>
+[[gnu::always_inline]] inline void RunBlockInputGrad(const In* dy, const In* x, float a,
+                                                     float c, float d, int64_t n, bool stream,
+                                                     In* dx) {
+  if (stream && StreamAligned(dx)) {
+    RunInputGrad<true>(dy, x, a, c, d, n, dx);
+  } else {
+    RunInputGrad<false>(dy, x, a, c, d, n, dx);
+  }
+}
+
+JAXBN_HOT void InputGradBlock(const float* dy, const float* x, const float* a, const float* c,
+                              const float* d, int64_t rows, int64_t channels, bool stream,
+                              float* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+}
+JAXBN_HOT void InputGradBlock(const BF16* dy, const BF16* x, const float* a, const float* c,
+                              const float* d, int64_t rows, int64_t channels, bool stream,
+                              BF16* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+}
+JAXBN_HOT void InputGradRun(const float* dy, const float* x, float a, float c, float d,
+                            int64_t n, bool stream, float* dx) {
+  RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+}
+JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d,
+                            int64_t n, bool stream, BF16* dx) {
+  RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+}
+
+// `coefficients` holds a, c and d (C values each) per problem.
+template <class In>
+void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
+                      const float* coefficients, bool stream, In* dx) {
+  const Plan plan = PlanFor(v);
+  ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
+    const float* a = coefficients + (task / plan.parts) * 3 * v.c;
+    const float* c = a + v.c;
+    const float* d = c + v.c;
+    ForEachBlock(
+        v, plan, task,
+        [&](int64_t offset, int64_t rows) {
+          InputGradBlock(dy + offset, x + offset, a, c, d, rows, v.c, stream, dx + offset);
+        },
+        [&](int64_t offset, int64_t ch, int64_t n) {
+          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], n, stream, dx + offset);
+        });
+  });
+#if defined(__SSE2__)
+  // Streaming stores are weakly ordered: make them visible before XLA reads.
+  if (stream) _mm_sfence();
+#endif
+}
+
+ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
+                           ffi::AnyBuffer coefficients_buf, ffi::Result<ffi::AnyBuffer> dx_buf,
+                           int64_t rank, int64_t a, int64_t c, int64_t b, bool stream) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
+  if (dy_buf.element_type() != x_buf.element_type() ||
+      dx_buf->element_type() != x_buf.element_type() ||
+      dy_buf.element_count() != x_buf.element_count() ||
+      dx_buf->element_count() != x_buf.element_count() ||
+      coefficients_buf.element_type() != ffi::F32 || !view ||
+      coefficients_buf.element_count() != view->outer * 3 * c) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_input_grad expects dy, x and dx of one dtype and shape matching "
+        "(a, c, b), and float32 coefficients (3, c) per problem");
+  }
+  const View& v = *view;
+  const float* coefficients = coefficients_buf.typed_data<float>();
+  switch (x_buf.element_type()) {
+    case ffi::F32:
+      ComputeInputGrad(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
+                       static_cast<const float*>(x_buf.untyped_data()), coefficients, stream,
+                       static_cast<float*>(dx_buf->untyped_data()));
+      return ffi::Error::Success();
+    case ffi::BF16:
+      ComputeInputGrad(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
+                       static_cast<const BF16*>(x_buf.untyped_data()), coefficients, stream,
+                       static_cast<BF16*>(dx_buf->untyped_data()));
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "jaxbn_input_grad expects float32 or bfloat16 dy and x");
+  }
+}
+
 }  // namespace
 
 namespace {
 
-// Both kernels take the view of one problem as attributes (see ViewOf).
+// The kernels take the view of one problem as attributes (see ViewOf).
 template <class Binding>
 auto WithViewAttributes(Binding binding) {
   return std::move(binding)
@@ -631,6 +834,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, GradSumsKernel,
                                                      .Ret<ffi::AnyBuffer>()
                                                      .Ret<ffi::AnyBuffer>()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnInputGrad, InputGradKernel,
+                              WithViewAttributes(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::ThreadPool>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Ret<ffi::AnyBuffer>())
+                                  .Attr<bool>("stream"));
+
 // ------------------------------------------------------- Python module
 
 namespace {
@@ -641,6 +853,7 @@ PyObject* Handlers(PyObject*, PyObject*) {
   const std::pair<const char*, void*> entries[] = {
       {"jaxbn_moments", reinterpret_cast<void*>(JaxbnMoments)},
       {"jaxbn_grad_sums", reinterpret_cast<void*>(JaxbnGradSums)},
+      {"jaxbn_input_grad", reinterpret_cast<void*>(JaxbnInputGrad)},
   };
   for (const auto& [name, fn] : entries) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
