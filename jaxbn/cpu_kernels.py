@@ -124,11 +124,11 @@ INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
                dy: jax.Array | None = None,
-               mean: jax.Array | None = None) -> ChannelView | None:
+               per_channel: jax.Array | None = None) -> ChannelView | None:
   """The view to run the kernels on, or None to stay in XLA.
 
-  ``x`` (and ``dy``, of the same dtype) float32 or bfloat16, ``mean``
-  float32, no weights.
+  ``x`` (and ``dy``, of the same dtype) float32 or bfloat16, ``per_channel``
+  values (a mean, coefficients) float32, no weights.
   """
   if _mode == "off" or _cpu_kernels is None or weights is not None:
     return None
@@ -138,7 +138,7 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
     return None
   if dy is not None and dy.dtype != x.dtype:
     return None
-  if mean is not None and jnp.dtype(mean.dtype) != jnp.float32:
+  if per_channel is not None and jnp.dtype(per_channel.dtype) != jnp.float32:
     return None
   if manual_axes.sharded_along(x, reduction_axes):  # would gather x
     return None

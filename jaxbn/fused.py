@@ -135,7 +135,7 @@ def _gradient_sums(dy, x, mean, axes):
             _sum(dy_for_dot.astype(sd)
                  * (x_for_dot.astype(sd) - mean_for_dot), axes))
 
-  view = cpu_kernels.applicable(x, axes, dy=dy, mean=mean)
+  view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
   if view is None:
     return in_xla()
 
@@ -160,7 +160,7 @@ def _input_gradient(dy, x, weights, a, c, d, axes):
       correction = weights.astype(sd) * correction
     return (a * dy.astype(sd) + correction).astype(x.dtype)
 
-  view = cpu_kernels.applicable(x, axes, weights, dy=dy, mean=d)
+  view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None:
     return in_xla()
 

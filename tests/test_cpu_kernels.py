@@ -431,7 +431,7 @@ def test_kernels_are_skipped_where_they_do_not_apply():
     assert cpu_kernels.applicable(x.astype(jnp.float16), (0, 2)) is None
     assert cpu_kernels.applicable(x, (0, 2), dy=x.astype(jnp.bfloat16)) is None
     assert cpu_kernels.applicable(x.astype(jnp.bfloat16), (0, 2),
-                                  mean=mean.astype(jnp.bfloat16)) is None
+                                  per_channel=mean.astype(jnp.bfloat16)) is None
     assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 1))) is None
     assert cpu_kernels.applicable(x, (1,)) is None  # kept axes 0, 2
   with cpu_kernels.use("off"):

@@ -762,11 +762,12 @@ void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const 
         [&](int64_t offset, int64_t ch, int64_t n) {
           InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], n, stream, dx + offset);
         });
-  });
 #if defined(__SSE2__)
-  // Streaming stores are weakly ordered: make them visible before XLA reads.
-  if (stream) _mm_sfence();
+    // Streaming stores are weakly ordered: each thread fences its own before
+    // it reports the part done.
+    if (stream) _mm_sfence();
 #endif
+  });
 }
 
 ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
