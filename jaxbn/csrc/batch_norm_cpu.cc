@@ -612,9 +612,10 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
 // --------------------------------------------------------- input gradient
 
 // dx = a * dy + c * x + d with per-channel a, c, d: the last pass of the
-// backward. Outputs much bigger than a core's share of the cache go out with
-// streaming stores (`stream`): they bypass the cache, so the store does not
-// first read the line it overwrites, one transfer of three saved.
+// backward. With `stream` (the caller sets it for outputs larger than a
+// quarter of the last-level cache) results go out with streaming stores,
+// which bypass the cache: a plain store first reads the line it overwrites
+// from memory, a streaming store does not.
 
 // float32 -> bfloat16, rounding to nearest even; NaNs stay (quiet) NaNs.
 inline uint16_t ToBF16(float v) {
