@@ -12,8 +12,7 @@ once instead, and a third writes the input gradient:
 * ``input_grad``: ``dx = a * dy + c * x + d``, the backward's last pass.
   XLA:CPU writes every output through the cache, which first reads each
   line it overwrites; for outputs larger than a quarter of the last-level
-  cache the kernel uses streaming stores instead (one transfer in three
-  saved). The input gradient feeds a convolution's or matmul's backward in
+  cache the kernel uses streaming stores instead, which skip that read. The input gradient feeds a convolution's or matmul's backward in
   the networks batch norm lives in, which fuse nothing, so nothing is lost
   by taking the pass out of XLA.
 
