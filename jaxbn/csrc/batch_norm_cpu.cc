@@ -663,8 +663,28 @@ inline void StreamLanes(BF16* p, Vec v) {
 }
 template <class Out> inline void StreamLanes(Out* p, float v) { StoreLanes(p, v); }
 
+template <bool kStream, class Out, class V>
+inline void PutLanes(Out* p, V v) {
+  if constexpr (kStream) {
+    StreamLanes(p, v);
+  } else {
+    StoreLanes(p, v);
+  }
+}
+
 inline bool StreamAligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Calls f(std::true_type) to stream to `dx` (asked for, and aligned), else
+// f(std::false_type).
+template <class F>
+[[gnu::always_inline]] inline void WithStores(bool stream, const void* dx, const F& f) {
+  if (stream && StreamAligned(dx)) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <bool kStream, class In>
@@ -674,13 +694,9 @@ template <bool kStream, class In>
                                                 const float* __restrict d, int64_t channels,
                                                 In* __restrict dx) {
   ForEachLanes(channels, [&](auto t, int64_t ch) {
-    const auto v = LoadLanes(a + ch, t) * LoadLanes(dy + ch, t) +
-                   (LoadLanes(c + ch, t) * LoadLanes(x + ch, t) + LoadLanes(d + ch, t));
-    if constexpr (kStream) {
-      StreamLanes(dx + ch, v);
-    } else {
-      StoreLanes(dx + ch, v);
-    }
+    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * LoadLanes(dy + ch, t) +
+                                   (LoadLanes(c + ch, t) * LoadLanes(x + ch, t) +
+                                    LoadLanes(d + ch, t)));
   });
 }
 
@@ -691,12 +707,7 @@ template <bool kStream, class In>
   const Vec av = a - Vec{}, cv = c - Vec{}, dv = d - Vec{};
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) {
-    const Vec v = av * Load(dy + i) + (cv * Load(x + i) + dv);
-    if constexpr (kStream) {
-      StreamLanes(dx + i, v);
-    } else {
-      StoreLanes(dx + i, v);
-    }
+    PutLanes<kStream>(dx + i, av * Load(dy + i) + (cv * Load(x + i) + dv));
   }
   for (; i < n; ++i) StoreLanes(dx + i, a * ToFloat(dy[i]) + (c * ToFloat(x[i]) + d));
 }
@@ -708,11 +719,9 @@ template <class In>
                                                      bool stream, In* dx) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t o = i * channels;
-    if (stream && StreamAligned(dx + o)) {
-      RowInputGrad<true>(dy + o, x + o, a, c, d, channels, dx + o);
-    } else {
-      RowInputGrad<false>(dy + o, x + o, a, c, d, channels, dx + o);
-    }
+    WithStores(stream, dx + o, [&](auto kind) {
+      RowInputGrad<decltype(kind)::value>(dy + o, x + o, a, c, d, channels, dx + o);
+    });
   }
 }
 
@@ -720,11 +729,9 @@ template <class In>
 [[gnu::always_inline]] inline void RunBlockInputGrad(const In* dy, const In* x, float a,
                                                      float c, float d, int64_t n, bool stream,
                                                      In* dx) {
-  if (stream && StreamAligned(dx)) {
-    RunInputGrad<true>(dy, x, a, c, d, n, dx);
-  } else {
-    RunInputGrad<false>(dy, x, a, c, d, n, dx);
-  }
+  WithStores(stream, dx, [&](auto kind) {
+    RunInputGrad<decltype(kind)::value>(dy, x, a, c, d, n, dx);
+  });
 }
 
 JAXBN_HOT void InputGradBlock(const float* dy, const float* x, const float* a, const float* c,
