@@ -12,9 +12,10 @@ once instead, and a third writes the input gradient:
 * ``input_grad``: ``dx = a * dy + c * x + d``, the backward's last pass.
   XLA:CPU writes every output through the cache, which first reads each
   line it overwrites; for outputs larger than a quarter of the last-level
-  cache the kernel uses streaming stores instead, which skip that read. The input gradient feeds a convolution's or matmul's backward in
-  the networks batch norm lives in, which fuse nothing, so nothing is lost
-  by taking the pass out of XLA.
+  cache the kernel uses streaming stores instead, which skip that read.
+  The input gradient feeds a convolution's or matmul's backward in the
+  networks batch norm lives in, which fuse nothing, so nothing is lost by
+  taking the pass out of XLA.
 
 The statistics are bit-deterministic (a fixed, shape-only split of the work;
 partial results merged in order). The forward's output pass stays in XLA,
@@ -207,6 +208,7 @@ def _grad_sums_jvp(view, primals, tangents):
 
 def last_level_cache_bytes() -> int:
   """The size of CPU 0's last-level cache from sysfs (32 MiB if unknown)."""
+  units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
   best_level, size = 0, 32 << 20
   for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
     try:
@@ -216,7 +218,6 @@ def last_level_cache_bytes() -> int:
         text = f.read().strip()
     except (OSError, ValueError):
       continue
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     value = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
     if level > best_level:
       best_level, size = level, value
