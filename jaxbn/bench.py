@@ -347,11 +347,17 @@ def _shape_bytes(text):
   return total
 
 
+# Reads of its operands per call: the one-call backward passes over dy and x
+# twice (the gradient sums, then the input gradient).
+_KERNEL_READS = {"jaxbn_backward": 2}
+
+
 def bytes_moved(compiled) -> float:
   """XLA's bytes accessed plus what jaxbn's CPU kernels read and write.
 
   ``cost_analysis`` counts a custom call as moving nothing; each jaxbn kernel
-  reads its operands once and writes its results once.
+  reads its operands once (``jaxbn_backward`` twice) and writes its results
+  once.
   """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -363,13 +369,15 @@ def bytes_moved(compiled) -> float:
     if match:
       shapes[match.group(1)] = match.group(2)
   for line in text.splitlines():
-    if 'custom_call_target="jaxbn_' not in line:
+    target = re.search(r'custom_call_target="(jaxbn_\w+)"', line)
+    if target is None:
       continue
     match = _INSTRUCTION.match(line)
     operands = line[line.index("custom-call(") + len("custom-call("):]
     operands = operands[:operands.index(")")]
     names = [o.strip().lstrip("%") for o in operands.split(",") if o.strip()]
-    total += _shape_bytes(match.group(2)) + sum(
+    reads = _KERNEL_READS.get(target.group(1), 1)
+    total += _shape_bytes(match.group(2)) + reads * sum(
         _shape_bytes(shapes.get(n, "")) for n in names)
   return total
 

@@ -3,7 +3,8 @@
 On CPU, XLA runs every reduction as its own pass and evaluates an elementwise
 producer inside a reduction (``x - mean``, ``dy * (x - mean)``) at about half
 the speed of a plain sum. Two small C++ kernels (``jaxbn/csrc``) read the data
-once instead, and a third writes the input gradient:
+once instead, a third writes the input gradient, and a fourth runs the whole
+backward:
 
 * ``moments``: ``x -> (mean, M2)`` per channel, exact (two passes over each
   cache-resident block, blocks added in float64 as sums shifted by one data
@@ -16,12 +17,18 @@ once instead, and a third writes the input gradient:
   The input gradient feeds a convolution's or matmul's backward in the
   networks batch norm lives in, which fuse nothing, so nothing is lost by
   taking the pass out of XLA.
+* ``backward``: the two above and the coefficients between them in one
+  call, for a backward with no statistics to combine across devices: the
+  second pass then follows the first at once and finds in cache what it left
+  there, where XLA's scheduler (breadth-first on CPU) puts other work of the
+  same depth between two separate calls.
 
 The statistics are bit-deterministic (a fixed, shape-only split of the work;
 partial results merged in order). The forward's output pass stays in XLA,
-where it fuses with its neighbours (an add, a ReLU). Each kernel carries a
-``custom_jvp`` written in plain JAX, so ``jvp``, ``grad`` and ``grad`` of
-``grad`` differentiate through it; ``ffi_call``'s ``broadcast_all`` batching
+where it fuses with its neighbours (an add, a ReLU). Each kernel but
+``backward`` carries a ``custom_jvp`` written in plain JAX (``jaxbn.fused``
+differentiates ``backward`` as the two-call backward it equals), so ``jvp``,
+``grad`` and ``grad`` of ``grad`` differentiate through them; ``ffi_call``'s ``broadcast_all`` batching
 makes ``vmap`` one kernel call.
 
 When they run: float32 or bfloat16 data (read as is, accumulated in float32
@@ -267,3 +274,32 @@ def _input_grad_jvp(view, stream, primals, tangents):
                 for row in dcoefficients.reshape(3, view.c))
   tangent = a * f32(ddy) + c * f32(dx) + da * f32(dy) + dc * f32(x) + dd
   return out, tangent.astype(out.dtype).reshape(out.shape)
+
+
+def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
+             view: ChannelView, epsilon: float,
+             stream: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The whole backward in one call: ``(dx, sum dy, sum dy * (x - mean))``.
+
+  ``per_channel`` is ``(mean, variance, scale, d_mean, d_variance, count)``,
+  each ``(C,)`` float32; with ``inv = rsqrt(variance + epsilon)``,
+  ``a = scale * inv`` and the sums ``S1``, ``S2``::
+
+    c = 2 (d_variance - scale inv^3 S2 / 2) / count
+    d = (d_mean - a S1) / count - c mean        (c = d = 0 where count = 0)
+    dx = a dy + c x + d
+
+  (coefficients in float64). ``stream`` as for :func:`input_grad`. Not
+  differentiable by itself: ``jaxbn.fused`` gives it the derivative of the
+  two-call backward it equals.
+  """
+  if stream is None:
+    stream = x.nbytes >= streaming_threshold_bytes()
+  channel = jax.ShapeDtypeStruct((view.c,), jnp.float32)
+  per_channel = tuple(v.reshape(view.c) for v in per_channel)
+  results = jax.ffi.ffi_call(
+      "jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
+      vmap_method="broadcast_all")(
+          dy, x, *per_channel, stream=bool(stream), epsilon=np.float32(epsilon),
+          **_view_attributes(x, view))
+  return manual_axes.like_inputs(results, dy, x, *per_channel)

@@ -18,7 +18,8 @@ mask::
 residuals are ``x`` in its own dtype and per-channel vectors; the normalized
 tensor is never saved. Across devices S1, S2 (and dmean, dvar) travel in one
 ``psum``; parameter gradients stay per-device, as data-parallel training
-expects.
+expects. On CPU, with nothing to combine across devices and no mask, the whole
+backward is one kernel call (``cpu_kernels.backward``).
 
 Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
 custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
@@ -51,7 +52,7 @@ def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
   var = checkpoint_name(var, "jaxbn_batch_variance")
   inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
   y = normalize(x, mean, scale.astype(sd) * inv, offset)
-  return (y, mean, var, count), (inv,)
+  return y, mean, var, count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -71,36 +72,37 @@ def normalize_train(x, scale, offset, weights, axes, epsilon, axis_name,
     ``(y, mean, variance, count)``; y has x's dtype, the statistics the
     statistics dtype and x's rank (reduced axes kept as 1).
   """
-  out, _ = _forward(x, scale, offset, weights, axes, epsilon, axis_name,
-                    groups)
-  return out
+  return _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups)
 
 
 def _fwd(x, scale, offset, weights, axes, epsilon, axis_name, groups):
-  (y, mean, var, count), (inv,) = _forward(x, scale, offset, weights, axes,
-                                           epsilon, axis_name, groups)
-  return (y, mean, var, count), (x, scale, offset, weights, mean, inv, count)
+  y, mean, var, count = _forward(x, scale, offset, weights, axes, epsilon,
+                                 axis_name, groups)
+  return (y, mean, var, count), (x, scale, offset, weights, mean, var, count)
 
 
 def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
-  del epsilon
-  x, scale, offset, weights, mean, inv, count = residuals
+  x, scale, offset, weights, mean, var, count = residuals
   dy, dmean, dvar, _ = cotangents
   sd = mean.dtype
-  sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
-  if axis_name is not None:
-    packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
-    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
-    g_sum_dy, g_sum_dy_xc, dmean, dvar = packed
-  else:
-    g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
   gamma = scale.astype(sd)
-  a = gamma * inv
-  dl_dmean = -a * g_sum_dy + dmean
-  dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
-  c = stats.safe_divide(2.0 * dl_dvar, count)
-  d = stats.safe_divide(dl_dmean, count) - c * mean
-  dx = _input_gradient(dy, x, weights, a, c, d, axes)
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
+  view = None
+  if axis_name is None:
+    view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
+  if view is None:
+    dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = _backward_in_two_calls(
+        dy, x, weights, mean, inv, gamma, dmean, dvar, count, axes, axis_name,
+        groups)
+  else:
+    args = (dy, x, mean, var, gamma, dmean, dvar, count)
+    dx, sum_dy, sum_dy_xc = lax.platform_dependent(
+        *args,
+        cpu=functools.partial(_backward_in_one_call, view=view, axes=axes,
+                              epsilon=epsilon),
+        default=functools.partial(_one_device_backward, axes=axes,
+                                  epsilon=epsilon))
+    g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a
@@ -117,6 +119,60 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
     dscale, doffset = lax.psum((dscale, doffset), tuple(sorted(shared_axes)))
   dweights = None if weights is None else jnp.zeros_like(weights)
   return dx, dscale, doffset, dweights
+
+
+def _backward_in_two_calls(dy, x, weights, mean, inv, gamma, dmean, dvar, count,
+                           axes, axis_name, groups):
+  """``dx``, the local and the global ``(sum dy, sum dy * (x - mean))``.
+
+  Two passes over dy and x, with the sums combined across devices between
+  them when ``axis_name`` is given.
+  """
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
+  if axis_name is not None:
+    packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
+    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
+    g_sum_dy, g_sum_dy_xc, dmean, dvar = packed
+  else:
+    g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
+  a = gamma * inv
+  dl_dmean = -a * g_sum_dy + dmean
+  dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
+  c = stats.safe_divide(2.0 * dl_dvar, count)
+  d = stats.safe_divide(dl_dmean, count) - c * mean
+  dx = _input_gradient(dy, x, weights, a, c, d, axes)
+  return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
+
+
+def _one_device_backward(dy, x, mean, var, gamma, dmean, dvar, count, *, axes,
+                         epsilon):
+  """``(dx, sum dy, sum dy * (x - mean))`` unmasked on one device, two calls."""
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, mean.dtype))
+  dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
+      dy, x, None, mean, inv, gamma, dmean, dvar, count, axes, None, None)
+  return dx, sum_dy, sum_dy_xc
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10))
+def _backward_in_one_call(dy, x, mean, var, gamma, dmean, dvar, count, view,
+                          axes, epsilon):
+  """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
+
+  Differentiated as ``_one_device_backward``, whose kernels have JVP rules.
+  """
+  per_channel = tuple(jnp.broadcast_to(v, mean.shape)
+                      for v in (mean, var, gamma, dmean, dvar, count))
+  dx, sum_dy, sum_dy_xc = cpu_kernels.backward(dy, x, per_channel, view,
+                                               epsilon)
+  return dx, sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+
+
+@_backward_in_one_call.defjvp
+def _backward_in_one_call_jvp(view, axes, epsilon, primals, tangents):
+  del view
+  return jax.jvp(
+      functools.partial(_one_device_backward, axes=axes, epsilon=epsilon),
+      primals, tangents)
 
 
 def _gradient_sums(dy, x, mean, axes):

@@ -190,6 +190,131 @@ def test_input_gradient_under_vmap_and_its_derivatives():
                              atol=1e-5)
 
 
+def _backward_inputs(shape, axes, dtype, seed=8):
+  """dy, x and per-channel (mean, variance, scale, d_mean, d_variance, count)
+  with non-zero statistic cotangents and one empty channel (count 0)."""
+  rng = np.random.default_rng(seed)
+  view = cpu_kernels.channel_view(shape, axes)
+  dy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
+  x = jnp.asarray((rng.normal(size=shape) * 2 + 3).astype(np.float32), dtype)
+  mean, m2 = _reference_moments(np.asarray(x, np.float32), view)
+  count = np.full(view.c, view.a * view.b, np.float64)
+  count[0] = 0.0
+  variance = np.where(count > 0, m2 / np.maximum(count, 1), 0.0)
+  per_channel = [mean, variance, rng.normal(1, 0.3, view.c),
+                 rng.normal(size=view.c), rng.normal(size=view.c), count]
+  return dy, x, [np.asarray(v, np.float32) for v in per_channel], view
+
+
+def _reference_backward(dy, x, per_channel, view, epsilon):
+  """The closed-form backward in float64 from the float32 inputs."""
+  mean, var, scale, d_mean, d_var, n = (np.asarray(v, np.float64)
+                                        for v in per_channel)
+  dy3, x3 = (np.asarray(v, np.float32).astype(np.float64).reshape(view)
+             for v in (dy, x))
+  s1 = dy3.sum(axis=(0, 2))
+  s2 = (dy3 * (x3 - mean[None, :, None])).sum(axis=(0, 2))
+  inv = 1 / np.sqrt(var + np.float32(epsilon))
+  a = scale * inv
+  safe_n = np.where(n > 0, n, 1)
+  c = np.where(n > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * s2) / safe_n, 0)
+  d = np.where(n > 0, (d_mean - a * s1) / safe_n, 0) - c * mean
+  dx = a[None, :, None] * dy3 + c[None, :, None] * x3 + d[None, :, None]
+  return dx.reshape(np.shape(x)), s1, s2, (a, c, d)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axes", [v for v in VIEWS if 0 not in v[0]])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_backward_in_one_call_matches_float64(shape, axes, dtype, stream):
+  dy, x, per_channel, view = _backward_inputs(shape, axes, dtype)
+  dx, sum_dy, sum_dy_xc = jax.jit(
+      cpu_kernels.backward, static_argnums=(3, 4, 5))(
+          dy, x, per_channel, view, 1e-3, stream)
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  want_dx, want_s1, want_s2, (a, c, d) = _reference_backward(
+      dy, x, per_channel, view, 1e-3)
+  x3 = np.abs(np.asarray(x, np.float32)).reshape(view)
+  dy3 = np.abs(np.asarray(dy, np.float32)).reshape(view)
+  sums_scale = (dy3.sum(axis=(0, 2)) * (1 + x3.max())).max()
+  np.testing.assert_allclose(sum_dy, want_s1, atol=1e-6 * sums_scale + 1e-6)
+  np.testing.assert_allclose(sum_dy_xc, want_s2, atol=1e-6 * sums_scale + 1e-6)
+  # dx's size: the largest term of a dy + c x + d, per channel
+  term = (np.abs(a)[None, :, None] * dy3 + np.abs(c)[None, :, None] * x3
+          + np.abs(d)[None, :, None]).reshape(np.shape(x))
+  got = np.asarray(dx, np.float32)
+  if dtype == "float32":
+    np.testing.assert_array_less(np.abs(got - want_dx), 1e-5 * term + 1e-7)
+  else:  # one rounding to bfloat16 on top of float32 arithmetic
+    np.testing.assert_array_less(np.abs(got - want_dx),
+                                 2 ** -8 * np.abs(want_dx) + 1e-5 * term + 1e-7)
+  # the empty channel (count 0) gets dx = a dy and no correction
+  np.testing.assert_allclose(
+      np.asarray(got.reshape(view)[:, 0], np.float64),
+      (a[0] * np.asarray(dy, np.float32).reshape(view)[:, 0]),
+      rtol=2 ** -8 if dtype == "bfloat16" else 1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_backward_in_one_call_under_vmap():
+  dy, x, per_channel, view = _backward_inputs((6, 5, 4), (0, 2), "float32")
+  scales = jnp.stack([per_channel[2], 2 * per_channel[2], -per_channel[2]])
+  dys = jnp.stack([dy, -dy, 0.5 * dy])
+
+  def one(dy, scale):
+    terms = list(per_channel)
+    terms[2] = scale
+    return cpu_kernels.backward(dy, x, terms, view, 1e-3)
+
+  got = jax.jit(jax.vmap(one))(dys, scales)
+  for i in range(3):
+    terms = list(per_channel)
+    terms[2] = np.asarray(scales[i])
+    want = _reference_backward(dys[i], x, terms, view, 1e-3)[:3]
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g[i], w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axis", [((8, 3, 3, 6), -1), ((8, 6, 3, 3), 1)])
+def test_grad_of_grad_through_the_one_call_backward(shape, axis):
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32) + 2)
+  config = jaxbn.BatchNormConfig(axis=axis)
+  params, state = jaxbn.init(config, x.shape)
+  params = jax.tree.map(lambda p: p + 0.3, params)
+
+  def outer(params, x):
+    # the norm of the input gradient, differentiated again
+    loss = lambda p, x: jnp.sum(jnp.sin(jaxbn.apply(config, p, state, x,
+                                                    training=True)[0]) * x)
+    g = jax.grad(loss, argnums=1)(params, x)
+    return jnp.sum(g ** 2)
+
+  results = {}
+  for mode in ("on", "off"):
+    with cpu_kernels.use(mode):
+      f = jax.jit(jax.grad(outer, argnums=(0, 1)))
+      results[mode] = f(params, x)
+      inner = jax.jit(jax.grad(lambda p, x: jnp.sum(jaxbn.apply(
+          config, p, state, x, training=True)[0] * x), argnums=1))
+      assert ("jaxbn_backward" in inner.lower(params, x).as_text()) == (
+          mode == "on")
+  plain = jaxbn.BatchNormConfig(axis=axis, fused=False)
+
+  def outer_reference(params, x):
+    loss = lambda p, x: jnp.sum(jnp.sin(jaxbn.apply(plain, p, state, x,
+                                                    training=True)[0]) * x)
+    g = jax.grad(loss, argnums=1)(params, x)
+    return jnp.sum(g ** 2)
+
+  reference = jax.grad(outer_reference, argnums=(0, 1))(params, x)
+  for got in (results["on"], results["off"]):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @needs_kernels
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_moments_exact_when_first_value_is_an_outlier_and_the_mean_drifts(
@@ -306,8 +431,10 @@ def _step_with_and_without_kernels(x, dy, axis):
       step = jax.jit(lambda *a: _step(config, *a))
       hlo = step.lower(params, state, x, dy).as_text()
       results[mode] = step(params, state, x, dy)
-    for kernel in ("jaxbn_moments", "jaxbn_grad_sums", "jaxbn_input_grad"):
+    # on one device the backward is one call
+    for kernel in ("jaxbn_moments", "jaxbn_backward"):
       assert (kernel in hlo) == (mode == "on")
+    assert "jaxbn_grad_sums" not in hlo and "jaxbn_input_grad" not in hlo
   return zip(jax.tree.leaves(results["on"]), jax.tree.leaves(results["off"]))
 
 
@@ -395,8 +522,11 @@ def test_kernels_under_shard_map_equal_one_device():
         local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
         out_specs=(P("data"), P(), (P(), P("data")))))
     many = sharded(params, state, x, dy)
-    assert "jaxbn_moments" in sharded.lower(params, state, x,
-                                                dy).as_text()
+    hlo = sharded.lower(params, state, x, dy).as_text()
+    # the sums are combined across devices between the backward's two calls
+    for kernel in ("jaxbn_moments", "jaxbn_grad_sums", "jaxbn_input_grad"):
+      assert kernel in hlo
+    assert "jaxbn_backward" not in hlo
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 

@@ -2,8 +2,8 @@
 //
 // XLA:CPU runs each reduction of batch norm as its own pass over memory and
 // evaluates any elementwise producer of a reduction (x - mean, dy * (x - mean))
-// at about half the speed of a plain sum. These two kernels do the statistics
-// in one read each:
+// at about half the speed of a plain sum. These kernels do the statistics in
+// one read each, and the backward's elementwise pass with streaming stores:
 //
 //   jaxbn_moments:   x[..., A, C, B] -> mean[..., C], M2[..., C]
 //                    (x in its own shape, (A, C, B) given as attributes)
@@ -17,6 +17,10 @@
 //   jaxbn_input_grad: dy, x, (a, c, d)[..., 3, C] -> dx = a dy + c x + d
 //       the backward's last pass, with streaming stores for big outputs,
 //       which XLA:CPU does not emit.
+//   jaxbn_backward: dy, x and per-channel mean, variance, scale, their
+//       cotangents and the count -> dx, sum dy, sum dy * (x - mean)
+//       the whole backward in one call: the gradient sums, the input
+//       gradient's coefficients from them, then the input gradient.
 //
 // x, dy and dx are float32 or bfloat16 (computed in float32); statistics and
 // coefficients are float32.
@@ -29,6 +33,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -811,6 +816,98 @@ ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::Any
   }
 }
 
+// ------------------------------------------------------- whole backward
+
+// The backward in one call. Its two passes run back to back, so the second
+// finds in cache what the first left there, where XLA would schedule other
+// work between two separate calls. Per channel, with n the count,
+// inv = 1 / sqrt(var + epsilon), S1 = sum dy and S2 = sum dy (x - mean):
+//   a = gamma inv,  dL/dmean = -a S1 + dmean,  dL/dvar = -gamma inv^3 S2 / 2 + dvar,
+//   c = 2 dL/dvar / n,  d = dL/dmean / n - c mean   (c = d = 0 where n = 0),
+// in double, then dx = a dy + c x + d.
+struct ChannelTerms {
+  const float* mean;
+  const float* variance;
+  const float* scale;
+  const float* d_mean;
+  const float* d_variance;
+  const float* count;
+};
+
+template <class In>
+void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
+                     const ChannelTerms& t, float epsilon, bool stream, In* dx,
+                     float* sum_dy, float* sum_dy_xc) {
+  ComputeGradSums(pool, v, dy, x, t.mean, sum_dy, sum_dy_xc);
+  std::vector<float> coefficients(v.outer * 3 * v.c);
+  for (int64_t i = 0; i < v.outer * v.c; ++i) {
+    const double n = t.count[i];
+    const double inv = 1.0 / std::sqrt(double(t.variance[i]) + double(epsilon));
+    const double gamma = t.scale[i];
+    const double a = gamma * inv;
+    const double dl_dmean = -a * sum_dy[i] + t.d_mean[i];
+    const double dl_dvar = -0.5 * gamma * (inv * inv * inv) * sum_dy_xc[i] + t.d_variance[i];
+    const double c = n > 0 ? 2.0 * dl_dvar / n : 0.0;
+    const double d = (n > 0 ? dl_dmean / n : 0.0) - c * t.mean[i];
+    float* problem = coefficients.data() + (i / v.c) * 3 * v.c + i % v.c;
+    problem[0] = static_cast<float>(a);
+    problem[v.c] = static_cast<float>(c);
+    problem[2 * v.c] = static_cast<float>(d);
+  }
+  ComputeInputGrad(pool, v, dy, x, coefficients.data(), stream, dx);
+}
+
+ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
+                          ffi::AnyBuffer mean_buf, ffi::AnyBuffer variance_buf,
+                          ffi::AnyBuffer scale_buf, ffi::AnyBuffer d_mean_buf,
+                          ffi::AnyBuffer d_variance_buf, ffi::AnyBuffer count_buf,
+                          ffi::Result<ffi::AnyBuffer> dx_buf,
+                          ffi::Result<ffi::AnyBuffer> sum_dy_buf,
+                          ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank, int64_t a,
+                          int64_t c, int64_t b, bool stream, float epsilon) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
+  bool valid = view.has_value() && dy_buf.element_type() == x_buf.element_type() &&
+               dx_buf->element_type() == x_buf.element_type() &&
+               dy_buf.element_count() == x_buf.element_count() &&
+               dx_buf->element_count() == x_buf.element_count();
+  for (const ffi::AnyBuffer* channel : {&mean_buf, &variance_buf, &scale_buf, &d_mean_buf,
+                                        &d_variance_buf, &count_buf}) {
+    valid = valid && channel->element_type() == ffi::F32 &&
+            channel->element_count() == view->outer * c;
+  }
+  for (ffi::Result<ffi::AnyBuffer>* sum : {&sum_dy_buf, &sum_dy_xc_buf}) {
+    valid = valid && (*sum)->element_type() == ffi::F32 &&
+            (*sum)->element_count() == view->outer * c;
+  }
+  if (!valid) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_backward expects dy, x and dx of one dtype and shape matching "
+        "(a, c, b), and float32 per-channel operands and sums of c values per "
+        "problem");
+  }
+  const View& v = *view;
+  const ChannelTerms terms{mean_buf.typed_data<float>(),   variance_buf.typed_data<float>(),
+                           scale_buf.typed_data<float>(),  d_mean_buf.typed_data<float>(),
+                           d_variance_buf.typed_data<float>(), count_buf.typed_data<float>()};
+  float* sum_dy = sum_dy_buf->typed_data<float>();
+  float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
+  switch (x_buf.element_type()) {
+    case ffi::F32:
+      ComputeBackward(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
+                      static_cast<const float*>(x_buf.untyped_data()), terms, epsilon, stream,
+                      static_cast<float*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
+      return ffi::Error::Success();
+    case ffi::BF16:
+      ComputeBackward(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
+                      static_cast<const BF16*>(x_buf.untyped_data()), terms, epsilon, stream,
+                      static_cast<BF16*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "jaxbn_backward expects float32 or bfloat16 dy and x");
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -852,6 +949,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnInputGrad, InputGradKernel,
                                                      .Ret<ffi::AnyBuffer>())
                                   .Attr<bool>("stream"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, BackwardKernel,
+                              WithViewAttributes(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::ThreadPool>()
+                                                     .Arg<ffi::AnyBuffer>()  // dy
+                                                     .Arg<ffi::AnyBuffer>()  // x
+                                                     .Arg<ffi::AnyBuffer>()  // mean
+                                                     .Arg<ffi::AnyBuffer>()  // variance
+                                                     .Arg<ffi::AnyBuffer>()  // scale
+                                                     .Arg<ffi::AnyBuffer>()  // d_mean
+                                                     .Arg<ffi::AnyBuffer>()  // d_variance
+                                                     .Arg<ffi::AnyBuffer>()  // count
+                                                     .Ret<ffi::AnyBuffer>()  // dx
+                                                     .Ret<ffi::AnyBuffer>()  // sum dy
+                                                     .Ret<ffi::AnyBuffer>())  // sum dy (x - mean)
+                                  .Attr<bool>("stream")
+                                  .Attr<float>("epsilon"));
+
 // ------------------------------------------------------- Python module
 
 namespace {
@@ -863,6 +977,7 @@ PyObject* Handlers(PyObject*, PyObject*) {
       {"jaxbn_moments", reinterpret_cast<void*>(JaxbnMoments)},
       {"jaxbn_grad_sums", reinterpret_cast<void*>(JaxbnGradSums)},
       {"jaxbn_input_grad", reinterpret_cast<void*>(JaxbnInputGrad)},
+      {"jaxbn_backward", reinterpret_cast<void*>(JaxbnBackward)},
   };
   for (const auto& [name, fn] : entries) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
