@@ -28,8 +28,8 @@ partial results merged in order). The forward's output pass stays in XLA,
 where it fuses with its neighbours (an add, a ReLU). Each kernel but
 ``backward`` carries a ``custom_jvp`` written in plain JAX (``jaxbn.fused``
 differentiates ``backward`` as the two-call backward it equals), so ``jvp``,
-``grad`` and ``grad`` of ``grad`` differentiate through them; ``ffi_call``'s ``broadcast_all`` batching
-makes ``vmap`` one kernel call.
+``grad`` and ``grad`` of ``grad`` differentiate through them; ``ffi_call``'s
+``broadcast_all`` batching makes ``vmap`` one kernel call.
 
 When they run: float32 or bfloat16 data (read as is, accumulated in float32
 and float64), no mask, channel axes contiguous in memory

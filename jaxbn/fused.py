@@ -41,6 +41,11 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
+def _inverse_std(var, epsilon):
+  """``rsqrt(var + epsilon)`` in var's dtype (the forward's and backward's)."""
+  return lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+
+
 def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
   sd = stats.stat_dtype(x.dtype)
   count, mean, m2 = stats.platform_moments(x, axes, weights)
@@ -50,7 +55,7 @@ def _forward(x, scale, offset, weights, axes, epsilon, axis_name, groups):
   var = stats.safe_divide(m2, count)
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
+  inv = _inverse_std(var, epsilon)
   y = normalize(x, mean, scale.astype(sd) * inv, offset)
   return y, mean, var, count
 
@@ -86,7 +91,7 @@ def _bwd(axes, epsilon, axis_name, groups, residuals, cotangents):
   dy, dmean, dvar, _ = cotangents
   sd = mean.dtype
   gamma = scale.astype(sd)
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, sd))
+  inv = _inverse_std(var, epsilon)
   view = None
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
@@ -147,7 +152,7 @@ def _backward_in_two_calls(dy, x, weights, mean, inv, gamma, dmean, dvar, count,
 def _one_device_backward(dy, x, mean, var, gamma, dmean, dvar, count, *, axes,
                          epsilon):
   """``(dx, sum dy, sum dy * (x - mean))`` unmasked on one device, two calls."""
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, mean.dtype))
+  inv = _inverse_std(var, epsilon)
   dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
       dy, x, None, mean, inv, gamma, dmean, dvar, count, axes, None, None)
   return dx, sum_dy, sum_dy_xc
