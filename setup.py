@@ -44,6 +44,7 @@ setup(
             sources=["jaxbn/csrc/batch_norm_cpu.cc"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden",
+                                "-ffp-contract=off",
                                 "-Wno-attributes", "-Wno-return-type"],
         )
     ],

@@ -32,12 +32,18 @@ inputs under 32 MB, whose sub-millisecond calls are the noisiest); in each
 round every implementation runs once untimed, then ``--burst`` times timed,
 so that an in-cache case is measured in cache.
 
+It then times the Keras features (renorm, ghost batches, masks, adjustment,
+axis lists) forward+backward against plain jaxbn and flax.linen at an in-cache
+and a 100 MB size, and a 4-layer MLP training step against the same net with
+flax.linen.BatchNorm and without batch norm.
+
   python -m jaxbn.bench [--quick] [--out bench_results] [--repeats 15]
-                        [--burst 3]
+                        [--burst 3] [--skip-features | --features-only]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -492,8 +498,8 @@ def run_case(case, names, repeats, seed=0, burst=3):
     result["xla"]["elementwise"] = xla_analysis(
         impls["elementwise"].jax_fns, x.nbytes)
   for mode in MODES:
-    runners = {name: getattr(impl, mode.replace("+", "").replace(
-        "fwdbwd", "fwdbwd")) for name, impl in impls.items()}
+    runners = {name: getattr(impl, mode.replace("+", ""))
+               for name, impl in impls.items()}
     runners = {n: r for n, r in runners.items() if r is not None}
     times = time_interleaved(runners, repeats, burst,
                              seed=f"{case.name} {mode} {seed}")
@@ -504,6 +510,159 @@ def run_case(case, names, repeats, seed=0, burst=3):
                "x_elementwise": float(np.median(t)) / base}
         for name, t in times.items()}
   return result
+
+
+# ------------------------------------------------ Keras features, whole net
+
+
+def feature_configs():
+  """Name -> (config arguments, needs a mask): the features compared with
+  plain jaxbn on one NHWC float32 tensor."""
+  import jax
+  adjust = lambda shape, key: (
+      jax.random.uniform(key, shape[-1:], minval=0.93, maxval=1.07),
+      jax.random.uniform(jax.random.fold_in(key, 1), shape[-1:],
+                         minval=-0.1, maxval=0.1))
+  return {
+      "plain": ({}, False),
+      "renorm + clipping": (
+          dict(renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3,
+                                             "dmax": 5.0}), False),
+      "virtual_batch_size=8 (ghost)": (dict(virtual_batch_size=8), False),
+      "mask (per row)": ({}, True),
+      "adjustment": (dict(adjustment=adjust), False),
+      "axis list [2, 3]": (dict(axis=[2, 3]), False),
+  }
+
+
+def run_features(shape, repeats, burst=3, seed=0):
+  """Forward+backward (jitted ``jax.vjp`` with a cotangent) of every feature
+  and of flax.linen's plain BatchNorm, interleaved in one process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import jaxbn
+  key = jax.random.PRNGKey(seed)
+  x = jax.random.normal(key, shape, jnp.float32) * 2 + 1
+  dy = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
+  mask = jax.random.uniform(jax.random.fold_in(key, 2),
+                            (shape[0],) + (1,) * (len(shape) - 1)) > 0.25
+  runners, analyses = {}, {}
+  for name, (arguments, masked) in feature_configs().items():
+    config = jaxbn.BatchNormConfig(**arguments)
+    params, state = jaxbn.init(config, shape)
+
+    def train(p, x, config=config, state=state, masked=masked):
+      return jaxbn.apply(config, p, state, x, training=True, key=key,
+                         mask=mask if masked else None)[0]
+
+    step = jax.jit(lambda p, x, dy, train=train: (
+        lambda out: (out[0], out[1](dy)))(jax.vjp(train, p, x)))
+    runners[name] = functools.partial(step, params, x, dy)
+    compiled = step.lower(params, x, dy).compile()
+    analyses[name] = {"bytes_accessed_x_input":
+                      bytes_moved(compiled) / x.nbytes,
+                      "temp_x_input": compiled.memory_analysis()
+                      .temp_size_in_bytes / x.nbytes}
+  flax = flax_impl(Case("features", shape, "NHWC", "float32"), x, dy)
+  runners["flax.linen (plain)"] = flax.fwdbwd
+  times = time_interleaved(runners, repeats, burst,
+                           seed=f"features {shape} {seed}")
+  median = {n: float(np.median(t)) for n, t in times.items()}
+  return {"shape": list(shape), "input_bytes": x.nbytes, "rounds": repeats,
+          "median_ms": {n: 1e3 * m for n, m in median.items()},
+          "x_plain_jaxbn": {n: m / median["plain"] for n, m in median.items()},
+          "x_flax": {n: m / median["flax.linen (plain)"]
+                     for n, m in median.items()},
+          "xla": analyses}
+
+
+def _mlp(norm, width=64, depth=4):
+  """Dense -> norm -> relu, ``depth`` times, then a linear head. ``norm(x)``
+  builds its module inside the network's call (None: Dense with biases)."""
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(depth):
+        x = nn.Dense(width, use_bias=norm is None)(x)
+        if norm is not None:
+          x = norm(x)
+        x = nn.relu(x)
+      return nn.Dense(1)(x)
+  return MLP()
+
+
+def run_mlp(rows, repeats, burst=3, seed=0):
+  """A training step (``value_and_grad`` + updated statistics) of a 4-layer
+  MLP with jaxbn, with flax.linen.BatchNorm, and without batch norm (biases
+  instead): the whole-step ratio and batch norm's share of the step."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import jaxbn
+  key = jax.random.PRNGKey(seed)
+  x = jax.random.normal(key, (rows, 64), jnp.float32)
+  target = jax.random.normal(jax.random.fold_in(key, 1), (rows, 1))
+  norms = {
+      "jaxbn": lambda x: jaxbn.BatchNormalization(momentum=0.9)(
+          x, training=True),
+      "flax.linen": lambda x: nn.BatchNorm(
+          use_running_average=False, momentum=0.9, epsilon=1e-3)(x),
+      "no batch norm": None,
+  }
+  runners = {}
+  for name, norm in norms.items():
+    model = _mlp(norm)
+    variables = model.init(key, x)
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+
+    def loss(params, stats, x, model=model):
+      out, updates = model.apply({"params": params, "batch_stats": stats}, x,
+                                 mutable=["batch_stats"])
+      return jnp.mean((out - target) ** 2), updates
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    runners[name] = functools.partial(step, params, stats, x)
+  times = time_interleaved(runners, repeats, burst, seed=f"mlp {seed}")
+  median = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
+  base = median["no batch norm"]
+  return {"rows": rows, "rounds": repeats, "median_ms": median,
+          "step_jaxbn_over_flax": median["jaxbn"] / median["flax.linen"],
+          "bn_share_jaxbn_over_flax": (median["jaxbn"] - base)
+          / (median["flax.linen"] - base)}
+
+
+def format_features(features, mlp):
+  lines = []
+  for res in features:
+    lines.append(f"\n## Keras features, forward+backward, shape="
+                 f"{tuple(res['shape'])} float32 "
+                 f"({res['input_bytes'] / 1e6:.0f} MB)")
+    lines.append("| feature | ms | x plain jaxbn | x flax.linen (plain) "
+                 "| fwd+bwd bytes (x input) | temp (x input) |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, ms in res["median_ms"].items():
+      xla = res["xla"].get(name)
+      lines.append(
+          f"| {name} | {ms:.2f} | {res['x_plain_jaxbn'][name]:.2f} | "
+          f"{res['x_flax'][name]:.2f} | "
+          + (f"{xla['bytes_accessed_x_input']:.2f} | "
+             f"{xla['temp_x_input']:.2f} |" if xla else "— | — |"))
+  if mlp:
+    lines.append(f"\n## 4-layer MLP training step, input ({mlp['rows']}, 64)")
+    lines.append("| network | ms |")
+    lines.append("|---|---|")
+    for name, ms in mlp["median_ms"].items():
+      lines.append(f"| {name} | {ms:.2f} |")
+    lines.append(f"\nstep jaxbn/flax.linen = {mlp['step_jaxbn_over_flax']:.2f}"
+                 f"; batch norm's share of the step (step minus the net "
+                 f"without it) jaxbn/flax.linen = "
+                 f"{mlp['bn_share_jaxbn_over_flax']:.2f}")
+  return "\n".join(lines)
 
 
 def versions():
@@ -606,6 +765,11 @@ def main(argv=None):
   parser.add_argument("--out", default="bench_results")
   parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated subset of " + ",".join(IMPLS))
+  features_arg = parser.add_mutually_exclusive_group()
+  features_arg.add_argument("--skip-features", action="store_true",
+                            help="leave out the Keras-feature and MLP cases")
+  features_arg.add_argument("--features-only", action="store_true",
+                            help="only the Keras-feature and MLP cases")
   parser.add_argument("--no-malloc-tuning", action="store_true",
                       help="do not re-execute with GLIBC_TUNABLES that keep "
                       "freed memory in the process")
@@ -619,21 +783,33 @@ def main(argv=None):
   repeats = args.repeats or (5 if args.quick else 15)
   os.makedirs(args.out, exist_ok=True)
   results = []
-  for case in cases(args.quick):
+  for case in [] if args.features_only else cases(args.quick):
     print(f"running {case.name} ...", flush=True)
     results.append(run_case(case, names, case.rounds(repeats),
                             burst=args.burst))
+  features, mlp = [], None
+  if not args.skip_features:
+    shapes = [(64, 32, 32, 64)] + ([] if args.quick else [(128, 56, 56, 64)])
+    for shape in shapes:
+      print(f"running Keras features {shape} ...", flush=True)
+      size = math.prod(shape) * 4
+      features.append(run_features(
+          shape, repeats * (4 if size < 32 << 20 else 1), args.burst))
+    print("running the MLP training step ...", flush=True)
+    mlp = run_mlp(8192 if args.quick else 65536, repeats, args.burst)
   report = {"versions": versions(), "repeats": repeats, "burst": args.burst,
-            "results": results}
-  table = format_table(results)
+            "results": results, "features": features, "mlp": mlp}
+  table = format_table(results) + "\n" + format_features(features, mlp)
   print(table)
   with open(os.path.join(args.out, "bench.json"), "w") as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(args.out, "bench.md"), "w") as f:
     f.write(table + "\n")
-  plot(results, os.path.join(args.out, "bench.png"))
+  if results:
+    plot(results, os.path.join(args.out, "bench.png"))
   print(f"\nversions: {report['versions']}")
-  print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+  print(f"wrote {args.out}/bench.json, bench.md"
+        + (", bench.png" if results else ""))
 
 
 if __name__ == "__main__":

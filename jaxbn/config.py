@@ -2,9 +2,11 @@
 
 A config is a frozen, hashable dataclass, so it can be a static argument of
 ``jax.jit`` and a field of a Flax module. Argument errors are raised here, at
-construction; errors that need the input (rank, axes, channel sizes, batch
-divisibility) are raised by ``resolve`` at trace time. Every message names the
-argument, the value received and the fix.
+construction; errors that need the input's shape (rank, axes, ``fused=True``
+for this rank) are raised by ``resolve`` at trace time, and those that need the
+variables or the batch (channel sizes, a batch size ``virtual_batch_size`` does
+not divide) by ``jaxbn.apply``. Every message names the argument, the value
+received and the fix.
 """
 from __future__ import annotations
 
@@ -51,7 +53,6 @@ class RenormClipping:
 class Resolved(NamedTuple):
   """What a config means for one input shape (computed at trace time)."""
 
-  ndim: int
   axes: tuple  # channel axes, sorted, non-negative
   reduction_axes: tuple  # every other axis
   param_shape: tuple  # Keras' variable shape (without the virtual-batch axis)
@@ -230,7 +231,7 @@ class BatchNormConfig:
       raise ValueError(
           f"`fused=True` needs axis 1 or {ndim - 1} for a {ndim}-D input; got "
           f"axis={self.axis!r}. Use fused=None or fused=False.")
-    return Resolved(ndim, axes, reduction_axes, param_shape, broadcast_shape,
+    return Resolved(axes, reduction_axes, param_shape, broadcast_shape,
                     keras_fused)
 
   def bessel_corrected_moving_variance(self, resolved: Resolved) -> bool:

@@ -34,16 +34,16 @@ means and variances. Inference does not depend on the batch size.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import fused as fused_lib
-from jaxbn import stats
+from jaxbn import affine, closed_form, stats
 from jaxbn.config import BatchNormConfig
 from jaxbn.moving_averages import ema
 
@@ -54,10 +54,9 @@ State = dict
 # --------------------------------------------------------------------- init
 
 
-def variable_shapes(config: BatchNormConfig, input_shape) -> tuple:
-  """``(param_shape, Resolved)`` for an input shape."""
-  resolved = config.resolve(input_shape)
-  return resolved.param_shape, resolved
+def variable_shape(config: BatchNormConfig, input_shape) -> tuple:
+  """Keras' shape of every variable for inputs of ``input_shape``."""
+  return config.resolve(input_shape).param_shape
 
 
 def init_params(config: BatchNormConfig, param_shape, *, key=None,
@@ -91,13 +90,17 @@ def init_state(config: BatchNormConfig, param_shape, *, key=None,
 
 def state_names(config: BatchNormConfig) -> tuple:
   """Names of the state entries ``init_state`` creates for this config."""
-  names = ("moving_mean", "moving_variance")
-  if config.renorm:
-    names += ("moving_stddev", "renorm_mean", "renorm_stddev")
-    if config.renorm_clipping is not None and \
-        config.renorm_clipping.is_scheduled:
-      names += ("renorm_step",)
-  return names
+  try:
+    return _state_names(config)
+  except TypeError:  # an unhashable argument: no cache
+    return _state_names.__wrapped__(config)
+
+
+@functools.lru_cache(maxsize=256)
+def _state_names(config):
+  shapes = jax.eval_shape(
+      lambda key: init_state(config, (1,), key=key), jax.random.key(0))
+  return tuple(shapes)
 
 
 def init(config: BatchNormConfig, input_shape, *, key=None,
@@ -112,7 +115,7 @@ def init(config: BatchNormConfig, input_shape, *, key=None,
     dtype: dtype of the variables (float32 unless you need float64).
   """
   _check_param_dtype(dtype)
-  param_shape, _ = variable_shapes(config, input_shape)
+  param_shape = variable_shape(config, input_shape)
   key_params, key_state = _split(key, 2)
   return (init_params(config, param_shape, key=key_params, dtype=dtype),
           init_state(config, param_shape, key=key_state, dtype=dtype))
@@ -165,16 +168,8 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     return _inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
     _check_virtual_batch(config, x.shape)
-  if _fast_path_applies(config):
-    return _train_fused(config, resolved, params, state, x, weights,
-                        axis_name, axis_index_groups)
-  return _train_general(config, resolved, params, state, x, weights, key,
-                        axis_name, axis_index_groups)
-
-
-def _fast_path_applies(config: BatchNormConfig) -> bool:
-  return (config.fused is not False and not config.renorm
-          and config.virtual_batch_size is None and config.adjustment is None)
+  return _train(config, resolved, params, state, x, weights, key, axis_name,
+                axis_index_groups)
 
 
 def _broadcast_params(config, resolved, params, dtype):
@@ -190,165 +185,190 @@ def _inference(config, resolved, params, state, x):
   sd = stats.stat_dtype(x.dtype)
   shape = resolved.broadcast_shape
   gamma, beta = _broadcast_params(config, resolved, params, sd)
-  a = lax.rsqrt(state["moving_variance"].reshape(shape).astype(sd)
-                + jnp.asarray(config.epsilon, sd))
+  a = affine.inverse_std(state["moving_variance"].reshape(shape).astype(sd),
+                         config.epsilon)
   if gamma is not None:
     a = a * gamma
-  return fused_lib.normalize(x, state["moving_mean"].reshape(shape), a, beta)
+  return affine.normalize(x, state["moving_mean"].reshape(shape), a, beta)
 
 
-def _train_fused(config, resolved, params, state, x, weights, axis_name,
-                 groups):
+# ----------------------------------------------------------------- training
+
+
+class BatchView(NamedTuple):
+  """What the statistics are taken over: ``x`` (a view of it with virtual
+  batches), its weights and reduction axes, and the virtual batches' axis."""
+
+  x: jax.Array
+  weights: jax.Array | None
+  reduction_axes: tuple
+  group_axis: int | None
+
+
+class Summary(NamedTuple):
+  """The batch's statistics for the state (over virtual batches and devices)."""
+
+  count: jax.Array
+  mean: jax.Array
+  variance: jax.Array
+  update_variance: jax.Array  # what moving_variance follows (Bessel or not)
+
+
+def _train(config, resolved, params, state, x, weights, key, axis_name,
+           groups):
+  """Every training configuration, through ``closed_form``."""
   sd = stats.stat_dtype(x.dtype)
   shape = resolved.broadcast_shape
   gamma, beta = _broadcast_params(config, resolved, params, sd)
   scale = gamma if gamma is not None else jnp.ones(shape, sd)
   offset = beta if beta is not None else jnp.zeros(shape, sd)
-  y, mean, var, count = fused_lib.normalize_train(
-      x, scale, offset, weights, resolved.reduction_axes, config.epsilon,
-      axis_name, groups)
-  new_state = _update_moving_statistics(config, resolved, state, mean, var,
-                                        count)
-  return y, new_state
+  per_channel_adjustment = True
+  if config.adjustment is not None:
+    adj_scale, adj_bias = _call_adjustment(config.adjustment, x.shape, key)
+    per_channel_adjustment = all(
+        _broadcasts_per_channel(jnp.shape(v), shape) for v in
+        (adj_scale, adj_bias))
+    scale, offset = affine.compose(jnp.asarray(adj_scale, sd),
+                                   jnp.asarray(adj_bias, sd), scale, offset)
+  batch = _batch_view(config, resolved, x, weights)
+  if batch.group_axis is not None:  # parameters broadcast over the groups
+    scale, offset = scale[None], offset[None]
+  # Virtual batches are normalized each on its own device; only the summary
+  # for the state crosses devices.
+  norm_axis_name = axis_name if batch.group_axis is None else None
+  correction = functools.partial(
+      _corrections, config, resolved, batch.group_axis, axis_name, groups)
+  correction_inputs = _renorm_inputs(config, state)
+  args = (batch.x, scale, offset, batch.weights, correction_inputs,
+          batch.reduction_axes, config.epsilon, norm_axis_name, groups,
+          correction)
+  if config.fused is False or not per_channel_adjustment:
+    y, _, summary = closed_form.reference(*args)
+  else:
+    y, _, summary = closed_form.batch_norm_train(*args)
+  return y.reshape(x.shape), _updated_state(config, resolved, state, summary)
 
 
-def _updatable(config, resolved, count, mean, var):
+def _broadcasts_per_channel(value_shape, channel_shape):
+  """Whether a value of ``value_shape`` varies only over the channel axes."""
+  if len(value_shape) > len(channel_shape):
+    return False
+  padded = (1,) * (len(channel_shape) - len(value_shape)) + tuple(value_shape)
+  return all(v in (1, c) for v, c in zip(padded, channel_shape))
+
+
+def _batch_view(config, resolved, x, weights) -> BatchView:
+  """``x`` as the statistics see it.
+
+  Virtual batches (``virtual_batch_size = v``) reshape ``[B, ...]`` to two
+  batch axes: strided (Keras) ``[v, B/v, ...]`` with virtual batch g at
+  index g of axis 1; contiguous ``[B/v, v, ...]`` with it at index g of axis
+  0. The group axis is kept by the reduction, so each virtual batch gets its
+  own statistics: a batch norm over a view with one more kept axis.
+  """
+  vbs = config.virtual_batch_size
+  if vbs is None:
+    return BatchView(x, weights, resolved.reduction_axes, None)
+  batch = x.shape[0]
+  if config.virtual_batch_layout == "strided":
+    view, group_axis, batch_axis = (vbs, batch // vbs), 1, 0
+  else:
+    view, group_axis, batch_axis = (batch // vbs, vbs), 0, 1
+  shape = view + x.shape[1:]
+  axes = (batch_axis,) + tuple(a + 1 for a in resolved.reduction_axes if a)
+  if weights is not None:  # split the batch axis like x's; others as given
+    weights = weights.reshape((1,) * (x.ndim - weights.ndim) + weights.shape)
+    weights = jnp.broadcast_to(weights, x.shape[:1] + weights.shape[1:])
+    weights = weights.reshape(view + weights.shape[1:])
+  return BatchView(x.reshape(shape), weights, axes, group_axis)
+
+
+def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
+                 count, renorm_inputs):
+  """``(r, d, summary)`` from the normalization statistics.
+
+  Runs inside the forward of ``closed_form``: ``r``/``d`` are renorm's
+  corrections (None without renorm) and ``summary`` the statistics the state
+  follows.
+  """
+  summary = _summarize(config, resolved, group_axis, axis_name, groups, mean,
+                       var, count)
+  if not config.renorm:
+    return None, None, summary
+  r, d = _renorm_corrections(config, summary, *renorm_inputs)
+  if group_axis is not None:
+    r, d = r[None], d[None]
+  return r, d, summary
+
+
+def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
+               count) -> Summary:
+  """The batch's statistics for the state, without gradient.
+
+  With virtual batches, the count-weighted averages of the virtual batches'
+  means and variances, over every device (Keras averages them with equal
+  weights; without a mask the counts are equal), with the Bessel correction
+  applied per virtual batch.
+  """
+  mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
+  bessel = config.bessel_corrected_moving_variance(resolved)
+  count = jnp.broadcast_to(count, mean.shape)
+  if group_axis is None:
+    update = var * stats.bessel_factor(count) if bessel else var
+    return Summary(count, mean, var, update)
+  m2 = var * count
+  update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
+  count, mean, m2, update_m2 = stats.merge(
+      count, mean, m2, group_axis, between=False, pooled=(update_m2,))
+  if axis_name is not None:
+    count, mean, m2, update_m2 = stats.merge_across_devices(
+        count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,))
+  return Summary(count, mean, stats.safe_divide(m2, count),
+                 stats.safe_divide(update_m2, count))
+
+
+def _updated_state(config, resolved, state, summary: Summary) -> State:
+  """The EMA updates of every moving statistic (plain and renorm).
+
+  A channel keeps its statistics where ``_updatable`` says so.
+  """
+  shape = resolved.param_shape
+  count, mean, var, update_var = (v.reshape(shape) for v in summary)
+  valid = _updatable(config, count, mean, update_var)
+  new_state = dict(state)
+  new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,
+                                 valid)
+  if not config.renorm:
+    new_state["moving_variance"] = ema(state["moving_variance"], update_var,
+                                       config.momentum, valid)
+    return new_state
+  eps = config.epsilon
+  new_state["renorm_mean"] = ema(state["renorm_mean"], mean,
+                                 config.renorm_momentum, valid)
+  new_state["renorm_stddev"] = ema(state["renorm_stddev"], jnp.sqrt(var + eps),
+                                   config.renorm_momentum, valid)
+  moving_stddev = ema(state["moving_stddev"], jnp.sqrt(update_var + eps),
+                      config.momentum, valid)
+  new_state["moving_stddev"] = moving_stddev
+  new_state["moving_variance"] = jnp.where(
+      valid, jnp.maximum(moving_stddev * moving_stddev - eps, 0.0),
+      state["moving_variance"])
+  if "renorm_step" in state:
+    new_state["renorm_step"] = state["renorm_step"] + 1
+  return new_state
+
+
+def _updatable(config, count, mean, var):
   """Per channel: may the moving statistics take this batch's values?
 
   Never for a channel without valid elements (its statistics are undefined);
   with ``skip_nonfinite_updates`` also not for a non-finite mean or variance,
   so that one bad batch cannot poison the state.
   """
-  shape = resolved.param_shape
-  valid = jnp.broadcast_to(count, mean.shape).reshape(shape) > 0
+  valid = count > 0
   if config.skip_nonfinite_updates:
-    valid = valid & jnp.isfinite(mean.reshape(shape)) & jnp.isfinite(
-        var.reshape(shape))
-  return lax.stop_gradient(valid)
-
-
-def _update_moving_statistics(config, resolved, state, mean, var, count):
-  """EMA updates of the plain (non-renorm) moving statistics."""
-  mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
-  if config.bessel_corrected_moving_variance(resolved):
-    var = var * stats.bessel_factor(count)
-  valid = _updatable(config, resolved, count, mean, var)
-  new_state = dict(state)
-  new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,
-                                 valid)
-  new_state["moving_variance"] = ema(state["moving_variance"], var,
-                                     config.momentum, valid)
-  return new_state
-
-
-# ------------------------------------------------------- general training
-
-
-def _train_general(config, resolved, params, state, x, weights, key,
-                   axis_name, groups):
-  """Renorm, virtual batches, adjustment and ``fused=False``, by autodiff."""
-  sd = stats.stat_dtype(x.dtype)
-  xs = x.astype(sd)
-  gamma, beta = _broadcast_params(config, resolved, params, sd)
-  vbs = config.virtual_batch_size
-  if weights is not None:
-    weights = jnp.broadcast_to(weights, x.shape).astype(sd)
-  if vbs is None:
-    red_axes = resolved.reduction_axes
-    moments = stats.moments(xs, red_axes, weights=weights,
-                            axis_name=axis_name, axis_index_groups=groups)
-  else:  # statistics per virtual batch, on a view with two batch axes
-    xs, weights, red_axes, group_axis = _virtual_view(config, xs, weights,
-                                                      resolved)
-    gamma = None if gamma is None else gamma[None]
-    beta = None if beta is None else beta[None]
-    moments = stats.moments(xs, red_axes, weights=weights)
-  batch_mean, batch_var, count = moments
-  update_var = batch_var
-  if config.bessel_corrected_moving_variance(resolved):
-    update_var = batch_var * stats.bessel_factor(count)
-  if vbs is not None:
-    # Renorm's corrections use these averages too (as Keras does).
-    count, batch_mean, batch_var, update_var = _merge_virtual_batches(
-        count, (batch_mean, batch_var, update_var), group_axis, axis_name,
-        groups)
-  scale, offset = gamma, beta
-  if config.adjustment is not None:
-    adj_scale, adj_bias = _call_adjustment(config.adjustment, xs.shape, key)
-    scale, offset = _compose(jnp.asarray(adj_scale, sd),
-                             jnp.asarray(adj_bias, sd), scale, offset)
-  new_state = dict(state)
-  valid = _updatable(config, resolved, count, batch_mean, update_var)
-  if config.renorm:
-    r, d, renorm_state = _renorm(config, resolved, state, batch_mean,
-                                 batch_var, update_var, valid)
-    new_state.update(renorm_state)
-    if vbs is not None:
-      r, d = r[None], d[None]
-    scale, offset = _compose(r, d, scale, offset)
-  else:
-    new_state["moving_variance"] = ema(state["moving_variance"],
-                                       lax.stop_gradient(update_var),
-                                       config.momentum, valid)
-  new_state["moving_mean"] = ema(state["moving_mean"],
-                                 lax.stop_gradient(batch_mean),
-                                 config.momentum, valid)
-  inv = lax.rsqrt(moments.variance + jnp.asarray(config.epsilon, sd))
-  if scale is not None:
-    inv = inv * scale
-  y = fused_lib.normalize(xs, moments.mean, inv, offset)
-  return y.reshape(x.shape).astype(x.dtype), new_state
-
-
-def _virtual_view(config, xs, weights, resolved):
-  """Reshapes ``[B, ...]`` to two batch axes; returns the view and its axes.
-
-  Strided (Keras): ``[v, B/v, ...]``, statistics over axis 0, one virtual
-  batch per index of axis 1. Contiguous: ``[B/v, v, ...]``, over axis 1.
-  """
-  vbs = config.virtual_batch_size
-  batch = xs.shape[0]
-  if config.virtual_batch_layout == "strided":
-    view, group_axis, batch_axis = (vbs, batch // vbs), 1, 0
-  else:
-    view, group_axis, batch_axis = (batch // vbs, vbs), 0, 1
-  shape = view + xs.shape[1:]
-  red_axes = (batch_axis,) + tuple(a + 1 for a in resolved.reduction_axes
-                                   if a != 0)
-  if weights is not None:
-    weights = weights.reshape(shape)
-  return xs.reshape(shape), weights, red_axes, group_axis
-
-
-def _merge_virtual_batches(count, values, group_axis, axis_name, groups):
-  """Per-channel averages over virtual batches (and devices), count-weighted.
-
-  Keras averages the virtual batches' means and variances with equal weights;
-  with equal counts (no mask) the count-weighted average is the same. Across
-  devices the virtual batches stay local (each device normalizes its own
-  virtual batches) and only these averages are combined, in one ``psum``.
-  """
-  sums = [jnp.sum(count, axis=group_axis, keepdims=True)]
-  sums += [jnp.sum(count * v, axis=group_axis, keepdims=True) for v in values]
-  packed = jnp.stack(sums)
-  if axis_name is not None:
-    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
-  packed = jnp.squeeze(packed, axis=group_axis + 1)
-  total = packed[0]
-  return (total,) + tuple(stats.safe_divide(v, total) for v in packed[1:])
-
-
-def _compose(scale, offset, then_scale, then_offset):
-  """The affine map ``z -> (z * scale + offset) * then_scale + then_offset``.
-
-  ``None`` stands for the identity factor/term (Keras' ``_compose_transforms``).
-  """
-  if then_scale is not None:
-    scale = scale * then_scale
-    offset = offset * then_scale
-  if then_offset is not None:
-    offset = offset + then_offset
-  return scale, offset
+    valid = valid & jnp.isfinite(mean) & jnp.isfinite(var)
+  return valid
 
 
 def _call_adjustment(adjustment, shape, key):
@@ -364,53 +384,56 @@ def _call_adjustment(adjustment, shape, key):
     raise TypeError(
         "`adjustment(shape, key)` must return a pair (scale, bias) of arrays "
         f"broadcastable to the input; got {type(result).__name__}.")
+  for name, value in zip(("scale", "bias"), result):
+    try:
+      jnp.broadcast_shapes(jnp.shape(value), tuple(shape))
+    except ValueError:
+      raise ValueError(
+          f"`adjustment` returned a {name} of shape {jnp.shape(value)}, which "
+          f"does not broadcast to the input shape {tuple(shape)}. Return "
+          "per-channel arrays, e.g. of shape (C,) for channels last.") from None
   return result
 
 
-def _clip_bound(bound, step):
-  if bound is None:
-    return None
-  return bound(step) if callable(bound) else bound
+# ------------------------------------------------------------------ renorm
 
 
-def _renorm(config, resolved, state, batch_mean, batch_var, update_var, valid):
-  """Keras' renorm corrections and the updates of every renorm statistic."""
-  eps = config.epsilon
-  shape = resolved.param_shape
-  batch_mean = lax.stop_gradient(batch_mean)
-  batch_std = jnp.sqrt(lax.stop_gradient(batch_var) + eps)
-  sigma = jnp.maximum(state["renorm_stddev"], jnp.sqrt(eps))
-  renorm_mean = state["renorm_mean"]
-  bshape = batch_mean.shape
-  r = batch_std / sigma.reshape(bshape)
-  d = (batch_mean - renorm_mean.reshape(bshape)) / sigma.reshape(bshape)
+def _renorm_inputs(config, state):
+  """What renorm's corrections read: the averages from before this step and
+  the clipping bounds (a schedule's value at the state's step)."""
+  if not config.renorm:
+    return ()
   clipping = config.renorm_clipping
-  new = {}
+  bounds = (None, None, None)
   if clipping is not None:
     step = state.get("renorm_step")
-    rmin = _clip_bound(clipping.rmin, step)
-    rmax = _clip_bound(clipping.rmax, step)
-    dmax = _clip_bound(clipping.dmax, step)
-    if rmin is not None:
-      r = jnp.maximum(r, rmin)
-    if rmax is not None:
-      r = jnp.minimum(r, rmax)
-    if dmax is not None:
-      d = jnp.clip(d, -dmax, dmax)
-    if step is not None:
-      new["renorm_step"] = step + 1
-  momentum, renorm_momentum = config.momentum, config.renorm_momentum
-  new["renorm_mean"] = ema(renorm_mean, batch_mean.reshape(shape),
-                           renorm_momentum, valid)
-  new["renorm_stddev"] = ema(state["renorm_stddev"], batch_std.reshape(shape),
-                             renorm_momentum, valid)
-  update_std = jnp.sqrt(lax.stop_gradient(update_var) + eps).reshape(shape)
-  moving_stddev = ema(state["moving_stddev"], update_std, momentum, valid)
-  new["moving_stddev"] = moving_stddev
-  new["moving_variance"] = jnp.where(
-      valid, jnp.maximum(moving_stddev * moving_stddev - eps, 0.0),
-      state["moving_variance"])
-  return lax.stop_gradient(r), lax.stop_gradient(d), new
+    bounds = tuple(
+        None if bound is None else
+        jnp.asarray(bound(step) if callable(bound) else bound, jnp.float32)
+        for bound in (clipping.rmin, clipping.rmax, clipping.dmax))
+  return (state["renorm_mean"], state["renorm_stddev"]) + bounds
+
+
+def _renorm_corrections(config, summary, renorm_mean, renorm_stddev, rmin,
+                        rmax, dmax):
+  """Keras' Batch Renorm corrections ``r`` and ``d`` (no gradient).
+
+  With ``s = sqrt(var + epsilon)`` and ``sigma = max(renorm_stddev,
+  sqrt(epsilon))``: ``r = clip(s / sigma, rmin, rmax)``, ``d = clip((mean -
+  renorm_mean) / sigma, -dmax, dmax)``.
+  """
+  eps = config.epsilon
+  shape = summary.mean.shape
+  sigma = jnp.maximum(renorm_stddev, jnp.sqrt(eps)).reshape(shape)
+  r = jnp.sqrt(summary.variance + eps) / sigma
+  d = (summary.mean - renorm_mean.reshape(shape)) / sigma
+  if rmin is not None:
+    r = jnp.maximum(r, rmin)
+  if rmax is not None:
+    r = jnp.minimum(r, rmax)
+  if dmax is not None:
+    d = jnp.clip(d, -dmax, dmax)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 # ---------------------------------------------------------------- checks
@@ -464,9 +487,8 @@ def _check_mask(mask, shape):
     raise ValueError(
         f"`mask` of shape {tuple(mask.shape)} would enlarge the input shape "
         f"{tuple(shape)}; it must be broadcastable *to* the input.")
-  if mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer):
-    return mask.astype(stats.stat_dtype(jnp.float32))
-  if jnp.issubdtype(mask.dtype, jnp.floating):
+  if (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)
+      or jnp.issubdtype(mask.dtype, jnp.floating)):
     return mask.astype(jnp.float32)
   raise TypeError(f"`mask` must be boolean (or 0/1 numbers); got dtype "
                   f"{mask.dtype}.")
@@ -476,8 +498,7 @@ def _check_variables(config, resolved, params, state, input_shape):
   expected = resolved.param_shape
   needed = [("params", "gamma", config.scale), ("params", "beta", config.center)]
   for kind, name, present in needed:
-    tree = params if kind == "params" else state
-    if present and name not in tree:
+    if present and name not in params:
       raise ValueError(
           f"`{kind}` has no '{name}', but the config has "
           f"{'scale' if name == 'gamma' else 'center'}=True. Create params "

@@ -1,5 +1,8 @@
 """CPU kernels for the fast path's backward and statistics (XLA FFI), and when to use them.
 
+Only ``jaxbn.passes`` calls these bindings: it decides once per traced call
+whether a kernel applies and otherwise runs the same math in XLA.
+
 On CPU, XLA runs every reduction as its own pass and evaluates an elementwise
 producer inside a reduction (``x - mean``, ``dy * (x - mean)``) at about half
 the speed of a plain sum. Two small C++ kernels (``jaxbn/csrc``) read the data
@@ -26,14 +29,23 @@ backward:
 The statistics are bit-deterministic (a fixed, shape-only split of the work;
 partial results merged in order). The forward's output pass stays in XLA,
 where it fuses with its neighbours (an add, a ReLU). Each kernel but
-``backward`` carries a ``custom_jvp`` written in plain JAX (``jaxbn.fused``
+``backward`` carries a ``custom_jvp`` written in plain JAX (``jaxbn.passes``
 differentiates ``backward`` as the two-call backward it equals), so ``jvp``,
 ``grad`` and ``grad`` of ``grad`` differentiate through them; ``ffi_call``'s
 ``broadcast_all`` batching makes ``vmap`` one kernel call.
 
+Every kernel sees ``x`` as ``(A1, G, A, C, B)`` (:class:`ChannelView`): ``G * C``
+statistics, reduced over ``A1``, ``A`` and ``B``. A plain batch norm has
+``A1 = G = 1`` (channels between reduced ``A`` and ``B``); virtual batches keep
+their group axis ``G`` (Keras' strided layout splits the batch as ``(A1, G)``).
+A mask reaches them as one weight per row (every index before the channels,
+:func:`row_weights`): rows of weight 0 are skipped whatever they hold.
+
 When they run: float32 or bfloat16 data (read as is, accumulated in float32
-and float64), no mask, channel axes contiguous in memory
-(NHWC, NCHW, (N, C), any rank), on the CPU backend, and
+and float64), no mask or one constant along the channels and the axes after
+them, kept axes that are one run of channels in memory, optionally after one
+group axis (NHWC, NCHW, (N, C), axis lists of adjacent axes, virtual batches,
+any rank), on the CPU backend, and
 
 * ``mode 'auto'`` (default): only when the process sees one device. A custom
   call cannot be partitioned by sharded ``jit``: XLA would all-gather a
@@ -108,25 +120,85 @@ if _cpu_kernels is not None:
 
 
 class ChannelView(NamedTuple):
-  """``x`` seen as ``(A, C, B)``: channels ``C`` between reduced ``A``, ``B``."""
+  """``x`` seen as ``(A1, G, A, C, B)``: ``G * C`` statistics, reduced over
+  ``A1``, ``A`` and ``B``.
 
+  ``A1 = G = 1`` for a plain batch norm (channels ``C`` between reduced ``A``
+  and ``B``); a view of virtual batches keeps the group axis ``G`` too
+  (Keras' strided layout ``(v, B/v, ..., C)``: ``A1 = v``).
+  """
+
+  a1: int
+  g: int
   a: int
   c: int
   b: int
 
+  @property
+  def channels(self) -> int:
+    """Statistics per call: one per (group, channel)."""
+    return self.g * self.c
 
-def channel_view(shape: Sequence[int],
-                 reduction_axes: Sequence[int]) -> ChannelView | None:
-  """The (A, C, B) view, or None when the kept axes are not contiguous."""
+  @property
+  def shape(self) -> tuple:
+    return tuple(self)
+
+
+def _channel_run(shape, reduction_axes, split=False):
+  """``(group axis or None, first, last + 1)`` of the kept axes: one run of
+  channels, optionally after one separate group axis (``split``: the first
+  kept axis is the group axis even when the next one follows it); None
+  otherwise."""
   kept = [i for i in range(len(shape)) if i not in set(reduction_axes)]
-  if not kept or kept != list(range(kept[0], kept[-1] + 1)):
+  if not kept:
     return None
-  first, last = kept[0], kept[-1] + 1
-  return ChannelView(math.prod(shape[:first]), math.prod(shape[first:last]),
+  first, group = kept[0], None
+  if kept[1:] and (split or kept[1] != first + 1):  # a group, then channels
+    group, first = kept[0], kept[1]
+    kept = kept[1:]
+  if kept != list(range(first, kept[-1] + 1)):
+    return None
+  return group, first, kept[-1] + 1
+
+
+def channel_view(shape: Sequence[int], reduction_axes: Sequence[int],
+                 split: bool = False) -> ChannelView | None:
+  """The view, or None when the kept axes are not one contiguous run of
+  channels, optionally preceded by one separate group axis (always taken
+  as one with ``split``)."""
+  run = _channel_run(shape, reduction_axes, split)
+  if run is None:
+    return None
+  group, first, last = run
+  if group is None:
+    a1, g, a = 1, 1, math.prod(shape[:first])
+  else:
+    a1, g, a = (math.prod(shape[:group]), shape[group],
+                math.prod(shape[group + 1:first]))
+  return ChannelView(a1, g, a, math.prod(shape[first:last]),
                      math.prod(shape[last:]))
 
 
 INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def row_weights(weights, shape, view: ChannelView):
+  """A mask as the kernels take it in ``view``: one float32 per row (every
+  index of the axes before the view's channels), or None when it varies
+  over the channels or the axes after them (it then stays in XLA)."""
+  first = len(shape)
+  while first > 0 and math.prod(shape[first - 1:]) <= view.c * view.b and (
+      math.prod(shape[:first - 1]) >= view.a1 * view.g * view.a):
+    first -= 1
+  if math.prod(shape[first:]) != view.c * view.b:
+    return None
+  w = jnp.asarray(weights)
+  w = w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
+  if any(size != 1 for size in w.shape[first:]):
+    return None
+  rows = w.reshape(w.shape[:first])
+  return jnp.broadcast_to(rows, tuple(shape[:first])).reshape(-1).astype(
+      jnp.float32)
 
 
 def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
@@ -135,9 +207,10 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
   """The view to run the kernels on, or None to stay in XLA.
 
   ``x`` (and ``dy``, of the same dtype) float32 or bfloat16, ``per_channel``
-  values (a mean, coefficients) float32, no weights.
+  values (a mean, coefficients) float32, weights (a mask) constant along
+  the channels and the axes after them (see :func:`row_weights`).
   """
-  if _mode == "off" or _cpu_kernels is None or weights is not None:
+  if _mode == "off" or _cpu_kernels is None:
     return None
   if _mode == "auto" and jax.device_count() != 1:
     return None
@@ -149,53 +222,91 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
     return None
   if manual_axes.sharded_along(x, reduction_axes):  # would gather x
     return None
-  return channel_view(x.shape, reduction_axes)
+  view = channel_view(x.shape, reduction_axes)
+  if view is None or weights is None or row_weights(weights, x.shape, view) \
+      is not None:
+    return view
+  # a mask varying over the first kept axis (virtual batches): that axis as
+  # the group axis
+  view = channel_view(x.shape, reduction_axes, split=True)
+  if view is None or row_weights(weights, x.shape, view) is None:
+    return None
+  return view
 
 
 def _view_attributes(x, view: ChannelView):
   # x goes to the kernel in its own shape: XLA:CPU copies a bfloat16 operand
   # to reshape it, even where the reshape is free for float32.
-  return dict(rank=np.int64(x.ndim), a=np.int64(view.a), c=np.int64(view.c),
-              b=np.int64(view.b))
+  return dict(rank=np.int64(x.ndim), **{
+      name: np.int64(size) for name, size in zip(ChannelView._fields, view)})
+
+
+def _in_view(value, view: ChannelView):
+  return value.reshape(view.shape).astype(jnp.float32)
 
 
 def _channel_sum(value, view: ChannelView):
-  return jnp.sum(value.reshape(view).astype(jnp.float32), axis=(0, 2))
+  return jnp.sum(_in_view(value, view), axis=(0, 2, 4)).reshape(view.channels)
 
 
 def _per_channel(vector, view: ChannelView):
-  return vector.reshape(1, view.c, 1)
+  return vector.reshape(1, view.g, 1, view.c, 1)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def moments(x: jax.Array, view: ChannelView) -> tuple[jax.Array, jax.Array]:
-  """``(mean, M2)``, each ``(C,)`` float32, of ``x`` viewed as ``(A, C, B)``."""
-  out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
+def _per_row(rows, view: ChannelView):
+  return rows.reshape(view.a1, view.g, view.a, 1, 1)
+
+
+def _weights_operand(rows):
+  """The kernels' row-weights operand and ``masked`` flag (a one-element
+  placeholder without a mask)."""
+  if rows is None:
+    return jnp.ones((1,), jnp.float32), False
+  return rows, True
+
+
+def moments(x: jax.Array, view: ChannelView,
+            rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(mean, M2)``, each ``(G * C,)`` float32, of ``x`` in ``view``.
+
+  ``rows``: optional row weights (:func:`row_weights`); rows of weight 0 are
+  skipped whatever they hold (a NaN in padding stays out).
+  """
+  return _moments(x, _weights_operand(rows)[0], view, rows is not None)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _moments(x, rows, view, masked):
+  out = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
   results = jax.ffi.ffi_call("jaxbn_moments", (out, out),
                              vmap_method="broadcast_all")(
-                                 x, **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, x)
+                                 x, rows, masked=masked,
+                                 **_view_attributes(x, view))
+  return manual_axes.like_inputs(results, x, rows)
 
 
-@moments.defjvp
-def _moments_jvp(view, primals, tangents):
-  (x,), (dx,) = primals, tangents
-  mean, m2 = moments(x, view)
-  n = view.a * view.b
-  dmean = _channel_sum(dx, view) / max(n, 1)
-  centered = x.reshape(view).astype(mean.dtype) - _per_channel(mean, view)
-  dm2 = 2 * _channel_sum(centered * dx.reshape(view).astype(mean.dtype), view)
+@_moments.defjvp
+def _moments_jvp(view, masked, primals, tangents):
+  (x, rows), (dx, _) = primals, tangents
+  mean, m2 = _moments(x, rows, view, masked)
+  w = _per_row(rows, view) if masked else jnp.ones((), jnp.float32)
+  n = _channel_sum(jnp.broadcast_to(w, view.shape), view)
+  counted = lambda v: jnp.where(w > 0, w * v, 0)
+  dmean = jnp.where(n > 0, _channel_sum(counted(_in_view(dx, view)), view)
+                    / jnp.where(n > 0, n, 1), 0)
+  centered = _in_view(x, view) - _per_channel(mean, view)
+  dm2 = 2 * _channel_sum(counted(centered * _in_view(dx, view)), view)
   return (mean, m2), (dmean, dm2)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
               view: ChannelView) -> tuple[jax.Array, jax.Array]:
-  """``(sum dy, sum dy * (x - mean))`` per channel, each ``(C,)`` float32."""
-  out = jax.ShapeDtypeStruct((view.c,), jnp.float32)
+  """``(sum dy, sum dy * (x - mean))``, each ``(G * C,)`` float32."""
+  out = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
   results = jax.ffi.ffi_call("jaxbn_grad_sums", (out, out),
                              vmap_method="broadcast_all")(
-                                 dy, x, mean.reshape(view.c),
+                                 dy, x, mean.reshape(view.channels),
                                  **_view_attributes(x, view))
   return manual_axes.like_inputs(results, dy, x, mean)
 
@@ -204,9 +315,9 @@ def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
 def _grad_sums_jvp(view, primals, tangents):
   (dy, x, mean), (ddy, dx, dmean) = primals, tangents
   out = grad_sums(dy, x, mean, view)
-  f32 = lambda v: v.reshape(view).astype(jnp.float32)
-  centered = f32(x) - _per_channel(mean.reshape(view.c), view)
-  d_centered = f32(dx) - _per_channel(dmean.reshape(view.c), view)
+  f32 = lambda v: _in_view(v, view)
+  centered = f32(x) - _per_channel(mean, view)
+  d_centered = f32(dx) - _per_channel(dmean, view)
   d_sum_dy = _channel_sum(ddy, view)
   d_sum_dy_xc = (_channel_sum(f32(ddy) * centered, view)
                  + _channel_sum(f32(dy) * d_centered, view))
@@ -242,64 +353,78 @@ def streaming_threshold_bytes() -> int:
 
 
 def input_grad(dy: jax.Array, x: jax.Array, coefficients: jax.Array,
-               view: ChannelView, stream: bool | None = None) -> jax.Array:
-  """``a * dy + c * x + d`` in float32, in ``x``'s shape and dtype.
+               view: ChannelView, stream: bool | None = None,
+               rows: jax.Array | None = None) -> jax.Array:
+  """``a * dy + w * (c * x + d)`` in float32, in ``x``'s shape and dtype.
 
-  ``coefficients`` is ``(3, C)`` float32: the rows a, c and d. ``stream``
+  ``w``: the row weights ``rows`` (1 without them); a row of weight 0 gets
+  ``a * dy`` whatever its x holds.
+
+  ``coefficients`` is ``(3, G * C)`` float32: the rows a, c and d. ``stream``
   forces streaming stores on or off (default: by size, see
   :func:`streaming_threshold_bytes`).
   """
   if stream is None:
     stream = x.nbytes >= streaming_threshold_bytes()
-  return _input_grad(dy, x, coefficients, view, bool(stream))
+  operand, masked = _weights_operand(rows)
+  return _input_grad(dy, x, coefficients, operand, view, bool(stream), masked)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _input_grad(dy, x, coefficients, view, stream):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _input_grad(dy, x, coefficients, rows, view, stream, masked):
+  # the kernel takes (a, c, d) per problem: (G, 3, C)
+  per_problem = jnp.swapaxes(coefficients.reshape(3, view.g, view.c), 0, 1)
   result = jax.ffi.ffi_call("jaxbn_input_grad",
                             jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(
-                                dy, x, coefficients.reshape(3, view.c),
-                                stream=stream, **_view_attributes(x, view))
-  return manual_axes.like_inputs((result,), dy, x, coefficients)[0]
+                                dy, x, per_problem, rows, stream=stream,
+                                masked=masked, **_view_attributes(x, view))
+  return manual_axes.like_inputs((result,), dy, x, coefficients, rows)[0]
 
 
 @_input_grad.defjvp
-def _input_grad_jvp(view, stream, primals, tangents):
-  (dy, x, coefficients), (ddy, dx, dcoefficients) = primals, tangents
-  out = _input_grad(dy, x, coefficients, view, stream)
-  f32 = lambda v: v.reshape(view).astype(jnp.float32)
-  a, c, _ = (_per_channel(row, view) for row in coefficients.reshape(3, view.c))
+def _input_grad_jvp(view, stream, masked, primals, tangents):
+  (dy, x, coefficients, rows), (ddy, dx, dcoefficients, _) = primals, tangents
+  out = _input_grad(dy, x, coefficients, rows, view, stream, masked)
+  f32 = lambda v: _in_view(v, view)
+  w = _per_row(rows, view) if masked else jnp.ones((), jnp.float32)
+  a, c, _ = (_per_channel(row, view)
+             for row in coefficients.reshape(3, view.channels))
   da, dc, dd = (_per_channel(row, view)
-                for row in dcoefficients.reshape(3, view.c))
-  tangent = a * f32(ddy) + c * f32(dx) + da * f32(dy) + dc * f32(x) + dd
+                for row in dcoefficients.reshape(3, view.channels))
+  correction = jnp.where(w > 0, w * (c * f32(dx) + dc * f32(x) + dd), 0)
+  tangent = a * f32(ddy) + da * f32(dy) + correction
   return out, tangent.astype(out.dtype).reshape(out.shape)
 
 
 def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
-             view: ChannelView, epsilon: float,
-             stream: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             view: ChannelView, epsilon: float, stream: bool | None = None,
+             rows: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The whole backward in one call: ``(dx, sum dy, sum dy * (x - mean))``.
 
   ``per_channel`` is ``(mean, variance, scale, d_mean, d_variance, count)``,
-  each ``(C,)`` float32; with ``inv = rsqrt(variance + epsilon)``,
+  each ``(G * C,)`` float32; with ``inv = rsqrt(variance + epsilon)``,
   ``a = scale * inv`` and the sums ``S1``, ``S2``::
 
     c = 2 (d_variance - scale inv^3 S2 / 2) / count
     d = (d_mean - a S1) / count - c mean        (c = d = 0 where count = 0)
-    dx = a dy + c x + d
+    dx = a dy + w (c x + d)
 
-  (coefficients in float64). ``stream`` as for :func:`input_grad`. Not
-  differentiable by itself: ``jaxbn.fused`` gives it the derivative of the
+  (coefficients in float64; ``w`` the row weights ``rows``, as for
+  :func:`input_grad`, whose ``stream`` this takes too). Not
+  differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
   if stream is None:
     stream = x.nbytes >= streaming_threshold_bytes()
-  channel = jax.ShapeDtypeStruct((view.c,), jnp.float32)
-  per_channel = tuple(v.reshape(view.c) for v in per_channel)
+  channel = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
+  per_channel = tuple(v.reshape(view.channels) for v in per_channel)
+  operand, masked = _weights_operand(rows)
   results = jax.ffi.ffi_call(
       "jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
       vmap_method="broadcast_all")(
-          dy, x, *per_channel, stream=bool(stream), epsilon=np.float32(epsilon),
+          dy, x, *per_channel, operand, stream=bool(stream),
+          epsilon=np.float32(epsilon), masked=masked,
           **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, dy, x, *per_channel)
+  return manual_axes.like_inputs(results, dy, x, *per_channel, operand)

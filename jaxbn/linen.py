@@ -25,6 +25,15 @@ from jaxbn.config import BatchNormConfig
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchNormConfig))
 
 
+def _config_attributes(namespace: dict) -> None:
+  """Adds every ``BatchNormConfig`` field, with its type and default, to a
+  class body: a new Keras argument is declared once, in the config."""
+  annotations = namespace.setdefault("__annotations__", {})
+  for field in dataclasses.fields(BatchNormConfig):
+    annotations[field.name] = field.type
+    namespace[field.name] = field.default
+
+
 class BatchNormalization(nn.Module):
   """Keras' ``BatchNormalization`` as a Linen module (same arguments).
 
@@ -38,29 +47,7 @@ class BatchNormalization(nn.Module):
   The RNG stream ``'adjustment'`` feeds ``adjustment(shape, key)``.
   """
 
-  axis: Union[int, Sequence[int]] = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-3
-  center: bool = True
-  scale: bool = True
-  beta_initializer: Any = "zeros"
-  gamma_initializer: Any = "ones"
-  moving_mean_initializer: Any = "zeros"
-  moving_variance_initializer: Any = "ones"
-  beta_regularizer: Any = None
-  gamma_regularizer: Any = None
-  beta_constraint: Any = None
-  gamma_constraint: Any = None
-  renorm: bool = False
-  renorm_clipping: Optional[Mapping[str, Any]] = None
-  renorm_momentum: float = 0.99
-  fused: Optional[bool] = None
-  trainable: bool = True
-  virtual_batch_size: Optional[int] = None
-  adjustment: Optional[Callable] = None
-  moving_variance_estimator: str = "keras"
-  virtual_batch_layout: str = "strided"
-  skip_nonfinite_updates: bool = False
+  _config_attributes(vars())  # axis, momentum, ... as in BatchNormConfig
   axis_name: Any = None
   axis_index_groups: Any = None
 
@@ -87,7 +74,7 @@ class BatchNormalization(nn.Module):
   def __call__(self, x: jax.Array, training: Optional[bool] = None,
                mask: Optional[jax.Array] = None) -> jax.Array:
     config = self.config
-    param_shape, _ = core.variable_shapes(config, jnp.shape(x))
+    param_shape = core.variable_shape(config, jnp.shape(x))
     params = {}
     if config.scale:
       params["gamma"] = self.param(

@@ -44,10 +44,7 @@ class BatchNormalization(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_running_average = use_running_average
     shape = _example_shape(self.config, num_features, input_rank)
-    param_shape, _ = core.variable_shapes(self.config, shape)
-    key = rngs.params()
-    params = core.init_params(self.config, param_shape, key=key)
-    state = core.init_state(self.config, param_shape, key=key)
+    params, state = core.init(self.config, shape, key=rngs.params())
     for name, value in params.items():
       setattr(self, name, nnx.Param(value))
     for name, value in state.items():

@@ -12,20 +12,22 @@ formula, which stays exact for data with a large mean::
 
   n = sum n_i,  mean = sum n_i mean_i / n,  M2 = sum M2_i + sum n_i (mean_i - mean)^2
 
-The triples travel in **one** all-reduce: each device writes its triple into its
+(:func:`merge`, the one merge of triples in jaxbn: devices, virtual batches
+and Precise BN use it). The triples travel in **one** all-reduce: each device writes its triple into its
 own slot of a zero buffer ``(devices, 3, ...)`` and the buffer is ``psum``-ed
 (an all-gather expressed as a sum, so the compiled program holds exactly one
 all-reduce of ``3 * devices * channels`` floats).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import cpu_kernels, manual_axes
+from jaxbn import manual_axes
 
 
 class Moments(NamedTuple):
@@ -49,15 +51,20 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
 
 def reduce_count(shape: Sequence[int], reduction_axes: Sequence[int],
                  weights: jax.Array | None, dtype) -> jax.Array:
-  """Number of valid elements per channel (keepdims)."""
+  """Number of valid elements per channel (keepdims).
+
+  From the weights as given (broadcastable to ``shape``): an axis the weights
+  do not vary over multiplies the count by its size instead of being summed.
+  """
+  kept = tuple(1 if i in reduction_axes else s for i, s in enumerate(shape))
   if weights is None:
-    n = 1
-    for a in reduction_axes:
-      n *= shape[a]
-    kept = tuple(1 if i in reduction_axes else s for i, s in enumerate(shape))
-    return jnp.full(kept, n, dtype)
-  w = jnp.broadcast_to(weights.astype(dtype), shape)
-  return jnp.sum(w, axis=tuple(reduction_axes), keepdims=True)
+    return jnp.full(kept, math.prod(shape[a] for a in reduction_axes), dtype)
+  w = jnp.asarray(weights).astype(dtype)
+  w = w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
+  summed = tuple(a for a in reduction_axes if w.shape[a] != 1)
+  repeats = math.prod(shape[a] for a in reduction_axes if w.shape[a] == 1)
+  count = jnp.sum(w, axis=summed, keepdims=True) if summed else w
+  return jnp.broadcast_to(count * repeats, kept)
 
 
 def separate(*values):
@@ -76,6 +83,14 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
+def _weighted(w, values):
+  """``w * values``, 0 where ``w == 0`` whatever ``values`` holds there (a NaN
+  in masked-out padding stays out)."""
+  if w is None:
+    return values
+  return jnp.where(w != 0, w * values, 0)
+
+
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -89,12 +104,9 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   count = reduce_count(x.shape, axes, weights, sd)
   xs = x_for_mean.astype(sd)
   w = None if weights is None else weights.astype(sd)
-  if w is None:
-    mean = _sum(xs, axes) / count
-  else:
-    mean = safe_divide(_sum(w * xs, axes), count)
+  mean = safe_divide(_sum(_weighted(w, xs), axes), count)
   squares = jnp.square(x_for_m2.astype(sd) - separate(mean)[0])
-  m2 = _sum(squares if w is None else w * squares, axes)
+  m2 = _sum(_weighted(w, squares), axes)
   return jnp.broadcast_to(count, mean.shape), mean, m2
 
 
@@ -122,37 +134,11 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
   centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
-  s1 = _sum(centered if w is None else w * centered, axes)
-  squares = jnp.square(centered)
-  s2 = _sum(squares if w is None else w * squares, axes)
+  s1 = _sum(_weighted(w, centered), axes)
+  s2 = _sum(_weighted(w, jnp.square(centered)), axes)
   mean_shifted = safe_divide(s1, count)
   m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
-
-
-def kernel_moments(x, reduction_axes, view):
-  """``(count, mean, M2)`` (keepdims) from the one-read CPU kernel."""
-  kept = tuple(1 if i in reduction_axes else s for i, s in enumerate(x.shape))
-  mean, m2 = cpu_kernels.moments(x, view)
-  count = jnp.full(kept, view.a * view.b, mean.dtype)
-  return count, mean.reshape(kept), m2.reshape(kept)
-
-
-def platform_moments(x, reduction_axes, weights=None):
-  """One-read kernel or two XLA passes on CPU, shifted sums elsewhere.
-
-  XLA:CPU has no sibling fusion, so its two-pass moments cost two reads; the
-  CPU kernel (float32 or bfloat16, unmasked, see ``jaxbn.cpu_kernels``)
-  costs one.
-  """
-  axes = tuple(reduction_axes)
-  view = cpu_kernels.applicable(x, axes, weights)
-  if view is None:
-    cpu = lambda: local_moments(x, axes, weights)
-  else:
-    cpu = lambda: kernel_moments(x, axes, view)
-  return lax.platform_dependent(
-      cpu=cpu, default=lambda: local_moments_shifted(x, axes, weights))
 
 
 def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
@@ -173,28 +159,70 @@ def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
   return jnp.asarray(table, jnp.int32)[index], size
 
 
-def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None):
-  """Chan's merge of per-device ``(count, mean, M2)`` in one all-reduce."""
+def merge(count, mean, m2, axis: int, *, between: bool = True,
+          pooled: tuple = ()):
+  """``(count, mean, M2, *pooled sums)`` of the groups stacked along ``axis``.
+
+  Chan's formula: ``n = sum n_i``, ``mean = sum n_i mean_i / n`` and
+  ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``. With ``between=False`` the
+  second term is left out: ``M2 / n`` is then the count-weighted average of
+  the groups' variances, which is what Keras' virtual batches average.
+  ``pooled`` values are summed along. Written with array methods only, so
+  NumPy float64 arrays stay NumPy (Precise BN) and JAX arrays stay JAX.
+  Empty groups count for nothing.
+  """
+  total = count.sum(axis, keepdims=True)
+  merged_mean = (count * mean).sum(axis, keepdims=True) / (total + (total == 0))
+  merged_m2 = m2.sum(axis, keepdims=True)
+  if between:
+    merged_m2 = merged_m2 + (count * (mean - merged_mean) ** 2).sum(
+        axis, keepdims=True)
+  merged = (total, merged_mean, merged_m2) + tuple(
+      v.sum(axis, keepdims=True) for v in pooled)
+  return tuple(v.squeeze(axis) for v in merged)
+
+
+def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None, *,
+                         between: bool = True, pooled: tuple = ()):
+  """:func:`merge` of every device's ``(count, mean, M2)``, in one all-reduce.
+
+  Each device writes its values into its own slot of a zero buffer and the
+  buffer is summed (an all-gather as one psum). With ``between=False`` the
+  sums ``(n, n mean, M2, *pooled)`` are all a device needs to send.
+  """
+  if not between:
+    sums = lax.psum(jnp.stack([count, count * mean, m2, *pooled]), axis_name,
+                    axis_index_groups=axis_index_groups)
+    return (sums[0], safe_divide(sums[1], sums[0]), sums[2], *sums[3:])
   slot, size = device_slot(axis_name, axis_index_groups)
-  packed = jnp.stack([count, mean, m2])
+  packed = jnp.stack([count, mean, m2, *pooled])
   buffer = jnp.zeros((size,) + packed.shape, packed.dtype)
   buffer = lax.dynamic_update_index_in_dim(buffer, packed, slot, 0)
   everyone = lax.psum(buffer, axis_name, axis_index_groups=axis_index_groups)
-  counts, means, m2s = everyone[:, 0], everyone[:, 1], everyone[:, 2]
-  total = jnp.sum(counts, axis=0)
-  mean = safe_divide(jnp.sum(counts * means, axis=0), total)
-  m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean),
-                                      axis=0)
-  return total, mean, m2
+  return merge(everyone[:, 0], everyone[:, 1], everyone[:, 2], axis=0,
+               pooled=tuple(everyone[:, 3 + i] for i in range(len(pooled))))
+
+
+def platform_moments(x, reduction_axes, weights=None):
+  """``(count, mean, M2)`` in XLA: two passes on CPU, shifted sums elsewhere.
+
+  XLA:GPU/TPU fuse the shifted sums' sibling reductions into one read; XLA:CPU
+  fuses no siblings, and there the two-pass form costs the same two reads
+  and is exact.
+  """
+  axes = tuple(reduction_axes)
+  return lax.platform_dependent(
+      cpu=lambda: local_moments(x, axes, weights),
+      default=lambda: local_moments_shifted(x, axes, weights))
 
 
 def moments(x: jax.Array, reduction_axes: Sequence[int], *,
             weights: jax.Array | None = None, axis_name=None,
             axis_index_groups=None) -> Moments:
-  """Mean and biased variance over ``reduction_axes`` (and devices).
+  """Mean and biased variance over ``reduction_axes`` (and devices), in XLA.
 
   Args:
-    x: data, already in the statistics dtype.
+    x: data (16-bit data get float32 statistics).
     reduction_axes: axes to reduce.
     weights: optional 0/1 (or non-negative) weights broadcastable to ``x``.
     axis_name: optional named axis (or tuple) to combine devices over.

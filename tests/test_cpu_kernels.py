@@ -23,9 +23,21 @@ def test_kernels_are_built_wherever_a_compiler_is():
         "reinstall with `pip install -e .` and read the build log")
 
 
+def _as3(value, view):
+  """``value`` as (A1 * A, G * C, B): reduced, kept, reduced axes."""
+  return np.asarray(value).reshape(view.shape).transpose(0, 2, 1, 3, 4).reshape(
+      view.a1 * view.a, view.channels, view.b)
+
+
+def _from3(value, view, shape):
+  """The inverse of ``_as3``."""
+  return np.asarray(value).reshape(view.a1, view.a, view.g, view.c,
+                                   view.b).transpose(0, 2, 1, 3, 4).reshape(shape)
+
+
 def _reference_moments(x, view):
-  x3 = np.asarray(x, np.float64).reshape(view)
-  mean = x3.mean(axis=(0, 2)) if x3.size else np.zeros(view.c)
+  x3 = _as3(np.asarray(x, np.float64), view)
+  mean = x3.mean(axis=(0, 2)) if x3.size else np.zeros(view.channels)
   m2 = ((x3 - mean[None, :, None]) ** 2).sum(axis=(0, 2))
   return mean, m2
 
@@ -42,6 +54,9 @@ VIEWS = [
     ((1, 4, 3, 3), (0, 2, 3)),       # one example
     ((0, 6), (0,)),                  # empty batch
     ((5, 4, 3, 2), (0, 3)),          # two channel axes (1, 2)
+    ((4, 3, 5, 5, 16), (0, 2, 3)),   # virtual batches, strided NHWC
+    ((3, 4, 6, 9, 9), (1, 3, 4)),    # virtual batches, contiguous NCHW
+    ((2, 5, 66, 3), (0, 2)),         # virtual batches, strided (N, T, C)
 ]
 
 
@@ -76,8 +91,8 @@ def test_gradient_sums_match_float64(shape, axes, dtype):
   mean = _reference_moments(x, view)[0].astype(np.float32)
   sum_dy, sum_dy_xc = jax.jit(cpu_kernels.grad_sums, static_argnums=3)(
       jnp.asarray(dy, dtype), jnp.asarray(x, dtype), mean, view)
-  x3 = np.asarray(x, np.float64).reshape(view)
-  dy3 = np.asarray(dy, np.float64).reshape(view)
+  x3 = _as3(np.asarray(x, np.float64), view)
+  dy3 = _as3(np.asarray(dy, np.float64), view)
   scale = np.abs(dy3).sum(axis=(0, 2)) * (1 + np.abs(x3).max(initial=0))
   np.testing.assert_allclose(sum_dy, dy3.sum(axis=(0, 2)),
                              atol=1e-6 * scale.max(initial=1) + 1e-6)
@@ -91,14 +106,14 @@ def _input_grad_inputs(shape, axes, dtype, seed=4):
   view = cpu_kernels.channel_view(shape, axes)
   dy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
   x = jnp.asarray((rng.normal(size=shape) + 3).astype(np.float32), dtype)
-  coefficients = rng.normal(size=(3, view.c)).astype(np.float32)
+  coefficients = rng.normal(size=(3, view.channels)).astype(np.float32)
   return dy, x, coefficients, view
 
 
 def _reference_input_grad(dy, x, coefficients, view):
   a, c, d = (np.asarray(v, np.float64)[None, :, None] for v in coefficients)
-  dy3, x3 = (np.asarray(v, np.float64).reshape(view) for v in (dy, x))
-  return (a * dy3 + c * x3 + d).reshape(np.shape(x))
+  dy3, x3 = (_as3(np.asarray(v, np.float64), view) for v in (dy, x))
+  return _from3(a * dy3 + c * x3 + d, view, np.shape(x))
 
 
 @needs_kernels
@@ -198,11 +213,12 @@ def _backward_inputs(shape, axes, dtype, seed=8):
   dy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
   x = jnp.asarray((rng.normal(size=shape) * 2 + 3).astype(np.float32), dtype)
   mean, m2 = _reference_moments(np.asarray(x, np.float32), view)
-  count = np.full(view.c, view.a * view.b, np.float64)
+  count = np.full(view.channels, view.a1 * view.a * view.b, np.float64)
   count[0] = 0.0
   variance = np.where(count > 0, m2 / np.maximum(count, 1), 0.0)
-  per_channel = [mean, variance, rng.normal(1, 0.3, view.c),
-                 rng.normal(size=view.c), rng.normal(size=view.c), count]
+  per_channel = [mean, variance, rng.normal(1, 0.3, view.channels),
+                 rng.normal(size=view.channels),
+                 rng.normal(size=view.channels), count]
   return dy, x, [np.asarray(v, np.float32) for v in per_channel], view
 
 
@@ -210,7 +226,7 @@ def _reference_backward(dy, x, per_channel, view, epsilon):
   """The closed-form backward in float64 from the float32 inputs."""
   mean, var, scale, d_mean, d_var, n = (np.asarray(v, np.float64)
                                         for v in per_channel)
-  dy3, x3 = (np.asarray(v, np.float32).astype(np.float64).reshape(view)
+  dy3, x3 = (_as3(np.asarray(v, np.float32).astype(np.float64), view)
              for v in (dy, x))
   s1 = dy3.sum(axis=(0, 2))
   s2 = (dy3 * (x3 - mean[None, :, None])).sum(axis=(0, 2))
@@ -220,7 +236,7 @@ def _reference_backward(dy, x, per_channel, view, epsilon):
   c = np.where(n > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * s2) / safe_n, 0)
   d = np.where(n > 0, (d_mean - a * s1) / safe_n, 0) - c * mean
   dx = a[None, :, None] * dy3 + c[None, :, None] * x3 + d[None, :, None]
-  return dx.reshape(np.shape(x)), s1, s2, (a, c, d)
+  return _from3(dx, view, np.shape(x)), s1, s2, (a, c, d)
 
 
 @needs_kernels
@@ -235,14 +251,14 @@ def test_backward_in_one_call_matches_float64(shape, axes, dtype, stream):
   assert dx.shape == x.shape and dx.dtype == x.dtype
   want_dx, want_s1, want_s2, (a, c, d) = _reference_backward(
       dy, x, per_channel, view, 1e-3)
-  x3 = np.abs(np.asarray(x, np.float32)).reshape(view)
-  dy3 = np.abs(np.asarray(dy, np.float32)).reshape(view)
+  x3 = _as3(np.abs(np.asarray(x, np.float32)), view)
+  dy3 = _as3(np.abs(np.asarray(dy, np.float32)), view)
   sums_scale = (dy3.sum(axis=(0, 2)) * (1 + x3.max())).max()
   np.testing.assert_allclose(sum_dy, want_s1, atol=1e-6 * sums_scale + 1e-6)
   np.testing.assert_allclose(sum_dy_xc, want_s2, atol=1e-6 * sums_scale + 1e-6)
   # dx's size: the largest term of a dy + c x + d, per channel
-  term = (np.abs(a)[None, :, None] * dy3 + np.abs(c)[None, :, None] * x3
-          + np.abs(d)[None, :, None]).reshape(np.shape(x))
+  term = _from3(np.abs(a)[None, :, None] * dy3 + np.abs(c)[None, :, None] * x3
+                + np.abs(d)[None, :, None], view, np.shape(x))
   got = np.asarray(dx, np.float32)
   if dtype == "float32":
     np.testing.assert_array_less(np.abs(got - want_dx), 1e-5 * term + 1e-7)
@@ -251,8 +267,8 @@ def test_backward_in_one_call_matches_float64(shape, axes, dtype, stream):
                                  2 ** -8 * np.abs(want_dx) + 1e-5 * term + 1e-7)
   # the empty channel (count 0) gets dx = a dy and no correction
   np.testing.assert_allclose(
-      np.asarray(got.reshape(view)[:, 0], np.float64),
-      (a[0] * np.asarray(dy, np.float32).reshape(view)[:, 0]),
+      np.asarray(_as3(got, view)[:, 0], np.float64),
+      (a[0] * _as3(np.asarray(dy, np.float32), view)[:, 0]),
       rtol=2 ** -8 if dtype == "bfloat16" else 1e-6, atol=1e-6)
 
 
@@ -562,18 +578,27 @@ def test_kernels_are_skipped_where_they_do_not_apply():
     assert cpu_kernels.applicable(x, (0, 2), dy=x.astype(jnp.bfloat16)) is None
     assert cpu_kernels.applicable(x.astype(jnp.bfloat16), (0, 2),
                                   per_channel=mean.astype(jnp.bfloat16)) is None
-    assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 1))) is None
-    assert cpu_kernels.applicable(x, (1,)) is None  # kept axes 0, 2
+    # masks: per row (every axis before the channels) run in the kernels;
+    # varying along the channels or the axes after them, in XLA
+    assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 1))) is not None
+    assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 3, 1))) is None
+    assert cpu_kernels.applicable(x, (0, 2), jnp.ones((4, 1, 5))) is None
+    y = jnp.ones((4, 3, 5, 2, 2), jnp.float32)
+    assert cpu_kernels.applicable(y, (1, 3)) is None  # kept axes 0, 2, 4
   with cpu_kernels.use("off"):
     assert cpu_kernels.applicable(x, (0, 2)) is None
 
 
 def test_channel_view_of_common_layouts():
   view = cpu_kernels.channel_view
-  assert view((8, 4, 4, 16), (0, 1, 2)) == (128, 16, 1)
-  assert view((8, 16, 4, 4), (0, 2, 3)) == (8, 16, 16)
-  assert view((8, 3, 4, 5), (0, 3)) == (8, 12, 5)
-  assert view((8, 3, 4, 5), (0, 2)) is None
+  assert view((8, 4, 4, 16), (0, 1, 2)) == (1, 1, 128, 16, 1)
+  assert view((8, 16, 4, 4), (0, 2, 3)) == (1, 1, 8, 16, 16)
+  assert view((8, 3, 4, 5), (0, 3)) == (1, 1, 8, 12, 5)
+  # a group axis before the channels (virtual batches: strided, contiguous)
+  assert view((8, 3, 4, 5), (0, 2)) == (8, 3, 4, 5, 1)
+  assert view((2, 4, 4, 4, 16), (0, 2, 3)) == (2, 4, 16, 16, 1)
+  assert view((4, 2, 16, 4, 4), (1, 3, 4)) == (1, 4, 2, 16, 16)
+  assert view((8, 3, 4, 5, 6), (1, 3)) is None  # three kept runs
 
 
 def test_bad_mode_names_the_value():

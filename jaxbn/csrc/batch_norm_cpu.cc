@@ -5,14 +5,15 @@
 // at about half the speed of a plain sum. These kernels do the statistics in
 // one read each, and the backward's elementwise pass with streaming stores:
 //
-//   jaxbn_moments:   x[..., A, C, B] -> mean[..., C], M2[..., C]
-//                    (x in its own shape, (A, C, B) given as attributes)
+//   jaxbn_moments:   x[..., A1, G, A, C, B] -> mean[..., G, C], M2[..., G, C]
+//                    (x in its own shape, the view given as attributes;
+//                    A1 = G = 1 but for virtual batches, see View)
 //       M2 = sum (x - mean)^2 over A and B, exact: every block (16 KB or
 //       64 rows) is reduced with the corrected two-pass algorithm while it
 //       sits in cache, and blocks are accumulated in double as sums shifted
 //       by a data value of their channel, which makes parts plain sums.
-//   jaxbn_grad_sums: dy, x[..., A, C, B], mean[..., C]
-//                        -> sum dy[..., C], sum dy * (x - mean)[..., C]
+//   jaxbn_grad_sums: dy, x[..., A1, G, A, C, B], mean[..., G, C]
+//                        -> sum dy[..., G, C], sum dy * (x - mean)[..., G, C]
 //       float32 sums per block, double across blocks.
 //   jaxbn_input_grad: dy, x, (a, c, d)[..., 3, C] -> dx = a dy + c x + d
 //       the backward's last pass, with streaming stores for big outputs,
@@ -183,31 +184,42 @@ struct Moments {
   }
 };
 
-// The problem as `outer` independent (A, C, B) reductions.
+// The data as `problems` independent reductions to C values each. One call's
+// x is (A1, G, A, C, B) in row-major order: G problems, each reducing over
+// A1, A and B (a virtual batch of Keras' strided layout has A1 = its size
+// and G = the number of virtual batches; a plain batch norm has A1 = G = 1).
+// A problem is A1 chunks of (A, C, B) elements, G chunks apart.
 struct View {
-  int64_t outer, a, c, b;
+  int64_t problems, a1, g, a, c, b;
+  int64_t ChunkElems() const { return a * c * b; }
+  // The offset of chunk i1 of problem p, in elements from the start of x.
+  int64_t ChunkOffset(int64_t p, int64_t i1) const {
+    const int64_t outer = p / g, group = p % g;
+    return ((outer * a1 + i1) * g + group) * ChunkElems();
+  }
 };
 
 // x arrives in its own shape (reshaping a bfloat16 operand costs XLA:CPU a
-// copy) with the view of one problem as attributes: `rank` trailing
-// dimensions that are (a, c, b) in row-major order; leading dimensions
-// (vmap's) are independent problems.
-std::optional<View> ViewOf(ffi::Span<const int64_t> dims, int64_t rank, int64_t a,
-                           int64_t c, int64_t b) {
+// copy) with the view of one call as attributes: `rank` trailing dimensions
+// that are (a1, g, a, c, b) in row-major order; leading dimensions (vmap's)
+// multiply the independent problems.
+std::optional<View> ViewOf(ffi::Span<const int64_t> dims, int64_t rank, int64_t a1,
+                           int64_t g, int64_t a, int64_t c, int64_t b) {
   const int64_t leading = static_cast<int64_t>(dims.size()) - rank;
-  if (leading < 0) return std::nullopt;
-  View v{1, a, c, b};
-  int64_t problem = 1;
-  for (int64_t i = 0; i < leading; ++i) v.outer *= dims[i];
-  for (int64_t i = leading; i < static_cast<int64_t>(dims.size()); ++i) problem *= dims[i];
-  if (problem != a * c * b) return std::nullopt;
+  if (leading < 0 || a1 < 1 || g < 1) return std::nullopt;
+  View v{g, a1, g, a, c, b};
+  int64_t call = 1;
+  for (int64_t i = 0; i < leading; ++i) v.problems *= dims[i];
+  for (int64_t i = leading; i < static_cast<int64_t>(dims.size()); ++i) call *= dims[i];
+  if (call != a1 * g * a * c * b) return std::nullopt;
   return v;
 }
 
-// Work items of one (A, C, B) problem: blocks of rows when B == 1 (channels
+// Work items of one problem: per chunk, blocks of rows when B == 1 (channels
 // last), runs of B contiguous elements of one channel otherwise.
 struct Plan {
   int64_t rows_per_block;  // B == 1 only
+  int64_t items_per_chunk;
   int64_t items;
   int64_t parts;
 };
@@ -218,13 +230,14 @@ Plan PlanFor(const View& v) {
   if (v.b == 1) {
     plan.rows_per_block =
         std::max<int64_t>(kMinRowsPerBlock, kBlockElems / std::max<int64_t>(v.c, 1));
-    plan.items = (v.a + plan.rows_per_block - 1) / plan.rows_per_block;
+    plan.items_per_chunk = (v.a + plan.rows_per_block - 1) / plan.rows_per_block;
     item_elems = plan.rows_per_block * v.c;
   } else {
     plan.rows_per_block = 0;
-    plan.items = v.a * v.c;
+    plan.items_per_chunk = v.a * v.c;
     item_elems = v.b;
   }
+  plan.items = v.a1 * plan.items_per_chunk;
   const int64_t total = plan.items * item_elems;
   // Each part has its own per-channel accumulators, which it zeroes, fills
   // and hands to the merge: at least kElemsPerPartPerChannel elements per
@@ -246,17 +259,17 @@ template <class RowBlock, class RunBlock>
 void ForEachBlock(const View& v, const Plan& plan, int64_t task,
                   const RowBlock& row_block, const RunBlock& run_block) {
   const int64_t o = task / plan.parts, p = task % plan.parts;
-  const int64_t problem = o * v.a * v.c * v.b;
   const int64_t first = plan.items * p / plan.parts;
   const int64_t last = plan.items * (p + 1) / plan.parts;
   for (int64_t item = first; item < last; ++item) {
+    const int64_t chunk = v.ChunkOffset(o, item / plan.items_per_chunk);
+    const int64_t j = item % plan.items_per_chunk;
     if (v.b == 1) {
-      const int64_t r0 = item * plan.rows_per_block;
-      row_block(problem + r0 * v.c, std::min(v.a, r0 + plan.rows_per_block) - r0);
+      const int64_t r0 = j * plan.rows_per_block;
+      row_block(chunk + r0 * v.c, std::min(v.a, r0 + plan.rows_per_block) - r0);
     } else {
       for (int64_t b0 = 0; b0 < v.b; b0 += kBlockElems) {
-        run_block(problem + item * v.b + b0, item % v.c,
-                  std::min(v.b - b0, kBlockElems));
+        run_block(chunk + j * v.b + b0, j % v.c, std::min(v.b - b0, kBlockElems));
       }
     }
   }
@@ -304,6 +317,16 @@ template <class Step>
   }
 }
 
+// A block's per-channel sums in `scratch` (3 C floats, zeroed): the
+// provisional mean s, then the residual sums r and q around it.
+struct BlockSums {
+  float *s, *r, *q;
+  BlockSums(float* scratch, int64_t channels)
+      : s(scratch), r(scratch + channels), q(scratch + 2 * channels) {
+    std::fill(scratch, scratch + 3 * channels, 0.f);
+  }
+};
+
 // Two passes over a row-major (rows, C) block while it sits in cache: the
 // first gives a provisional mean, the second residual sums around it; added
 // to `acc`. `scratch` holds 3 C floats.
@@ -311,10 +334,10 @@ template <class In>
 [[gnu::always_inline]] inline void RowBlockMoments(const In* __restrict x, int64_t rows,
                                                    int64_t channels, float* __restrict scratch,
                                                    Moments& acc) {
-  float* __restrict s = scratch;
-  float* __restrict r = scratch + channels;
-  float* __restrict q = scratch + 2 * channels;
-  std::fill(scratch, scratch + 3 * channels, 0.f);
+  const BlockSums sums(scratch, channels);
+  float* __restrict s = sums.s;
+  float* __restrict r = sums.r;
+  float* __restrict q = sums.q;
   const int64_t C = channels;
   ForEachRowStep(rows, C <= 64 ? 4 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
@@ -380,7 +403,52 @@ template <class In>
   }
 }
 
+// The same for a block whose rows carry weights `w` (a mask): rows of weight
+// 0 are skipped (whatever they hold), the others count w times.
+template <class In>
+[[gnu::always_inline]] inline void WeightedRowBlockMoments(const In* __restrict x,
+                                                           const float* __restrict w,
+                                                           int64_t rows, int64_t channels,
+                                                           float* __restrict scratch,
+                                                           Moments& acc) {
+  const BlockSums sums(scratch, channels);
+  float* __restrict s = sums.s;
+  float* __restrict r = sums.r;
+  float* __restrict q = sums.q;
+  const int64_t C = channels;
+  float total = 0.f;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (w[i] == 0.f) continue;
+    total += w[i];
+    const float wi = w[i];
+    ForEachLanes(C, [&](auto t, int64_t c) {
+      StoreLanes(s + c, LoadLanes(s + c, t) + wi * LoadLanes(x + i * C + c, t));
+    });
+  }
+  if (total == 0.f) return;
+  const float inv_total = 1.0f / total;
+  for (int64_t c = 0; c < C; ++c) s[c] *= inv_total;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (w[i] == 0.f) continue;
+    const float wi = w[i];
+    ForEachLanes(C, [&](auto t, int64_t c) {
+      const auto d = LoadLanes(x + i * C + c, t) - LoadLanes(s + c, t);
+      StoreLanes(r + c, LoadLanes(r + c, t) + wi * d);
+      StoreLanes(q + c, LoadLanes(q + c, t) + wi * (d * d));
+    });
+  }
+  acc.AddRows(total, s, r, q);
+}
+
 // The hot loops, compiled per input type (and per ISA, see JAXBN_HOT).
+JAXBN_HOT void WeightedMomentsBlock(const float* x, const float* w, int64_t rows,
+                                    int64_t channels, float* scratch, Moments& acc) {
+  WeightedRowBlockMoments(x, w, rows, channels, scratch, acc);
+}
+JAXBN_HOT void WeightedMomentsBlock(const BF16* x, const float* w, int64_t rows,
+                                    int64_t channels, float* scratch, Moments& acc) {
+  WeightedRowBlockMoments(x, w, rows, channels, scratch, acc);
+}
 JAXBN_HOT void MomentsBlock(const float* x, int64_t rows, int64_t channels,
                             float* scratch, Moments& acc) {
   RowBlockMoments(x, rows, channels, scratch, acc);
@@ -396,39 +464,60 @@ JAXBN_HOT void MomentsRun(const BF16* x, int64_t n, float& shift, float& r, floa
   RunMoments(x, n, shift, r, q);
 }
 
+// The offset of the first row of problem o whose weight is not 0 (rows are
+// the (A1, G, A) indices; their weights are `w`), or -1.
+int64_t FirstCountedRow(const View& v, const float* w, int64_t o) {
+  for (int64_t i1 = 0; i1 < v.a1; ++i1) {
+    const int64_t chunk = v.ChunkOffset(o, i1);
+    for (int64_t i = 0; i < v.a; ++i) {
+      const int64_t row = chunk + i * v.c * v.b;
+      if (w == nullptr || w[row / (v.c * v.b)] != 0.f) return row;
+    }
+  }
+  return -1;
+}
+
 template <class In>
-void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x,
+void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x, const float* w,
                     float* mean_out, float* m2_out) {
   const Plan plan = PlanFor(v);
-  // The reference of each channel: its first value in the problem.
-  std::vector<double> ref(v.outer * v.c, 0.0);
+  // The reference of each channel: its first counted value in the problem.
+  std::vector<double> ref(v.problems * v.c, 0.0);
   if (v.a > 0 && v.b > 0) {
-    for (int64_t o = 0; o < v.outer; ++o) {
-      for (int64_t c = 0; c < v.c; ++c) {
-        ref[o * v.c + c] = ToFloat(x[(o * v.a * v.c + c) * v.b]);
-      }
+    for (int64_t o = 0; o < v.problems; ++o) {
+      const int64_t row = FirstCountedRow(v, w, o);
+      if (row < 0) continue;
+      for (int64_t c = 0; c < v.c; ++c) ref[o * v.c + c] = ToFloat(x[row + c * v.b]);
     }
   }
   std::vector<Moments> parts;
-  parts.reserve(v.outer * plan.parts);
-  for (int64_t task = 0; task < v.outer * plan.parts; ++task) {
+  parts.reserve(v.problems * plan.parts);
+  for (int64_t task = 0; task < v.problems * plan.parts; ++task) {
     parts.emplace_back(ref.data() + task / plan.parts * v.c, v.c);
   }
-  ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
+  ParallelFor(pool, v.problems * plan.parts, [&](int64_t task) {
     Moments& acc = parts[task];
     std::vector<float> scratch(3 * v.c);
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
-          MomentsBlock(x + offset, rows, v.c, scratch.data(), acc);
+          if (w == nullptr) {
+            MomentsBlock(x + offset, rows, v.c, scratch.data(), acc);
+          } else {
+            WeightedMomentsBlock(x + offset, w + offset / v.c, rows, v.c, scratch.data(),
+                                 acc);
+          }
         },
         [&](int64_t offset, int64_t c, int64_t n) {
+          // one row's run: one weight
+          const float weight = w == nullptr ? 1.f : w[offset / (v.c * v.b)];
+          if (weight == 0.f) return;
           float shift, r, q;
           MomentsRun(x + offset, n, shift, r, q);
-          acc.Add(c, n, shift, r, q);
+          acc.Add(c, weight * n, shift, weight * r, weight * q);
         });
   });
-  for (int64_t o = 0; o < v.outer; ++o) {
+  for (int64_t o = 0; o < v.problems; ++o) {
     Moments total(ref.data() + o * v.c, v.c);
     for (int64_t p = 0; p < plan.parts; ++p) total.Absorb(parts[o * plan.parts + p]);
     for (int64_t c = 0; c < v.c; ++c) {
@@ -438,23 +527,40 @@ void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x,
   }
 }
 
-ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf,
+// Row weights (a mask) arrive as one float32 per (A1, G, A) row of x when
+// `masked`; otherwise the operand is a placeholder.
+std::optional<const float*> RowWeights(const ffi::AnyBuffer& w_buf, bool masked,
+                                       const View& v, size_t x_elems) {
+  if (!masked) return nullptr;
+  if (w_buf.element_type() != ffi::F32 || v.c * v.b == 0 ||
+      w_buf.element_count() * v.c * v.b != x_elems) {
+    return std::nullopt;
+  }
+  return w_buf.typed_data<float>();
+}
+
+ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf, ffi::AnyBuffer w_buf,
                          ffi::Result<ffi::AnyBuffer> mean_buf,
-                         ffi::Result<ffi::AnyBuffer> m2_buf, int64_t rank, int64_t a,
-                         int64_t c, int64_t b) {
-  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
-  if (!view) {
-    return ffi::Error::InvalidArgument("jaxbn_moments: x does not match (a, c, b)");
+                         ffi::Result<ffi::AnyBuffer> m2_buf, int64_t rank, int64_t a1,
+                         int64_t g, int64_t a, int64_t c, int64_t b, bool masked) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
+  const std::optional<const float*> weights =
+      view ? RowWeights(w_buf, masked, *view, x_buf.element_count()) : std::nullopt;
+  if (!view || !weights) {
+    return ffi::Error::InvalidArgument(
+        "jaxbn_moments: x does not match (a1, g, a, c, b), or the float32 row "
+        "weights do not match x");
   }
   const View& v = *view;
+  const float* w = *weights;
   float* mean = mean_buf->typed_data<float>();
   float* m2 = m2_buf->typed_data<float>();
   switch (x_buf.element_type()) {
     case ffi::F32:
-      ComputeMoments(pool, v, static_cast<const float*>(x_buf.untyped_data()), mean, m2);
+      ComputeMoments(pool, v, static_cast<const float*>(x_buf.untyped_data()), w, mean, m2);
       return ffi::Error::Success();
     case ffi::BF16:
-      ComputeMoments(pool, v, static_cast<const BF16*>(x_buf.untyped_data()), mean, m2);
+      ComputeMoments(pool, v, static_cast<const BF16*>(x_buf.untyped_data()), w, mean, m2);
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument("jaxbn_moments expects float32 or bfloat16 x");
@@ -544,7 +650,7 @@ template <class In>
 void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
                      const float* mean, float* sum_dy, float* sum_dy_xc) {
   const Plan plan = PlanFor(v);
-  const int64_t tasks = v.outer * plan.parts;
+  const int64_t tasks = v.problems * plan.parts;
   std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
   ParallelFor(pool, tasks, [&](int64_t task) {
     const float* problem_mean = mean + (task / plan.parts) * v.c;
@@ -565,7 +671,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
           q[c] += block_dy_xc;
         });
   });
-  for (int64_t o = 0; o < v.outer; ++o) {
+  for (int64_t o = 0; o < v.problems; ++o) {
     for (int64_t c = 0; c < v.c; ++c) {
       double s = 0.0, q = 0.0;
       for (int64_t p = 0; p < plan.parts; ++p) {
@@ -582,15 +688,15 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
                           ffi::AnyBuffer x_buf, ffi::AnyBuffer mean_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank,
-                          int64_t a, int64_t c, int64_t b) {
-  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
+                          int64_t a1, int64_t g, int64_t a, int64_t c, int64_t b) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
   if (dy_buf.element_type() != x_buf.element_type() ||
       dy_buf.element_count() != x_buf.element_count() ||
       mean_buf.element_type() != ffi::F32 || !view ||
-      mean_buf.element_count() != view->outer * c) {
+      mean_buf.element_count() != view->problems * c) {
     return ffi::Error::InvalidArgument(
         "jaxbn_grad_sums expects dy and x of one dtype and shape matching "
-        "(a, c, b), and a float32 mean of c values per problem");
+        "(a1, g, a, c, b), and a float32 mean of c values per problem");
   }
   const View& v = *view;
   const float* mean = mean_buf.typed_data<float>();
@@ -705,6 +811,16 @@ template <bool kStream, class In>
   });
 }
 
+// dx = a * dy: a row of weight 0 (its x is never read).
+template <bool kStream, class In>
+[[gnu::always_inline]] inline void RowScaledGrad(const In* __restrict dy,
+                                                 const float* __restrict a, int64_t channels,
+                                                 In* __restrict dx) {
+  ForEachLanes(channels, [&](auto t, int64_t ch) {
+    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * LoadLanes(dy + ch, t));
+  });
+}
+
 template <bool kStream, class In>
 [[gnu::always_inline]] inline void RunInputGrad(const In* __restrict dy, const In* __restrict x,
                                                 float a, float c, float d, int64_t n,
@@ -717,15 +833,31 @@ template <bool kStream, class In>
   for (; i < n; ++i) StoreLanes(dx + i, a * ToFloat(dy[i]) + (c * ToFloat(x[i]) + d));
 }
 
+// Rows with weights `w` (nullptr: all 1) get dx = a dy + w (c x + d);
+// `scratch` holds 2 C floats for the coefficients of a fractional weight.
 template <class In>
 [[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
                                                      const float* c, const float* d,
-                                                     int64_t rows, int64_t channels,
-                                                     bool stream, In* dx) {
+                                                     const float* w, int64_t rows,
+                                                     int64_t channels, bool stream,
+                                                     float* scratch, In* dx) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t o = i * channels;
+    const float wi = w == nullptr ? 1.f : w[i];
     WithStores(stream, dx + o, [&](auto kind) {
-      RowInputGrad<decltype(kind)::value>(dy + o, x + o, a, c, d, channels, dx + o);
+      constexpr bool kStream = decltype(kind)::value;
+      if (wi == 1.f) {
+        RowInputGrad<kStream>(dy + o, x + o, a, c, d, channels, dx + o);
+      } else if (wi == 0.f) {
+        RowScaledGrad<kStream>(dy + o, a, channels, dx + o);
+      } else {
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          scratch[ch] = wi * c[ch];
+          scratch[channels + ch] = wi * d[ch];
+        }
+        RowInputGrad<kStream>(dy + o, x + o, a, scratch, scratch + channels, channels,
+                              dx + o);
+      }
     });
   }
 }
@@ -739,41 +871,62 @@ template <class In>
   });
 }
 
+// A run of one row, of weight w: dx = a dy + w (c x + d); for w = 0, a dy
+// with x unread.
+template <class In>
+[[gnu::always_inline]] inline void WeightedRunInputGrad(const In* dy, const In* x, float a,
+                                                        float c, float d, float w, int64_t n,
+                                                        bool stream, In* dx) {
+  if (w == 1.f) {
+    RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+  } else if (w == 0.f) {
+    RunBlockInputGrad(dy, dy, a, 0.f, 0.f, n, stream, dx);
+  } else {
+    RunBlockInputGrad(dy, x, a, w * c, w * d, n, stream, dx);
+  }
+}
+
 JAXBN_HOT void InputGradBlock(const float* dy, const float* x, const float* a, const float* c,
-                              const float* d, int64_t rows, int64_t channels, bool stream,
-                              float* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+                              const float* d, const float* w, int64_t rows, int64_t channels,
+                              bool stream, float* scratch, float* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, w, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void InputGradBlock(const BF16* dy, const BF16* x, const float* a, const float* c,
-                              const float* d, int64_t rows, int64_t channels, bool stream,
-                              BF16* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+                              const float* d, const float* w, int64_t rows, int64_t channels,
+                              bool stream, float* scratch, BF16* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, w, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void InputGradRun(const float* dy, const float* x, float a, float c, float d,
-                            int64_t n, bool stream, float* dx) {
-  RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+                            float w, int64_t n, bool stream, float* dx) {
+  WeightedRunInputGrad(dy, x, a, c, d, w, n, stream, dx);
 }
-JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d,
+JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d, float w,
                             int64_t n, bool stream, BF16* dx) {
-  RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+  WeightedRunInputGrad(dy, x, a, c, d, w, n, stream, dx);
 }
 
 // `coefficients` holds a, c and d (C values each) per problem.
+// `w`: nullptr, or one weight per (A1, G, A) row of x.
 template <class In>
 void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                      const float* coefficients, bool stream, In* dx) {
+                      const float* coefficients, const float* w, bool stream, In* dx) {
   const Plan plan = PlanFor(v);
-  ParallelFor(pool, v.outer * plan.parts, [&](int64_t task) {
+  ParallelFor(pool, v.problems * plan.parts, [&](int64_t task) {
     const float* a = coefficients + (task / plan.parts) * 3 * v.c;
     const float* c = a + v.c;
     const float* d = c + v.c;
+    std::vector<float> scratch(w == nullptr ? 0 : 2 * v.c);
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
-          InputGradBlock(dy + offset, x + offset, a, c, d, rows, v.c, stream, dx + offset);
+          InputGradBlock(dy + offset, x + offset, a, c, d,
+                         w == nullptr ? nullptr : w + offset / v.c, rows, v.c, stream,
+                         scratch.data(), dx + offset);
         },
         [&](int64_t offset, int64_t ch, int64_t n) {
-          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], n, stream, dx + offset);
+          const float weight = w == nullptr ? 1.f : w[offset / (v.c * v.b)];
+          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], weight, n, stream,
+                       dx + offset);
         });
 #if defined(__SSE2__)
     // Streaming stores are weakly ordered: each thread fences its own before
@@ -784,31 +937,35 @@ void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const 
 }
 
 ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
-                           ffi::AnyBuffer coefficients_buf, ffi::Result<ffi::AnyBuffer> dx_buf,
-                           int64_t rank, int64_t a, int64_t c, int64_t b, bool stream) {
-  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
-  if (dy_buf.element_type() != x_buf.element_type() ||
+                           ffi::AnyBuffer coefficients_buf, ffi::AnyBuffer w_buf,
+                           ffi::Result<ffi::AnyBuffer> dx_buf,
+                           int64_t rank, int64_t a1, int64_t g, int64_t a, int64_t c, int64_t b,
+                           bool stream, bool masked) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
+  const std::optional<const float*> weights =
+      view ? RowWeights(w_buf, masked, *view, x_buf.element_count()) : std::nullopt;
+  if (!weights || dy_buf.element_type() != x_buf.element_type() ||
       dx_buf->element_type() != x_buf.element_type() ||
       dy_buf.element_count() != x_buf.element_count() ||
       dx_buf->element_count() != x_buf.element_count() ||
       coefficients_buf.element_type() != ffi::F32 || !view ||
-      coefficients_buf.element_count() != view->outer * 3 * c) {
+      coefficients_buf.element_count() != view->problems * 3 * c) {
     return ffi::Error::InvalidArgument(
         "jaxbn_input_grad expects dy, x and dx of one dtype and shape matching "
-        "(a, c, b), and float32 coefficients (3, c) per problem");
+        "(a1, g, a, c, b), and float32 coefficients (3, c) per problem");
   }
   const View& v = *view;
   const float* coefficients = coefficients_buf.typed_data<float>();
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeInputGrad(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                       static_cast<const float*>(x_buf.untyped_data()), coefficients, stream,
-                       static_cast<float*>(dx_buf->untyped_data()));
+                       static_cast<const float*>(x_buf.untyped_data()), coefficients,
+                       *weights, stream, static_cast<float*>(dx_buf->untyped_data()));
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeInputGrad(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                       static_cast<const BF16*>(x_buf.untyped_data()), coefficients, stream,
-                       static_cast<BF16*>(dx_buf->untyped_data()));
+                       static_cast<const BF16*>(x_buf.untyped_data()), coefficients,
+                       *weights, stream, static_cast<BF16*>(dx_buf->untyped_data()));
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument(
@@ -836,15 +993,17 @@ struct ChannelTerms {
 
 template <class In>
 void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                     const ChannelTerms& t, float epsilon, bool stream, In* dx,
-                     float* sum_dy, float* sum_dy_xc) {
+                     const ChannelTerms& t, const float* w, float epsilon, bool stream,
+                     In* dx, float* sum_dy, float* sum_dy_xc) {
   ComputeGradSums(pool, v, dy, x, t.mean, sum_dy, sum_dy_xc);
-  std::vector<float> coefficients(v.outer * 3 * v.c);
-  for (int64_t i = 0; i < v.outer * v.c; ++i) {
+  std::vector<float> coefficients(v.problems * 3 * v.c);
+  for (int64_t i = 0; i < v.problems * v.c; ++i) {
     const double n = t.count[i];
     const double inv = 1.0 / std::sqrt(double(t.variance[i]) + double(epsilon));
     const double gamma = t.scale[i];
-    const double a = gamma * inv;
+    // a as the input gradient's pass will use it (float32): for one element
+    // per channel, d = -a S1 then cancels a dy exactly, as in XLA
+    const double a = static_cast<float>(gamma * inv);
     const double dl_dmean = -a * sum_dy[i] + t.d_mean[i];
     const double dl_dvar = -0.5 * gamma * (inv * inv * inv) * sum_dy_xc[i] + t.d_variance[i];
     const double c = n > 0 ? 2.0 * dl_dvar / n : 0.0;
@@ -854,35 +1013,39 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     problem[v.c] = static_cast<float>(c);
     problem[2 * v.c] = static_cast<float>(d);
   }
-  ComputeInputGrad(pool, v, dy, x, coefficients.data(), stream, dx);
+  ComputeInputGrad(pool, v, dy, x, coefficients.data(), w, stream, dx);
 }
 
 ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
                           ffi::AnyBuffer mean_buf, ffi::AnyBuffer variance_buf,
                           ffi::AnyBuffer scale_buf, ffi::AnyBuffer d_mean_buf,
                           ffi::AnyBuffer d_variance_buf, ffi::AnyBuffer count_buf,
-                          ffi::Result<ffi::AnyBuffer> dx_buf,
+                          ffi::AnyBuffer w_buf, ffi::Result<ffi::AnyBuffer> dx_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_buf,
-                          ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank, int64_t a,
-                          int64_t c, int64_t b, bool stream, float epsilon) {
-  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a, c, b);
-  bool valid = view.has_value() && dy_buf.element_type() == x_buf.element_type() &&
+                          ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank, int64_t a1,
+                          int64_t g, int64_t a, int64_t c, int64_t b, bool stream,
+                          float epsilon, bool masked) {
+  const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
+  const std::optional<const float*> weights =
+      view ? RowWeights(w_buf, masked, *view, x_buf.element_count()) : std::nullopt;
+  bool valid = view.has_value() && weights.has_value() &&
+               dy_buf.element_type() == x_buf.element_type() &&
                dx_buf->element_type() == x_buf.element_type() &&
                dy_buf.element_count() == x_buf.element_count() &&
                dx_buf->element_count() == x_buf.element_count();
   for (const ffi::AnyBuffer* channel : {&mean_buf, &variance_buf, &scale_buf, &d_mean_buf,
                                         &d_variance_buf, &count_buf}) {
     valid = valid && channel->element_type() == ffi::F32 &&
-            channel->element_count() == view->outer * c;
+            channel->element_count() == view->problems * c;
   }
   for (ffi::Result<ffi::AnyBuffer>* sum : {&sum_dy_buf, &sum_dy_xc_buf}) {
     valid = valid && (*sum)->element_type() == ffi::F32 &&
-            (*sum)->element_count() == view->outer * c;
+            (*sum)->element_count() == view->problems * c;
   }
   if (!valid) {
     return ffi::Error::InvalidArgument(
         "jaxbn_backward expects dy, x and dx of one dtype and shape matching "
-        "(a, c, b), and float32 per-channel operands and sums of c values per "
+        "(a1, g, a, c, b), and float32 per-channel operands and sums of c values per "
         "problem");
   }
   const View& v = *view;
@@ -894,12 +1057,14 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeBackward(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                      static_cast<const float*>(x_buf.untyped_data()), terms, epsilon, stream,
+                      static_cast<const float*>(x_buf.untyped_data()), terms, *weights, epsilon,
+                      stream,
                       static_cast<float*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeBackward(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                      static_cast<const BF16*>(x_buf.untyped_data()), terms, epsilon, stream,
+                      static_cast<const BF16*>(x_buf.untyped_data()), terms, *weights, epsilon,
+                      stream,
                       static_cast<BF16*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     default:
@@ -917,6 +1082,8 @@ template <class Binding>
 auto WithViewAttributes(Binding binding) {
   return std::move(binding)
       .template Attr<int64_t>("rank")
+      .template Attr<int64_t>("a1")
+      .template Attr<int64_t>("g")
       .template Attr<int64_t>("a")
       .template Attr<int64_t>("c")
       .template Attr<int64_t>("b");
@@ -927,9 +1094,11 @@ auto WithViewAttributes(Binding binding) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, MomentsKernel,
                               WithViewAttributes(ffi::Ffi::Bind()
                                                      .Ctx<ffi::ThreadPool>()
-                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()  // x
+                                                     .Arg<ffi::AnyBuffer>()  // row weights
                                                      .Ret<ffi::AnyBuffer>()
-                                                     .Ret<ffi::AnyBuffer>()));
+                                                     .Ret<ffi::AnyBuffer>())
+                                  .Attr<bool>("masked"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, GradSumsKernel,
                               WithViewAttributes(ffi::Ffi::Bind()
@@ -943,11 +1112,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, GradSumsKernel,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnInputGrad, InputGradKernel,
                               WithViewAttributes(ffi::Ffi::Bind()
                                                      .Ctx<ffi::ThreadPool>()
-                                                     .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::AnyBuffer>()
-                                                     .Arg<ffi::AnyBuffer>()
+                                                     .Arg<ffi::AnyBuffer>()  // dy
+                                                     .Arg<ffi::AnyBuffer>()  // x
+                                                     .Arg<ffi::AnyBuffer>()  // (a, c, d)
+                                                     .Arg<ffi::AnyBuffer>()  // row weights
                                                      .Ret<ffi::AnyBuffer>())
-                                  .Attr<bool>("stream"));
+                                  .Attr<bool>("stream")
+                                  .Attr<bool>("masked"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, BackwardKernel,
                               WithViewAttributes(ffi::Ffi::Bind()
@@ -960,11 +1131,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, BackwardKernel,
                                                      .Arg<ffi::AnyBuffer>()  // d_mean
                                                      .Arg<ffi::AnyBuffer>()  // d_variance
                                                      .Arg<ffi::AnyBuffer>()  // count
+                                                     .Arg<ffi::AnyBuffer>()  // row weights
                                                      .Ret<ffi::AnyBuffer>()  // dx
                                                      .Ret<ffi::AnyBuffer>()  // sum dy
                                                      .Ret<ffi::AnyBuffer>())  // sum dy (x - mean)
                                   .Attr<bool>("stream")
-                                  .Attr<float>("epsilon"));
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("masked"));
 
 // ------------------------------------------------------- Python module
 

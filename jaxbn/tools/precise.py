@@ -120,9 +120,7 @@ def _combine(history, method, bessel):
     if bessel:
       variances = variances * counts / np.maximum(counts - 1, 1)
     return means.mean(0), variances.mean(0)
-  total = counts.sum(0)
-  mean = (counts * means).sum(0) / np.maximum(total, 1)
-  m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+  total, mean, m2 = stats_lib.merge(counts, means, m2s, axis=0)
   denominator = np.maximum(total - 1, 1) if bessel else np.maximum(total, 1)
   return mean, m2 / denominator
 

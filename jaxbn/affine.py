@@ -1,0 +1,49 @@
+"""Per-channel affine maps: the normalization pass and the composition of
+the corrections applied to the normalized values.
+
+``normalize`` is the one elementwise pass of inference and of the training
+forward; ``compose`` folds renorm's ``(r, d)`` and ``adjustment``'s
+``(scale, bias)`` into gamma and beta, as Keras' ``_compose_transforms``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import stats
+
+
+def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
+  """``rsqrt(var + epsilon)`` in var's dtype (forward and backward share it)."""
+  return lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+
+
+def normalize(x, mean, a, b):
+  """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's.
+
+  One elementwise pass with per-channel ``mean``, ``a = gamma * rsqrt(var +
+  eps)`` and ``b = beta``. Subtracting the mean first (rather than folding it
+  into ``b - mean * a``, as Keras does) costs one flop and no memory traffic,
+  and keeps the output exact to float rounding of *y* when |mean| >> std: the
+  folded form errs by ~ulp(mean) * a, which is 1.0 for a constant channel at
+  5e15 and 1e-3 for float32 data with mean 1e4 and std 1.
+  """
+  sd = stats.stat_dtype(x.dtype)
+  y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
+  if b is not None:
+    y = y + b.astype(sd)
+  return y.astype(x.dtype)
+
+
+def compose(scale, offset, then_scale, then_offset):
+  """The affine map ``z -> (z * scale + offset) * then_scale + then_offset``.
+
+  ``None`` stands for the identity factor/term (Keras' ``_compose_transforms``).
+  """
+  if then_scale is not None:
+    scale = scale * then_scale
+    offset = offset * then_scale
+  if then_offset is not None:
+    offset = offset + then_offset
+  return scale, offset

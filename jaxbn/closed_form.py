@@ -1,0 +1,165 @@
+"""Training-mode batch norm as one ``jax.custom_vjp`` with a closed-form backward.
+
+Every Keras feature runs through this one function: renorm's ``(r, d)`` come
+from ``correction`` (computed from the batch statistics, without gradient),
+``adjustment`` is folded into ``scale``/``offset`` by the caller, virtual
+batches are a view of ``x`` with one more kept axis, and masks are
+``weights``. Forward (statistics in float32 or wider, then one elementwise
+output pass)::
+
+  mean, var = moments(x)            inv = rsqrt(var + epsilon)
+  r, d, extras = correction(mean, var, count)      (r = 1, d = 0 without one)
+  y = (x - mean) * inv * r * scale + d * scale + offset
+
+Backward, closed form. With ``g = scale * r`` (the total scale of the
+normalized values), ``a = g * inv``, S1 = sum(dy) and S2 = sum(dy * (x -
+mean)) over every element (and every device), n the count of valid elements
+and w the mask::
+
+  doffset = S1                      dscale = r * inv * S2 + d * S1
+  dL/dmean = -a * S1 + dmean        dL/dvar = -g * inv^3 * S2 / 2 + dvar
+  dx = a * dy + w * (c * x + d')    c = 2 dL/dvar / n,  d' = dL/dmean / n - c * mean
+
+(dmean, dvar are cotangents of the returned statistics, usually zero.) The only
+residuals are ``x`` in its own dtype and per-channel vectors; the normalized
+tensor is never saved. Across devices S1, S2 (and dmean, dvar) travel in one
+``psum``; parameter gradients stay per-device, as data-parallel training
+expects. The passes over the data are ``jaxbn.passes``' (a CPU kernel where one
+applies).
+
+:func:`reference` is the same forward without the custom VJP, in XLA alone:
+plain autodiff differentiates it (``fused=False``, forward mode included), and
+tests compare the two.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
+custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
+``grad``) works, since the backward pass is itself differentiable.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxbn import affine, manual_axes, passes, stats
+
+
+def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
+             axis_name, groups, correction, local_moments):
+  sd = stats.stat_dtype(x.dtype)
+  count, mean, m2 = local_moments(x, axes, weights)
+  if axis_name is not None:
+    count, mean, m2 = stats.merge_across_devices(count, mean, m2, axis_name,
+                                                 groups)
+  var = stats.safe_divide(m2, count)
+  mean = checkpoint_name(mean, "jaxbn_batch_mean")
+  var = checkpoint_name(var, "jaxbn_batch_variance")
+  r, d, extras = (None, None, None) if correction is None else correction(
+      mean, var, count, correction_inputs)
+  scale = scale.astype(sd)
+  a = scale * affine.inverse_std(var, epsilon)
+  b = offset
+  if r is not None:
+    a = a * r
+  if d is not None:
+    b = b + d * scale
+  y = affine.normalize(x, mean, a, b)
+  return (y, (mean, var, count), extras), (r, d)
+
+
+def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
+              axis_name=None, groups=None, correction=None):
+  """:func:`batch_norm_train` by plain autodiff, statistics in XLA alone."""
+  outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
+                        epsilon, axis_name, groups, correction,
+                        stats.platform_moments)
+  return outputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
+                     epsilon, axis_name=None, groups=None, correction=None):
+  """Training-mode batch norm with a closed-form backward.
+
+  Args:
+    x: input ``[..., C, ...]`` of any float dtype.
+    scale, offset: the affine map after normalization (gamma and beta, with
+      any adjustment folded in), broadcastable to the statistics' shape.
+    weights: None or 0/1 weights broadcastable to x (the mask).
+    correction_inputs: arrays ``correction`` reads (renorm's averages); they
+      get zero gradient.
+    axes: the reduction axes (static tuple).
+    epsilon: Keras' epsilon.
+    axis_name, groups: optional devices to combine statistics over.
+    correction: None, or ``(mean, var, count, correction_inputs) -> (r, d,
+      extras)``: ``r``/``d`` (None for identity) correct the normalized values
+      without gradient, ``extras`` is returned as is (stopped gradient).
+
+  Returns:
+    ``(y, (mean, variance, count), extras)``; y has x's dtype, the
+    statistics the statistics dtype and x's rank (reduced axes kept as 1).
+  """
+  outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
+                        epsilon, axis_name, groups, correction, passes.moments)
+  return outputs
+
+
+def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
+         axis_name, groups, correction):
+  outputs, (r, d) = _forward(x, scale, offset, weights, correction_inputs,
+                             axes, epsilon, axis_name, groups, correction,
+                             passes.moments)
+  _, (mean, var, count), _ = outputs
+  return outputs, (x, scale, offset, weights, correction_inputs, mean, var,
+                   count, r, d)
+
+
+def _bwd(axes, epsilon, axis_name, groups, correction, residuals, cotangents):
+  del correction
+  x, scale, offset, weights, correction_inputs, mean, var, count, r, d = (
+      residuals)
+  dy, (dmean, dvar, _), _ = cotangents
+  sd = mean.dtype
+  total_scale = scale.astype(sd) if r is None else scale.astype(sd) * r
+  dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
+      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes,
+      epsilon, axis_name, groups)
+  # Inside shard_map, parameters shared by devices (not varying over an axis
+  # that x varies over) need their gradient summed over those axes. Over
+  # axis_name the global sums are already at hand; any other axis takes a
+  # psum, as JAX's own transpose would.
+  shared_axes = manual_axes.varying_axes(x) - manual_axes.varying_axes(scale)
+  names = frozenset(() if axis_name is None else
+                    axis_name if isinstance(axis_name, tuple) else (axis_name,))
+  if names and names <= shared_axes:
+    sum_dy, sum_dy_xc = g_sum_dy, g_sum_dy_xc
+    shared_axes = shared_axes - names
+  inv = affine.inverse_std(var, epsilon)
+  dscale = sum_dy_xc * inv if r is None else sum_dy_xc * inv * r
+  if d is not None:
+    dscale = dscale + sum_dy * d
+  dscale = _reduce_to(dscale, scale)
+  doffset = _reduce_to(sum_dy, offset)
+  if shared_axes:
+    dscale, doffset = lax.psum((dscale, doffset), tuple(sorted(shared_axes)))
+  dweights = None if weights is None else jnp.zeros_like(weights)
+  dinputs = jax.tree.map(jnp.zeros_like, correction_inputs)
+  return dx, dscale, doffset, dweights, dinputs
+
+
+def _reduce_to(value, like):
+  """Sums ``value`` down to ``like``'s (broadcastable) shape and dtype."""
+  extra = value.ndim - like.ndim
+  if extra:
+    value = jnp.sum(value, axis=tuple(range(extra)))
+  axes = tuple(i for i, (v, l) in enumerate(zip(value.shape, like.shape))
+               if l == 1 and v != 1)
+  if axes:
+    value = jnp.sum(value, axis=axes, keepdims=True)
+  return value.astype(like.dtype)
+
+
+batch_norm_train.defvjp(_fwd, _bwd)

@@ -1,0 +1,188 @@
+"""The fast path's passes over the data: a CPU kernel where one applies, XLA
+otherwise.
+
+This is the one door to jaxbn's optional CPU kernels (``jaxbn.cpu_kernels``):
+the closed-form batch norm (``jaxbn.closed_form``) asks for
+
+* :func:`moments`: one device's ``(count, mean, M2)`` (keepdims), and
+* :func:`backward`: the closed-form backward's passes (formula in
+  ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
+  mean)``, combined across devices between the passes, then
+  ``dx = a dy + w (c x + d)``,
+
+and never asks whether a kernel applies. Each function decides once per
+traced call (platform, mode, dtype, mask, layout: see
+``cpu_kernels.applicable``) and otherwise runs the same math in XLA.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import affine, cpu_kernels, stats
+
+
+def moments(x, reduction_axes, weights=None):
+  """``(count, mean, M2)`` of one device's data, keepdims.
+
+  One read through the kernel on CPU where it applies; otherwise
+  ``stats.platform_moments`` (two XLA passes on CPU, shifted sums elsewhere).
+  """
+  axes = tuple(reduction_axes)
+  view = cpu_kernels.applicable(x, axes, weights)
+  if view is None:
+    return stats.platform_moments(x, axes, weights)
+
+  def in_kernel():
+    kept = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    rows = _rows(weights, x, view)
+    mean, m2 = cpu_kernels.moments(x, view, rows)
+    count = stats.reduce_count(x.shape, axes, weights, mean.dtype)
+    return count, mean.reshape(kept), m2.reshape(kept)
+
+  return lax.platform_dependent(
+      cpu=in_kernel,
+      default=lambda: stats.local_moments_shifted(x, axes, weights))
+
+
+def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
+             epsilon, axis_name=None, groups=None):
+  """``(dx, (S1, S2), (global S1, global S2))``, per-channel sums keepdims.
+
+  ``gamma`` is the total per-channel scale of the normalized values.
+  Without ``axis_name`` the global sums are the local ones, and on CPU the
+  whole backward is one kernel call where it applies: its two passes then
+  run back to back (XLA's breadth-first scheduler would put other work
+  between two calls and evict what the first pass left in cache).
+  """
+  if axis_name is None:
+    view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
+    if view is not None:
+      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count)
+      dx, sum_dy, sum_dy_xc = lax.platform_dependent(
+          *args,
+          cpu=functools.partial(_backward_in_one_call, view=view, axes=axes,
+                                epsilon=epsilon),
+          default=functools.partial(_one_device_backward, axes=axes,
+                                    epsilon=epsilon))
+      return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
+  return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
+                                count, axes, epsilon, axis_name, groups)
+
+
+def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
+                           count, axes, epsilon, axis_name, groups):
+  """Two passes over dy and x, the sums combined across devices between."""
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
+  if axis_name is not None:
+    packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
+    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
+    g_sum_dy, g_sum_dy_xc, dmean, dvar = packed
+  else:
+    g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
+  inv = affine.inverse_std(var, epsilon)
+  a = gamma * inv
+  dl_dmean = -a * g_sum_dy + dmean
+  dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
+  c = stats.safe_divide(2.0 * dl_dvar, count)
+  d = stats.safe_divide(dl_dmean, count) - c * mean
+  dx = _input_gradient(dy, x, weights, a, c, d, axes)
+  return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
+
+
+def _one_device_backward(dy, x, weights, mean, var, gamma, dmean, dvar, count,
+                         *, axes, epsilon):
+  """``(dx, S1, S2)`` on one device, in two calls."""
+  dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
+      dy, x, weights, mean, var, gamma, dmean, dvar, count, axes, epsilon,
+      None, None)
+  return dx, sum_dy, sum_dy_xc
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11))
+def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
+                          view, axes, epsilon):
+  """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
+
+  Differentiated as ``_one_device_backward``, whose kernels have JVP rules,
+  so ``grad`` of ``grad`` works.
+  """
+  per_channel = tuple(jnp.broadcast_to(v, mean.shape)
+                      for v in (mean, var, gamma, dmean, dvar, count))
+  dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
+      dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view))
+  return dx, sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+
+
+@_backward_in_one_call.defjvp
+def _backward_in_one_call_jvp(view, axes, epsilon, primals, tangents):
+  del view
+  return jax.jvp(
+      functools.partial(_one_device_backward, axes=axes, epsilon=epsilon),
+      primals, tangents)
+
+
+def _sum(x, axes):
+  return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _rows(weights, x, view):
+  return (None if weights is None else
+          cpu_kernels.row_weights(weights, x.shape, view))
+
+
+def _gradient_sums(dy, x, mean, axes):
+  """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims).
+
+  On CPU one read of ``dy`` and ``x`` through the kernel where it applies;
+  otherwise two XLA reductions, each with its own copy of its inputs (see
+  ``stats.separate``).
+  """
+  sd = mean.dtype
+
+  def in_xla():
+    dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
+        dy, dy, x, mean)
+    return (_sum(dy_for_sum.astype(sd), axes),
+            _sum(dy_for_dot.astype(sd)
+                 * (x_for_dot.astype(sd) - mean_for_dot), axes))
+
+  view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
+  if view is None:
+    return in_xla()
+
+  def in_kernel():
+    sum_dy, sum_dy_xc = cpu_kernels.grad_sums(dy, x, mean, view)
+    return sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+
+  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
+
+
+def _input_gradient(dy, x, weights, a, c, d, axes):
+  """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's.
+
+  On CPU through the kernel where it applies (no mask), which writes big
+  outputs with streaming stores; otherwise one XLA elementwise pass.
+  """
+  sd = d.dtype
+
+  def in_xla():
+    correction = c * x.astype(sd) + d
+    if weights is not None:
+      correction = weights.astype(sd) * correction
+    return (a * dy.astype(sd) + correction).astype(x.dtype)
+
+  view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
+  if view is None:
+    return in_xla()
+
+  def in_kernel():
+    coefficients = jnp.stack([
+        jnp.broadcast_to(v, d.shape).reshape(view.channels) for v in (a, c, d)])
+    return cpu_kernels.input_grad(dy, x, coefficients, view,
+                                  rows=_rows(weights, x, view))
+
+  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
