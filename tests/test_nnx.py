@@ -126,3 +126,16 @@ def test_axis_list_needs_the_input_rank():
   with pytest.raises(ValueError, match="one size per channel axis"):
     jaxbn.nnx.BatchNormalization(3, axis=[1, 2], input_rank=3,
                                  rngs=nnx.Rngs(0))
+
+
+def test_random_initializers_draw_independent_params_and_state():
+  # the layer splits its key as jaxbn.init does: gamma and moving_mean come
+  # from different draws, and equal the functional core's
+  init = {"class_name": "RandomNormal", "config": {"stddev": 1.0}}
+  kwargs = dict(gamma_initializer=init, moving_mean_initializer=init)
+  bn = jaxbn.nnx.BatchNormalization(16, rngs=nnx.Rngs(0), **kwargs)
+  assert not np.allclose(bn.gamma[...], bn.moving_mean[...])
+  params, state = jaxbn.init(jaxbn.BatchNormConfig(**kwargs), (1, 16),
+                             key=nnx.Rngs(0).params())
+  np.testing.assert_array_equal(bn.gamma[...], params["gamma"])
+  np.testing.assert_array_equal(bn.moving_mean[...], state["moving_mean"])
