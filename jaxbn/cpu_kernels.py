@@ -54,9 +54,14 @@ any rank), on the CPU backend, and
   data are local and ``'on'`` is safe and fast.
 * ``'on'`` / ``'off'``: always / never.
 
-Set the mode with ``JAXBN_CPU_KERNELS=auto|on|off`` or :func:`set_mode` /
-:func:`use` (read when a function is traced: jitted functions keep what they
-were traced with). Without a compiled extension (no C++ compiler at install
+and never under ``JAXBN_STATISTICS=accelerator`` (``jaxbn.modes``), nor in a
+program lowered for ``jax.export`` (see :func:`kernel_or_xla`).
+
+Set the mode with ``JAXBN_CPU_KERNELS=auto|on|off``, :func:`set_mode` (every
+thread) or :func:`use` (this thread, inside a block). It is read when a
+function is traced and is part of JAX's jit cache key: a jitted function
+called under another mode is traced again; an already compiled object keeps
+its program. Without a compiled extension (no C++ compiler at install
 time) everything runs in XLA; :func:`available` tells which.
 """
 from __future__ import annotations
@@ -71,19 +76,19 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import dispatch as jax_dispatch
+from jax.extend import core as jax_core
+from jax.interpreters import batching as jax_batching
+from jax.interpreters import mlir
 
-from jaxbn import manual_axes
+from jaxbn import manual_axes, modes
 
 try:  # built by setup.py when a C++ compiler is present
   from jaxbn import _cpu_kernels  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the install
   _cpu_kernels = None
 
-MODES = ("auto", "on", "off")
-_mode = os.environ.get("JAXBN_CPU_KERNELS", "auto")
-if _mode not in MODES:
-  raise ValueError(
-      f"JAXBN_CPU_KERNELS must be one of {MODES}; got {_mode!r}.")
+MODES = modes.KERNEL_MODES
 
 
 def available() -> bool:
@@ -91,32 +96,98 @@ def available() -> bool:
   return _cpu_kernels is not None
 
 
-def set_mode(mode: str) -> None:
-  """``'auto'`` (one device only), ``'on'`` or ``'off'``."""
-  global _mode
+def _check(mode):
   if mode not in MODES:
     raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
-  _mode = mode
+
+
+def set_mode(mode: str) -> None:
+  """``'auto'`` (one device only), ``'on'`` or ``'off'``, for every thread
+  that has not set its own with :func:`use`."""
+  _check(mode)
+  jax.config.update("jaxbn_cpu_kernels", mode)
 
 
 def get_mode() -> str:
-  return _mode
+  """The mode functions traced now, in this thread, get."""
+  return modes.cpu_kernels.value
 
 
 @contextlib.contextmanager
 def use(mode: str) -> Iterator[None]:
-  """Temporarily sets the mode (for the functions traced inside)."""
-  previous = _mode
-  set_mode(mode)
-  try:
+  """Sets the mode for the functions this thread traces inside the block.
+
+  The mode is part of JAX's jit cache key: a jitted function called inside
+  the block is traced again if it was traced under another mode.
+  """
+  _check(mode)
+  with modes.cpu_kernels(mode):
     yield
-  finally:
-    set_mode(previous)
 
 
 if _cpu_kernels is not None:
   for _name, _handler in _cpu_kernels.handlers().items():
     jax.ffi.register_ffi_target(_name, _handler, platform="cpu")
+
+
+# ------------------------------------------------------- calls, export-safe
+#
+# Each kernel call is one ``jaxbn_kernel_call`` primitive. Its lowering emits
+# the FFI call, except in a program lowered for ``jax.export``: there it
+# lowers the same operation in plain XLA (``fallback``), so that an exported
+# program needs no jaxbn and passes export's custom-call check. Derivatives
+# never reach the primitive (each kernel has a ``custom_jvp`` above it);
+# ``vmap`` moves batch axes to the front, which the kernels treat as more
+# independent problems (``broadcast_all``).
+
+_kernel_call_p = jax_core.Primitive("jaxbn_kernel_call")
+_kernel_call_p.multiple_results = True
+_kernel_call_p.def_impl(
+    functools.partial(jax_dispatch.apply_primitive, _kernel_call_p))
+
+
+def _kernel_call_abstract_eval(*avals, target, results, fallback, attributes):
+  del target, fallback, attributes
+  vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals))
+  return [jax.core.ShapedArray(r.shape, r.dtype, vma=vma) if vma else
+          jax.core.ShapedArray(r.shape, r.dtype) for r in results]
+
+
+_kernel_call_p.def_abstract_eval(_kernel_call_abstract_eval)
+
+
+def _kernel_call_lowering(ctx, *args, target, results, fallback, attributes):
+  del results
+  if ctx.module_context.lowering_parameters.for_export:
+    return mlir.lower_fun(fallback, multiple_results=True)(ctx, *args)
+  return jax.ffi.ffi_lowering(target)(ctx, *args, **dict(attributes))
+
+
+mlir.register_lowering(_kernel_call_p, _kernel_call_lowering)
+
+
+def _kernel_call_batching(args, dims, *, target, results, fallback,
+                          attributes):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  args = [jnp.moveaxis(a, d, 0) if d is not None else
+          jnp.broadcast_to(a, (size,) + a.shape) for a, d in zip(args, dims)]
+  results = tuple(jax.ShapeDtypeStruct((size,) + r.shape, r.dtype)
+                  for r in results)
+  outs = _kernel_call_p.bind(*args, target=target, results=results,
+                             fallback=jax.vmap(fallback),
+                             attributes=attributes)
+  return outs, [0] * len(outs)
+
+
+jax_batching.primitive_batchers[_kernel_call_p] = _kernel_call_batching
+
+
+def _call(target, results, fallback, *args, **attributes):
+  """The kernel ``target`` on ``args`` (``results``: ShapeDtypeStructs);
+  ``fallback(*args)`` computes the same in XLA for exported programs."""
+  return tuple(_kernel_call_p.bind(
+      *args, target=target, results=tuple(results), fallback=fallback,
+      attributes=tuple(sorted(attributes.items()))))
 
 
 class ChannelView(NamedTuple):
@@ -210,9 +281,11 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
   values (a mean, coefficients) float32, weights (a mask) constant along
   the channels and the axes after them (see :func:`row_weights`).
   """
-  if _mode == "off" or _cpu_kernels is None:
+  mode = modes.cpu_kernels.value
+  if (mode == "off" or _cpu_kernels is None
+      or modes.statistics.value == "accelerator"):
     return None
-  if _mode == "auto" and jax.device_count() != 1:
+  if mode == "auto" and jax.device_count() != 1:
     return None
   if jnp.dtype(x.dtype) not in INPUT_DTYPES:
     return None
@@ -278,10 +351,9 @@ def moments(x: jax.Array, view: ChannelView,
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _moments(x, rows, view, masked):
   out = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
-  results = jax.ffi.ffi_call("jaxbn_moments", (out, out),
-                             vmap_method="broadcast_all")(
-                                 x, rows, masked=masked,
-                                 **_view_attributes(x, view))
+  results = _call("jaxbn_moments", (out, out),
+                  functools.partial(_xla_moments, view=view, masked=masked),
+                  x, rows, masked=masked, **_view_attributes(x, view))
   return manual_axes.like_inputs(results, x, rows)
 
 
@@ -304,10 +376,10 @@ def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
               view: ChannelView) -> tuple[jax.Array, jax.Array]:
   """``(sum dy, sum dy * (x - mean))``, each ``(G * C,)`` float32."""
   out = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
-  results = jax.ffi.ffi_call("jaxbn_grad_sums", (out, out),
-                             vmap_method="broadcast_all")(
-                                 dy, x, mean.reshape(view.channels),
-                                 **_view_attributes(x, view))
+  results = _call("jaxbn_grad_sums", (out, out),
+                  functools.partial(_xla_grad_sums, view=view),
+                  dy, x, mean.reshape(view.channels),
+                  **_view_attributes(x, view))
   return manual_axes.like_inputs(results, dy, x, mean)
 
 
@@ -374,11 +446,12 @@ def input_grad(dy: jax.Array, x: jax.Array, coefficients: jax.Array,
 def _input_grad(dy, x, coefficients, rows, view, stream, masked):
   # the kernel takes (a, c, d) per problem: (G, 3, C)
   per_problem = jnp.swapaxes(coefficients.reshape(3, view.g, view.c), 0, 1)
-  result = jax.ffi.ffi_call("jaxbn_input_grad",
-                            jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            vmap_method="broadcast_all")(
-                                dy, x, per_problem, rows, stream=stream,
-                                masked=masked, **_view_attributes(x, view))
+  (result,) = _call("jaxbn_input_grad",
+                     (jax.ShapeDtypeStruct(x.shape, x.dtype),),
+                     functools.partial(_xla_input_grad, view=view,
+                                       masked=masked),
+                     dy, x, per_problem, rows, stream=stream, masked=masked,
+                     **_view_attributes(x, view))
   return manual_axes.like_inputs((result,), dy, x, coefficients, rows)[0]
 
 
@@ -421,10 +494,94 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   channel = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
   per_channel = tuple(v.reshape(view.channels) for v in per_channel)
   operand, masked = _weights_operand(rows)
-  results = jax.ffi.ffi_call(
+  results = _call(
       "jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
-      vmap_method="broadcast_all")(
-          dy, x, *per_channel, operand, stream=bool(stream),
-          epsilon=np.float32(epsilon), masked=masked,
-          **_view_attributes(x, view))
+      functools.partial(_xla_backward, view=view, masked=masked,
+                        epsilon=epsilon),
+      dy, x, *per_channel, operand, stream=bool(stream),
+      epsilon=np.float32(epsilon), masked=masked, **_view_attributes(x, view))
   return manual_axes.like_inputs(results, dy, x, *per_channel, operand)
+
+
+# ------------------------------------------------- the kernels, in plain XLA
+#
+# What each kernel computes, for exported programs (see ``_call``): inputs in
+# their own shape with any leading (vmap) axes, the view as in the kernels.
+
+
+def _lead(x, view):
+  return x.shape[:x.ndim - _view_rank(x, view)]
+
+
+def _view_rank(x, view):
+  size = math.prod(view.shape)
+  rank = x.ndim
+  while rank > 0 and math.prod(x.shape[x.ndim - rank:]) != size:
+    rank -= 1
+  return rank
+
+
+def _xla_view(x, view, lead):
+  return x.reshape(lead + view.shape).astype(jnp.float32)
+
+
+def _xla_rows(rows, view, lead, masked):
+  if not masked:
+    return jnp.ones((), jnp.float32)
+  return rows.reshape(lead + (view.a1, view.g, view.a, 1, 1))
+
+
+def _xla_sum(v, lead):
+  axes = tuple(len(lead) + i for i in (0, 2, 4))
+  return jnp.sum(v, axis=axes, keepdims=True)
+
+
+def _xla_channels(v, view, lead):
+  return v.reshape(lead + (view.channels,))
+
+
+def _xla_per_channel(v, view, lead):
+  return v.reshape(lead + (1, view.g, 1, view.c, 1))
+
+
+def _xla_moments(x, rows, *, view, masked):
+  lead = _lead(x, view)
+  xv, w = _xla_view(x, view, lead), _xla_rows(rows, view, lead, masked)
+  n = _xla_sum(jnp.broadcast_to(w, xv.shape), lead)
+  mean = _xla_sum(jnp.where(w != 0, w * xv, 0), lead) / jnp.where(n > 0, n, 1)
+  m2 = _xla_sum(jnp.where(w != 0, w * jnp.square(xv - mean), 0), lead)
+  return _xla_channels(mean, view, lead), _xla_channels(m2, view, lead)
+
+
+def _xla_grad_sums(dy, x, mean, *, view):
+  lead = _lead(x, view)
+  dyv, xv = _xla_view(dy, view, lead), _xla_view(x, view, lead)
+  centered = xv - _xla_per_channel(mean, view, lead)
+  return (_xla_channels(_xla_sum(dyv, lead), view, lead),
+          _xla_channels(_xla_sum(dyv * centered, lead), view, lead))
+
+
+def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
+  lead = _lead(x, view)
+  a, c, d = (_xla_per_channel(jnp.take(per_problem, i, axis=-2), view, lead)
+             for i in range(3))
+  dyv, xv = _xla_view(dy, view, lead), _xla_view(x, view, lead)
+  w = _xla_rows(rows, view, lead, masked)
+  dx = a * dyv + jnp.where(w != 0, w * (c * xv + d), 0)
+  return (dx.astype(x.dtype).reshape(x.shape),)
+
+
+def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
+                  view, masked, epsilon):
+  lead = _lead(x, view)
+  sum_dy, sum_dy_xc = _xla_grad_sums(dy, x, mean, view=view)
+  inv = jax.lax.rsqrt(var + jnp.float32(epsilon))
+  a = scale * inv
+  safe = jnp.where(count > 0, count, 1)
+  c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)
+                / safe, 0)
+  d = jnp.where(count > 0, (d_mean - a * sum_dy) / safe, 0) - c * mean
+  per_problem = jnp.stack(
+      [v.reshape(lead + (view.g, view.c)) for v in (a, c, d)], axis=-2)
+  (dx,) = _xla_input_grad(dy, x, per_problem, rows, view=view, masked=masked)
+  return dx, sum_dy, sum_dy_xc

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import affine, cpu_kernels, stats
+from jaxbn import affine, cpu_kernels, modes, stats
 
 
 def moments(x, reduction_axes, weights=None):
@@ -143,12 +143,22 @@ def _gradient_sums(dy, x, mean, axes):
   """
   sd = mean.dtype
 
-  def in_xla():
+  def two_reads():  # XLA:CPU: two fast passes
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
         dy, dy, x, mean)
     return (_sum(dy_for_sum.astype(sd), axes),
             _sum(dy_for_dot.astype(sd)
                  * (x_for_dot.astype(sd) - mean_for_dot), axes))
+
+  def one_read():  # GPU/TPU: one variadic reduction
+    dys = dy.astype(sd)
+    return stats.sibling_sums(dys, dys * (x.astype(sd) - mean), axes)
+
+  if modes.statistics.value == "accelerator":
+    return one_read()
+
+  def in_xla():
+    return lax.platform_dependent(cpu=two_reads, default=one_read)
 
   view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
   if view is None:

@@ -25,9 +25,10 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxbn import manual_axes
+from jaxbn import manual_axes, modes
 
 
 class Moments(NamedTuple):
@@ -96,46 +97,121 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(count, mean, M2)`` of one device's data: two passes, keepdims.
 
-  ``x`` may be 16-bit; the arithmetic is in ``stat_dtype(x.dtype)``.
+  The corrected two-pass algorithm. Pass one sums around a data value ``s``
+  (:func:`sampled_shift`): ``S1 = sum w (x - s)``, ``m = s + S1 / n``. Pass
+  two: ``Q = sum w (x - m)^2``. The float32 ``m`` is off the true mean by up
+  to half an ulp, ``delta``, which adds ``n delta^2`` to ``Q`` (1e-3 of the
+  variance at mean 1e6, std 1); ``e = S1 - n (m - s) = n delta`` is that
+  residual, so ``M2 = Q - e^2 / n``. ``x`` may be 16-bit; the arithmetic is
+  in ``stat_dtype(x.dtype)``.
   """
   axes = tuple(reduction_axes)
   sd = stat_dtype(x.dtype)
   x_for_mean, x_for_m2 = separate(x, x)
   count = reduce_count(x.shape, axes, weights, sd)
-  xs = x_for_mean.astype(sd)
   w = None if weights is None else weights.astype(sd)
-  mean = safe_divide(_sum(_weighted(w, xs), axes), count)
+  shift = sampled_shift(x, axes, weights, sd)
+  s1 = _sum(_weighted(w, x_for_mean.astype(sd) - shift), axes)
+  mean = shift + safe_divide(s1, count)
   squares = jnp.square(x_for_m2.astype(sd) - separate(mean)[0])
-  m2 = _sum(_weighted(w, squares), axes)
+  q = _sum(_weighted(w, squares), axes)
+  residual = s1 - count * (mean - shift)
+  m2 = jnp.maximum(q - safe_divide(residual * residual, count), 0)
   return jnp.broadcast_to(count, mean.shape), mean, m2
+
+
+SHIFT_SAMPLES = 16
+
+
+def _sample_grid(sizes, target):
+  """Samples per reduced axis: doubled on the least sampled axis (relative
+  to its size) until there are ``target`` of them or every position."""
+  counts = [1] * len(sizes)
+  while math.prod(counts) < target:
+    growable = [i for i, (c, n) in enumerate(zip(counts, sizes)) if c < n]
+    if not growable:
+      break
+    i = max(growable, key=lambda i: sizes[i] / counts[i])
+    counts[i] = min(2 * counts[i], sizes[i])
+  return counts
+
+
+def sampled_shift(x, reduction_axes, weights=None, dtype=None):
+  """Per channel (keepdims): the median of about ``SHIFT_SAMPLES`` values of
+  ``x`` on an evenly spaced grid over the reduced positions, counting only
+  valid, finite ones (0 where there is none). No gradient.
+
+  A data value near the middle of the batch: one outlier among the samples
+  cannot move it, so ``(mean - shift)^2 / var``, the cancellation factor of
+  shifted sums, stays of order 1. The grid is strided slices, which read
+  only the samples.
+  """
+  axes = tuple(reduction_axes)
+  dtype = dtype or stat_dtype(x.dtype)
+  shape = x.shape
+  kept_shape = tuple(1 if i in axes else n for i, n in enumerate(shape))
+  if any(shape[a] == 0 for a in axes):
+    return jnp.zeros(kept_shape, dtype)
+  counts = dict(zip(axes, _sample_grid([shape[a] for a in axes],
+                                       SHIFT_SAMPLES)))
+
+  def grid(value):
+    index = []
+    for i, n in enumerate(value.shape):
+      if i in counts and n != 1:
+        stride = n // counts[i]
+        index.append(slice(stride // 2, n, stride))
+      else:
+        index.append(slice(None))
+    return value[tuple(index)]
+
+  # The sample on its own (the barrier keeps the slice out of the fusions
+  # that convert and select, where XLA's cost analysis charges all of x)
+  sample = lax.optimization_barrier(grid(x)).astype(dtype)
+  valid = jnp.isfinite(sample)
+  if weights is not None:
+    w = jnp.asarray(weights)
+    w = w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
+    valid = valid & (lax.optimization_barrier(grid(w)) != 0)
+  sample = jnp.where(valid, sample, jnp.nan)
+  sample = jnp.moveaxis(sample, axes, range(len(axes)))
+  sample = sample.reshape((-1,) + sample.shape[len(axes):])
+  median = jnp.nanmedian(sample, axis=0)
+  median = jnp.where(jnp.isfinite(median), median, 0)
+  return lax.stop_gradient(median.reshape(kept_shape).astype(dtype))
+
+
+def sibling_sums(a, b, reduction_axes):
+  """``(sum a, sum b)`` over ``reduction_axes`` (keepdims): sibling
+  reductions of one producer, which XLA:GPU/TPU fuse into one read of their
+  common input (multi-output fusion). (One variadic reduction would say so
+  explicitly, but XLA:CPU runs that as a sequential loop whose float32 error
+  grows with the count: 1e-3 at a million rows.)"""
+  axes = tuple(reduction_axes)
+  return (jnp.sum(a, axis=axes, keepdims=True),
+          jnp.sum(b, axis=axes, keepdims=True))
 
 
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
                           weights: jax.Array | None = None
                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(count, mean, M2)`` from one pass of shifted sums (for GPU/TPU).
+  """``(count, mean, M2)`` from one read of shifted sums (GPU/TPU).
 
-  With a per-channel shift ``s`` taken from the data (the first element),
-  ``S1 = sum w (x - s)`` and ``S2 = sum w (x - s)^2`` are sibling reductions
-  of one read, which XLA:GPU fuses; ``M2 = S2 - S1^2 / n`` loses only
-  ``(mean - s)^2 / var`` ulps, small because ``s`` is a sample of the data.
+  With a per-channel shift ``s`` (:func:`sampled_shift`),
+  ``S1 = sum w (x - s)`` and ``S2 = sum w (x - s)^2`` are sibling
+  reductions of one read (:func:`sibling_sums`); ``M2 = S2 - S1^2 / n`` loses about
+  ``(mean - s)^2 / var`` ulps, of order 1 for a shift from the data's middle.
   """
   axes = tuple(reduction_axes)
-  if manual_axes.sharded_along(x, axes):  # no x[0] to shift by: two passes
+  if manual_axes.sharded_along(x, axes):  # no local sample to shift by
     return local_moments(x, axes, weights)
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
-  shift = x.astype(sd)
-  for axis in axes:
-    if shift.shape[axis] == 0:  # an empty batch: nothing to shift by
-      shift = jnp.zeros(shift.shape[:axis] + (1,) + shift.shape[axis + 1:], sd)
-    else:
-      shift = lax.slice_in_dim(shift, 0, 1, axis=axis)
-  shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
+  shift = sampled_shift(x, axes, weights, sd)
   centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
-  s1 = _sum(_weighted(w, centered), axes)
-  s2 = _sum(_weighted(w, jnp.square(centered)), axes)
+  s1, s2 = sibling_sums(_weighted(w, centered),
+                        _weighted(w, jnp.square(centered)), axes)
   mean_shifted = safe_divide(s1, count)
   m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
@@ -204,13 +280,15 @@ def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None, *,
 
 
 def platform_moments(x, reduction_axes, weights=None):
-  """``(count, mean, M2)`` in XLA: two passes on CPU, shifted sums elsewhere.
+  """``(count, mean, M2)`` in XLA: two passes on CPU, shifted sums elsewhere
+  (and everywhere under ``JAXBN_STATISTICS=accelerator``, see ``jaxbn.modes``).
 
-  XLA:GPU/TPU fuse the shifted sums' sibling reductions into one read; XLA:CPU
-  fuses no siblings, and there the two-pass form costs the same two reads
-  and is exact.
+  On GPU/TPU the shifted sums are one read; XLA:CPU runs a variadic reduction
+  slowly, and there the two-pass form costs two fast reads and is exact.
   """
   axes = tuple(reduction_axes)
+  if modes.statistics.value == "accelerator":
+    return local_moments_shifted(x, axes, weights)
   return lax.platform_dependent(
       cpu=lambda: local_moments(x, axes, weights),
       default=lambda: local_moments_shifted(x, axes, weights))

@@ -15,10 +15,14 @@ os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
 import hypothesis  # noqa: E402
 
+# statistics_mode (below) holds for a whole test, every example included
+_FIXTURE_OK = [hypothesis.HealthCheck.function_scoped_fixture]
 hypothesis.settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True)
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=_FIXTURE_OK)
 hypothesis.settings.register_profile(
-    "long", max_examples=2000, deadline=None)
+    "long", max_examples=2000, deadline=None,
+    suppress_health_check=_FIXTURE_OK)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -30,3 +34,17 @@ def pytest_terminal_summary(terminalreporter):
         f"tf_keras oracle: {tally['configs']} configurations, "
         f"{tally['checks']} quantity comparisons (outputs, gradients, every "
         "state variable per step, inference), all within 2e-4")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["auto", "accelerator"])
+def statistics_mode(request):
+  """Runs a test under each statistics algorithm: the default (CPU kernels
+  or two passes here) and the GPU/TPU one (``JAXBN_STATISTICS=accelerator``),
+  so the path TPU users run is tested on every commit. Modules opt in with
+  ``pytestmark = pytest.mark.usefixtures("statistics_mode")``."""
+  from jaxbn import modes
+  with modes.statistics(request.param):
+    yield request.param

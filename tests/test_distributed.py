@@ -12,8 +12,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jaxbn
 
 N_DEV = 8
-pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV,
-                                reason="needs 8 (simulated) devices")
+pytestmark = [pytest.mark.skipif(jax.device_count() < N_DEV,
+                                 reason="needs 8 (simulated) devices"),
+              # under both statistics algorithms (see conftest)
+              pytest.mark.usefixtures("statistics_mode")]
 
 
 def _mesh(shape=(N_DEV,), names=("data",)):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import cpu_kernels
+from jaxbn import cpu_kernels, stats
 from jaxbn.bench import bytes_moved
 
 CASES = [((16, 28, 28, 64), -1, "float32"), ((16, 28, 28, 64), -1, "bfloat16"),
@@ -54,6 +54,12 @@ def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype,
   kernels = "jaxbn_moments" in hlo
   assert kernels == (mode == "on" and dtype in ("float32", "bfloat16"))
   assert ("jaxbn_backward" in hlo) == kernels
+  if not kernels:
+    # XLA's cost analysis charges the shift's sample (16 strided values per
+    # channel, see stats.sampled_shift) as a read of all of a bf16 or 2-D x:
+    # take out what it charges for the sample alone
+    axes = config.resolve(shape).reduction_axes
+    bytes_accessed -= _analysis(lambda x: stats.sampled_shift(x, axes), x)[0]
   assert bytes_accessed <= (8.2 if kernels else 10.2) * x.nbytes
   channel_vector = 4 * np.prod(config.resolve(shape).param_shape)
   assert temp <= max(0.01 * x.nbytes, 16 * channel_vector)

@@ -1,9 +1,13 @@
 """Mathematical properties of batch norm, over random shapes/axes/options."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 import jaxbn
+
+# every property under both statistics algorithms (see conftest)
+pytestmark = pytest.mark.usefixtures("statistics_mode")
 
 
 @st.composite

@@ -1,0 +1,42 @@
+"""jaxbn's trace-time switches: which CPU kernels run, which statistics.
+
+Both are JAX configuration states: read when a function is traced, local to
+the thread (and context) that traces, and part of JAX's jit and trace cache
+keys, so a function traced under one value is traced again under another.
+An already compiled object (``jax.jit(f).lower(...).compile()``) keeps the
+program it was compiled with.
+
+* ``cpu_kernels``: ``'auto'`` (default: the kernels where the process sees one
+  device), ``'on'``, ``'off'``. Environment: ``JAXBN_CPU_KERNELS``; scoped:
+  ``jaxbn.cpu_kernels.use(mode)``; global: ``jaxbn.cpu_kernels.set_mode``.
+* ``statistics``: ``'auto'`` (default: two passes or the CPU kernels on CPU,
+  one-read shifted sums on GPU/TPU) or ``'accelerator'`` (the GPU/TPU
+  algorithm on every platform, CPU included, and no kernel: what a TPU run
+  computes, testable here). Environment: ``JAXBN_STATISTICS``; scoped:
+  ``jaxbn.modes.statistics(mode)``.
+"""
+from __future__ import annotations
+
+import os
+
+from jax._src import config as _config
+
+KERNEL_MODES = ("auto", "on", "off")
+STATISTICS_MODES = ("auto", "accelerator")
+
+
+def _state(name, values, help_text):
+  # The default comes from the environment variable NAME.upper().
+  value = os.environ.get(name.upper(), "auto")
+  if value not in values:
+    raise ValueError(f"{name.upper()} must be one of {values}; got {value!r}.")
+  return _config.enum_state(name, values, "auto", help_text,
+                            include_in_jit_key=True,
+                            include_in_trace_context=True)
+
+
+cpu_kernels = _state("jaxbn_cpu_kernels", KERNEL_MODES,
+                     "jaxbn: when its CPU kernels run (auto, on, off).")
+statistics = _state("jaxbn_statistics", STATISTICS_MODES,
+                    "jaxbn: the batch-statistics algorithm (auto, or the "
+                    "GPU/TPU one on every platform: accelerator).")

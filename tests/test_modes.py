@@ -1,0 +1,91 @@
+"""The trace-time switches: thread-local and part of JAX's jit cache key."""
+import threading
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxbn
+from jaxbn import cpu_kernels, modes
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="CPU kernels not built")
+CONFIG = jaxbn.BatchNormConfig()
+
+
+def _train(params, state, x):
+  return jaxbn.apply(CONFIG, params, state, x, training=True)
+
+
+def _uses_kernel(fn, *args):
+  return "jaxbn_moments" in fn.lower(*args).as_text()
+
+
+@needs_kernels
+def test_threads_tracing_under_different_modes_get_their_own():
+  x = jnp.ones((8, 4))
+  params, state = jaxbn.init(CONFIG, x.shape)
+  results, errors = {}, []
+
+  def trace(i):
+    mode = "on" if i % 2 else "off"
+    try:
+      with cpu_kernels.use(mode):
+        for _ in range(3):  # new jit objects of one function, many times
+          results.setdefault(i, []).append(
+              _uses_kernel(jax.jit(_train), params, state, x))
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+
+  threads = [threading.Thread(target=trace, args=(i,)) for i in range(40)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors
+  assert all(all(r) == bool(i % 2) and any(r) == bool(i % 2)
+             for i, r in results.items()), results
+
+
+@needs_kernels
+def test_the_mode_is_part_of_the_jit_cache_key():
+  x = jnp.ones((8, 4))
+  params, state = jaxbn.init(CONFIG, x.shape)
+  step = jax.jit(_train)
+  with cpu_kernels.use("on"):
+    assert _uses_kernel(step, params, state, x)
+    on = step(params, state, x)
+  with cpu_kernels.use("off"):
+    # the same jitted function, and a new jit of the same Python function
+    assert not _uses_kernel(step, params, state, x)
+    assert not _uses_kernel(jax.jit(_train), params, state, x)
+    off = step(params, state, x)
+  for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off)):
+    assert jnp.allclose(a, b, atol=1e-6)
+  # a compiled object keeps its program whatever the mode
+  with cpu_kernels.use("on"):
+    compiled = step.lower(params, state, x).compile()
+  with cpu_kernels.use("off"):
+    compiled(params, state, x)
+    assert "jaxbn_moments" in compiled.as_text()
+
+
+def test_statistics_mode_and_bad_values():
+  assert modes.statistics.value in modes.STATISTICS_MODES
+  with modes.statistics("accelerator"):
+    assert modes.statistics.value == "accelerator"
+    with cpu_kernels.use("on"):  # no kernel under the accelerator switch
+      assert cpu_kernels.applicable(jnp.ones((8, 4)), (0,)) is None
+  with pytest.raises(ValueError, match="'fast'"):
+    cpu_kernels.use("fast").__enter__()
+
+
+def test_environment_variables_are_validated(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-c", "import jaxbn"], capture_output=True, text=True,
+      env={"JAXBN_STATISTICS": "gpu", "JAX_PLATFORMS": "cpu", "PATH": ""},
+      timeout=120)
+  assert result.returncode != 0
+  assert "JAXBN_STATISTICS must be one of" in result.stderr

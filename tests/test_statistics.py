@@ -1,0 +1,117 @@
+"""Batch statistics against float64 on data that defeats naive algorithms:
+an outlier where the shifted sums used to take their shift, large means,
+bfloat16, masks, and across devices; on every path (CPU kernels, XLA two
+passes, the GPU/TPU one-read algorithm)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import jaxbn
+from jaxbn import cpu_kernels, modes, passes, stats
+
+
+def _outlier(value, rows):
+  def make(rng):
+    x = rng.normal(0, 1, (rows, 4))
+    x[0] = value  # the first row: where a first-element shift is taken
+    return x
+  return make
+
+
+CASES = {
+    "outlier 1000 over 1e6 rows": (_outlier(1000.0, 1_000_000), "float32",
+                                   1e-4),
+    "outlier 300 over 1e5 rows": (_outlier(300.0, 100_000), "float32", 1e-4),
+    "mean 1e4, std 1": (lambda rng: rng.normal(1e4, 1, (100_000, 4)),
+                        "float32", 1e-4),
+    "mean 1e6, std 1": (lambda rng: rng.normal(1e6, 1, (100_000, 4)),
+                        "float32", 1e-4),
+    "bfloat16 mean 100": (lambda rng: rng.normal(100, 1, (100_000, 4)),
+                          "bfloat16", 1e-3),
+}
+PATHS = ["kernels", "xla", "accelerator"]
+
+
+def _path(path):
+  if path == "accelerator":
+    return modes.statistics("accelerator")
+  return cpu_kernels.use("on" if path == "kernels" else "off")
+
+
+def _reference(x, mask):
+  x64 = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+  w = np.ones((x64.shape[0], 1)) if mask is None else mask.astype(np.float64)
+  mean = (w * x64).sum(0) / w.sum(0)
+  return mean, (w * (x64 - mean) ** 2).sum(0) / w.sum(0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_batch_variance_is_accurate(case, path, masked):
+  make, dtype, tolerance = CASES[case]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(make(rng), dtype)
+  mask = rng.random((x.shape[0], 1)) > 0.3 if masked else None
+  if masked:
+    mask[0] = True  # keep the outlier
+  with _path(path):
+    count, mean, m2 = jax.jit(passes.moments, static_argnums=1)(
+        x, (0,), None if mask is None else jnp.asarray(mask))
+  want_mean, want_var = _reference(x, mask)
+  var = np.ravel(m2 / count)
+  np.testing.assert_array_less(np.abs(var - want_var) / want_var, tolerance)
+  ulps = 4 * np.spacing(np.abs(want_mean).astype(np.float32)).max()
+  np.testing.assert_allclose(np.ravel(mean), want_mean,
+                             atol=tolerance * np.sqrt(want_var).max() + ulps)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_across_devices_too(path):
+  # 8 devices, uneven masks, the outlier on the first device's first row
+  rng = np.random.default_rng(1)
+  x = rng.normal(1e4, 1, (8 * 4096, 3))
+  x[0] = 1e4 + 300
+  mask = rng.random((x.shape[0], 1)) > 0.2
+  mask[0] = True
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  f = jax.jit(jax.shard_map(
+      lambda x, w: tuple(stats.merge_across_devices(
+          *passes.moments(x, (0,), w), "data")),
+      mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))
+  with _path(path):
+    count, mean, m2 = f(jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+  want_mean, want_var = _reference(jnp.asarray(x, jnp.float32), mask)
+  np.testing.assert_array_less(np.abs(np.ravel(m2 / count) - want_var)
+                               / want_var, 1e-4)
+
+
+def test_the_shift_is_a_robust_data_value():
+  x = np.zeros((1000, 2), np.float32)
+  x[:, 1] = np.arange(1000)
+  x[0] = [1e30, np.nan]  # an outlier and a NaN among the samples
+  shift = stats.sampled_shift(jnp.asarray(x), (0,))
+  assert shift.shape == (1, 2)
+  assert float(shift[0, 0]) == 0.0
+  assert 400 <= float(shift[0, 1]) <= 600
+  # masked-out samples do not count; no valid sample gives 0
+  mask = np.zeros((1000, 1), bool)
+  mask[500:] = True
+  shift = stats.sampled_shift(jnp.asarray(x), (0,), jnp.asarray(mask))
+  assert float(shift[0, 1]) >= 500
+  assert np.all(np.asarray(stats.sampled_shift(
+      jnp.asarray(x), (0,), jnp.zeros((1000, 1)))) == 0)
+
+
+def test_layer_statistics_under_the_accelerator_switch_use_no_kernel():
+  config = jaxbn.BatchNormConfig()
+  x = jnp.ones((16, 4, 4, 8))
+  params, state = jaxbn.init(config, x.shape)
+  f = lambda p, x: jaxbn.apply(config, p, state, x, training=True)[0]
+  step = jax.jit(lambda p, x: jax.vjp(f, p, x)[1](x))
+  with cpu_kernels.use("on"):
+    assert "jaxbn_" in step.lower(params, x).as_text()
+    with modes.statistics("accelerator"):
+      assert "jaxbn_" not in step.lower(params, x).as_text()
