@@ -15,8 +15,11 @@ from jaxbn import stats
 
 
 def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
-  """``rsqrt(var + epsilon)`` in var's dtype (forward and backward share it)."""
-  return lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+  """``rsqrt(var + epsilon)`` in var's dtype (forward and backward share it),
+  0 where ``var + epsilon`` is 0: a constant channel with ``epsilon=0``
+  normalizes to beta (its ``x - mean`` is 0) instead of 0 * inf = NaN."""
+  total = var + jnp.asarray(epsilon, var.dtype)
+  return jnp.where(total == 0, 0, lax.rsqrt(jnp.where(total == 0, 1, total)))
 
 
 def normalize(x, mean, a, b):

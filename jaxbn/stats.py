@@ -120,7 +120,7 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   return jnp.broadcast_to(count, mean.shape), mean, m2
 
 
-SHIFT_SAMPLES = 16
+SHIFT_SAMPLES = 64
 
 
 def _sample_grid(sizes, target):
@@ -137,9 +137,9 @@ def _sample_grid(sizes, target):
 
 
 def sampled_shift(x, reduction_axes, weights=None, dtype=None):
-  """Per channel (keepdims): the median of about ``SHIFT_SAMPLES`` values of
-  ``x`` on an evenly spaced grid over the reduced positions, counting only
-  valid, finite ones (0 where there is none). No gradient.
+  """Per channel (keepdims): the lower median of about ``SHIFT_SAMPLES``
+  values of ``x`` on an evenly spaced grid over the reduced positions,
+  counting only valid, finite ones (0 where there is none). No gradient.
 
   A data value near the middle of the batch: one outlier among the samples
   cannot move it, so ``(mean - shift)^2 / var``, the cancellation factor of
@@ -176,8 +176,15 @@ def sampled_shift(x, reduction_axes, weights=None, dtype=None):
   sample = jnp.where(valid, sample, jnp.nan)
   sample = jnp.moveaxis(sample, axes, range(len(axes)))
   sample = sample.reshape((-1,) + sample.shape[len(axes):])
-  median = jnp.nanmedian(sample, axis=0)
-  median = jnp.where(jnp.isfinite(median), median, 0)
+  valid = jnp.moveaxis(jnp.broadcast_to(valid, jnp.shape(valid)), axes,
+                       range(len(axes)))
+  count = jnp.sum(valid.reshape(sample.shape), axis=0)
+  # the lower middle of the sorted valid samples (NaNs sort last): a data
+  # value, where an interpolating median's (a + b) / 2 overflows near the
+  # float32 maximum
+  middle = jnp.maximum(count - 1, 0) // 2
+  median = jnp.take_along_axis(jnp.sort(sample, axis=0), middle[None], 0)[0]
+  median = jnp.where(count > 0, median, 0)
   return lax.stop_gradient(median.reshape(kept_shape).astype(dtype))
 
 
@@ -248,14 +255,27 @@ def merge(count, mean, m2, axis: int, *, between: bool = True,
   Empty groups count for nothing.
   """
   total = count.sum(axis, keepdims=True)
-  merged_mean = (count * mean).sum(axis, keepdims=True) / (total + (total == 0))
+  # around a reference, the first non-empty group's mean: equal means then
+  # merge exactly, and n_i * mean_i cannot round at large means
+  first = (count > 0).argmax(axis)
+  reference = _take(mean, first, axis)
+  offset = (count * (mean - reference)).sum(axis, keepdims=True) / (
+      total + (total == 0))
+  merged_mean = reference + offset
   merged_m2 = m2.sum(axis, keepdims=True)
   if between:
-    merged_m2 = merged_m2 + (count * (mean - merged_mean) ** 2).sum(
+    merged_m2 = merged_m2 + (count * (mean - reference - offset) ** 2).sum(
         axis, keepdims=True)
   merged = (total, merged_mean, merged_m2) + tuple(
       v.sum(axis, keepdims=True) for v in pooled)
   return tuple(v.squeeze(axis) for v in merged)
+
+
+def _take(values, index, axis):
+  """``values`` at ``index`` (one per position) along ``axis``, keepdims;
+  NumPy stays NumPy, JAX stays JAX."""
+  taker = np if isinstance(values, np.ndarray) else jnp
+  return taker.take_along_axis(values, taker.expand_dims(index, axis), axis)
 
 
 def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None, *,
@@ -263,19 +283,16 @@ def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None, *,
   """:func:`merge` of every device's ``(count, mean, M2)``, in one all-reduce.
 
   Each device writes its values into its own slot of a zero buffer and the
-  buffer is summed (an all-gather as one psum). With ``between=False`` the
-  sums ``(n, n mean, M2, *pooled)`` are all a device needs to send.
+  buffer is summed (an all-gather as one psum); ``between`` and ``pooled``
+  as for :func:`merge`.
   """
-  if not between:
-    sums = lax.psum(jnp.stack([count, count * mean, m2, *pooled]), axis_name,
-                    axis_index_groups=axis_index_groups)
-    return (sums[0], safe_divide(sums[1], sums[0]), sums[2], *sums[3:])
   slot, size = device_slot(axis_name, axis_index_groups)
   packed = jnp.stack([count, mean, m2, *pooled])
   buffer = jnp.zeros((size,) + packed.shape, packed.dtype)
   buffer = lax.dynamic_update_index_in_dim(buffer, packed, slot, 0)
   everyone = lax.psum(buffer, axis_name, axis_index_groups=axis_index_groups)
   return merge(everyone[:, 0], everyone[:, 1], everyone[:, 2], axis=0,
+               between=between,
                pooled=tuple(everyone[:, 3 + i] for i in range(len(pooled))))
 
 
@@ -283,8 +300,9 @@ def platform_moments(x, reduction_axes, weights=None):
   """``(count, mean, M2)`` in XLA: two passes on CPU, shifted sums elsewhere
   (and everywhere under ``JAXBN_STATISTICS=accelerator``, see ``jaxbn.modes``).
 
-  On GPU/TPU the shifted sums are one read; XLA:CPU runs a variadic reduction
-  slowly, and there the two-pass form costs two fast reads and is exact.
+  On GPU/TPU the shifted sums' two reductions are siblings XLA fuses into
+  one read; XLA:CPU fuses no siblings, and there the corrected two-pass form
+  costs the same two reads.
   """
   axes = tuple(reduction_axes)
   if modes.statistics.value == "accelerator":

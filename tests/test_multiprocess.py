@@ -60,7 +60,10 @@ def test_two_processes_equal_one_process(tmp_path):
                                                has_aux=True)(params, x)
   np.testing.assert_allclose(got["y"], y, atol=1e-4)
   np.testing.assert_allclose(got["gx"], gx, atol=1e-4)
-  np.testing.assert_allclose(got["dgamma"], gp["gamma"], rtol=1e-4, atol=1e-4)
+  # at this data's mean (1e3) float32 resolves the mean to ulp(1000) = 6e-5,
+  # which moves dgamma = sum dy (x - mean) inv by |sum dy| inv 6e-5 ~ 3e-4:
+  # the per-device and the one-device roundings differ by that much
+  np.testing.assert_allclose(got["dgamma"], gp["gamma"], rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(got["dbeta"], gp["beta"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got["moving_mean"], s["moving_mean"], rtol=1e-6)
   np.testing.assert_allclose(got["moving_variance"], s["moving_variance"],

@@ -55,7 +55,7 @@ def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype,
   assert kernels == (mode == "on" and dtype in ("float32", "bfloat16"))
   assert ("jaxbn_backward" in hlo) == kernels
   if not kernels:
-    # XLA's cost analysis charges the shift's sample (16 strided values per
+    # XLA's cost analysis charges the shift's sample (64 strided values per
     # channel, see stats.sampled_shift) as a read of all of a bf16 or 2-D x:
     # take out what it charges for the sample alone
     axes = config.resolve(shape).reduction_axes

@@ -115,3 +115,71 @@ def test_layer_statistics_under_the_accelerator_switch_use_no_kernel():
     assert "jaxbn_" in step.lower(params, x).as_text()
     with modes.statistics("accelerator"):
       assert "jaxbn_" not in step.lower(params, x).as_text()
+
+
+# ------------------------------------------------ every path at the extremes
+
+EXTREME_PATHS = ["kernels", "xla", "accelerator", "masked", "ghost",
+                 "devices"]
+
+
+def _layer_on_path(path, config_args, x):
+  """``(y, new_state)`` of one training step on ``path``."""
+  config = jaxbn.BatchNormConfig(
+      momentum=0.5, **config_args,
+      **({"virtual_batch_size": x.shape[0]} if path == "ghost" else {}))
+  params, state = jaxbn.init(config, x.shape)
+  params = {"gamma": params["gamma"] * 2, "beta": params["beta"] + 0.25}
+  mask = jnp.ones((x.shape[0], 1), bool) if path == "masked" else None
+  if path == "devices":
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    step = jax.jit(jax.shard_map(
+        lambda x: jaxbn.apply(config, params, state, x, training=True,
+                              axis_name="data"),
+        mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())))
+    with cpu_kernels.use("on"):
+      return step(x)
+  with _path({"masked": "kernels", "ghost": "kernels"}.get(path, path)):
+    return jax.jit(lambda x: jaxbn.apply(config, params, state, x,
+                                         training=True, mask=mask))(x)
+
+
+@pytest.mark.parametrize("epsilon", [1e-3, 0.0])
+@pytest.mark.parametrize("magnitude", [0.0, 1e-30, 1.0, 5e15, 1e30, 3e38])
+def test_constant_channels_normalize_to_beta_on_every_path(magnitude,
+                                                           epsilon):
+  rng = np.random.default_rng(2)
+  x = rng.normal(0, 1, (64, 3)).astype(np.float32)
+  x[:, 1] = magnitude
+  x[:, 2] = -magnitude
+  for path in EXTREME_PATHS:
+    y, state = _layer_on_path(path, {"epsilon": epsilon}, jnp.asarray(x))
+    y = np.asarray(y)
+    np.testing.assert_array_equal(y[:, 1:], 0.25, err_msg=path)
+    for name, value in state.items():
+      assert np.all(np.isfinite(value)), (path, name)
+    np.testing.assert_allclose(state["moving_mean"][1:],
+                               np.float32(magnitude) * np.array([0.5, -0.5]),
+                               rtol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
+  rng = np.random.default_rng(3)
+  x = rng.normal(5, 2, (64, 3)).astype(np.float32)
+  x[17, 0] = bad
+  reference = {}
+  for path in EXTREME_PATHS:
+    y, state = _layer_on_path(path, {}, jnp.asarray(x))
+    y = np.asarray(y)
+    assert not np.any(np.isfinite(y[:, 0])), path  # the spoiled channel
+    assert not np.isfinite(state["moving_variance"][0]), path
+    reference.setdefault("y", y[:, 1:])
+    reference.setdefault("state", {k: np.asarray(v)[1:]
+                                   for k, v in state.items()})
+    np.testing.assert_allclose(y[:, 1:], reference["y"], rtol=1e-5,
+                               atol=1e-5, err_msg=path)
+    for name, value in state.items():
+      np.testing.assert_allclose(np.asarray(value)[1:],
+                                 reference["state"][name], rtol=1e-5,
+                                 err_msg=(path, name))

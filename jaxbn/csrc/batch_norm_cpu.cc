@@ -179,8 +179,12 @@ struct Moments {
     }
   }
   double Mean(int64_t c) const { return n[c] ? ref[c] + s1[c] / n[c] : 0.0; }
+  // Rounding can make M2 slightly negative: 0 then. A NaN stays NaN (as in
+  // XLA: std::max(0.0, NaN) would be 0).
   double M2(int64_t c) const {
-    return n[c] ? std::max(0.0, s2[c] - s1[c] * (s1[c] / n[c])) : 0.0;
+    if (!n[c]) return 0.0;
+    const double m2 = s2[c] - s1[c] * (s1[c] / n[c]);
+    return m2 < 0.0 ? 0.0 : m2;
   }
 };
 
@@ -328,8 +332,10 @@ struct BlockSums {
 };
 
 // Two passes over a row-major (rows, C) block while it sits in cache: the
-// first gives a provisional mean, the second residual sums around it; added
-// to `acc`. `scratch` holds 3 C floats.
+// first gives a provisional mean, summing differences to the block's first
+// row (a constant block then gives exactly its value, at any magnitude, and
+// no sum overflows where the data do not), the second residual sums around
+// it; added to `acc`. `scratch` holds 3 C floats.
 template <class In>
 [[gnu::always_inline]] inline void RowBlockMoments(const In* __restrict x, int64_t rows,
                                                    int64_t channels, float* __restrict scratch,
@@ -342,14 +348,17 @@ template <class In>
   ForEachRowStep(rows, C <= 64 ? 4 : 1, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
       const auto* row = x + i * C + c;
-      auto sum = LoadLanes(row, t);
+      const auto first = LoadLanes(x + c, t);
+      auto sum = LoadLanes(row, t) - first;
 #pragma GCC unroll 4
-      for (int k = 1; k < decltype(step)::value; ++k) sum += LoadLanes(row + k * C, t);
+      for (int k = 1; k < decltype(step)::value; ++k) {
+        sum += LoadLanes(row + k * C, t) - first;
+      }
       StoreLanes(s + c, LoadLanes(s + c, t) + sum);
     });
   });
   const float inv_rows = 1.0f / static_cast<float>(rows);
-  for (int64_t c = 0; c < C; ++c) s[c] *= inv_rows;
+  for (int64_t c = 0; c < C; ++c) s[c] = ToFloat(x[c]) + s[c] * inv_rows;
   // The block is in cache now: four rows per step whatever C.
   ForEachRowStep<4>(rows, [&](int64_t i, auto step) {
     ForEachLanes(C, [&](auto t, int64_t c) {
@@ -375,15 +384,17 @@ template <class In>
 template <class In>
 [[gnu::always_inline]] inline void RunMoments(const In* __restrict x, int64_t n,
                                               float& shift, float& r, float& q) {
+  const float first = ToFloat(x[0]);  // sums around it, as in RowBlockMoments
+  const Vec f = first - Vec{};
   Vec s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    s0 += Load(x + i);
-    s1 += Load(x + i + kVec);
+    s0 += Load(x + i) - f;
+    s1 += Load(x + i + kVec) - f;
   }
   float s = Sum(s0 + s1);
-  for (; i < n; ++i) s += ToFloat(x[i]);
-  shift = s / static_cast<float>(n);
+  for (; i < n; ++i) s += ToFloat(x[i]) - first;
+  shift = first + s / static_cast<float>(n);
   const Vec m = shift - Vec{};
   Vec r0 = {}, r1 = {}, q0 = {}, q1 = {};
   i = 0;
@@ -416,18 +427,22 @@ template <class In>
   float* __restrict r = sums.r;
   float* __restrict q = sums.q;
   const int64_t C = channels;
+  int64_t first = 0;  // the first counted row: sums around it
+  while (first < rows && w[first] == 0.f) ++first;
+  if (first == rows) return;
+  const In* x0 = x + first * C;
   float total = 0.f;
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = first; i < rows; ++i) {
     if (w[i] == 0.f) continue;
     total += w[i];
     const float wi = w[i];
     ForEachLanes(C, [&](auto t, int64_t c) {
-      StoreLanes(s + c, LoadLanes(s + c, t) + wi * LoadLanes(x + i * C + c, t));
+      StoreLanes(s + c, LoadLanes(s + c, t) +
+                            wi * (LoadLanes(x + i * C + c, t) - LoadLanes(x0 + c, t)));
     });
   }
-  if (total == 0.f) return;
   const float inv_total = 1.0f / total;
-  for (int64_t c = 0; c < C; ++c) s[c] *= inv_total;
+  for (int64_t c = 0; c < C; ++c) s[c] = ToFloat(x0[c]) + s[c] * inv_total;
   for (int64_t i = 0; i < rows; ++i) {
     if (w[i] == 0.f) continue;
     const float wi = w[i];
@@ -1031,7 +1046,10 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
   std::vector<float> coefficients(v.problems * 3 * v.c);
   for (int64_t i = 0; i < v.problems * v.c; ++i) {
     const double n = t.count[i];
-    const double inv = 1.0 / std::sqrt(double(t.variance[i]) + double(epsilon));
+    // 0 where var + epsilon is 0 (a constant channel with epsilon 0), as
+    // affine.inverse_std
+    const double var_eps = double(t.variance[i]) + double(epsilon);
+    const double inv = var_eps > 0.0 ? 1.0 / std::sqrt(var_eps) : (var_eps == 0.0 ? 0.0 : NAN);
     const double gamma = t.scale[i];
     // a as the input gradient's pass will use it (float32): for one element
     // per channel, d = -a S1 then cancels a dy exactly, as in XLA
