@@ -19,6 +19,14 @@ def _jaxlib_include() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "include")
 
 
+def _jaxlib_version() -> str:
+  try:
+    from importlib.metadata import version
+    return version("jaxlib")
+  except Exception:  # noqa: BLE001 - recorded for messages only
+    return "unknown"
+
+
 class OptionalBuildExt(build_ext):
   """Builds the kernels if it can; never fails the install."""
 
@@ -28,8 +36,10 @@ class OptionalBuildExt(build_ext):
       print("jaxbn: jaxlib's XLA FFI headers not found; skipping the CPU "
             "kernels (statistics run in XLA).", file=sys.stderr)
       return
+    version = _jaxlib_version()
     for ext in self.extensions:
       ext.include_dirs.append(include)
+      ext.define_macros.append(("JAXBN_BUILT_WITH_JAXLIB", f'"{version}"'))
     try:
       super().run()
     except Exception as err:  # noqa: BLE001 - any compiler failure

@@ -92,7 +92,8 @@ MODES = modes.KERNEL_MODES
 
 
 def available() -> bool:
-  """Whether the compiled kernels are installed."""
+  """Whether the compiled kernels are installed and registered with this
+  jaxlib (``NOT_REGISTERED`` says why not, when they are built but not)."""
   return _cpu_kernels is not None
 
 
@@ -125,9 +126,63 @@ def use(mode: str) -> Iterator[None]:
     yield
 
 
+def _framework_ffi_api():
+  """The XLA FFI API version of the running jaxlib, from the header it ships
+  (None if absent)."""
+  import importlib.util
+  import re
+  spec = importlib.util.find_spec("jaxlib")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, "include", "xla", "ffi", "api", "c_api.h")
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError:
+      continue
+    found = [re.search(rf"#define XLA_FFI_API_{part} (\d+)", text)
+             for part in ("MAJOR", "MINOR")]
+    if all(found):
+      return tuple(int(m.group(1)) for m in found)
+  return None
+
+
+def _why_not_registered():
+  """None when the built kernels can be registered with this jaxlib, else
+  the reason. A handler built against a newer FFI than the running jaxlib's
+  makes every JAX computation fail once registered; an older one is fine."""
+  import jaxlib
+  info = _cpu_kernels.build_info()
+  built, running = tuple(info["ffi_api"]), _framework_ffi_api()
+  if running is None:
+    if info["jaxlib"] == jaxlib.__version__:
+      return None
+    return (f"they were built with jaxlib {info['jaxlib']} and this jaxlib "
+            f"{jaxlib.__version__} does not say which XLA FFI it provides")
+  if built[0] != running[0] or built[1] > running[1]:
+    return (f"they were built against XLA FFI API {built[0]}.{built[1]} "
+            f"(jaxlib {info['jaxlib']}), and this jaxlib {jaxlib.__version__} "
+            f"provides {running[0]}.{running[1]}")
+  return None
+
+
+NOT_REGISTERED = None  # why the built kernels are not in use, if they are not
 if _cpu_kernels is not None:
-  for _name, _handler in _cpu_kernels.handlers().items():
-    jax.ffi.register_ffi_target(_name, _handler, platform="cpu")
+  if os.environ.get("JAXBN_CPU_KERNELS") == "off":
+    NOT_REGISTERED = "JAXBN_CPU_KERNELS=off"
+  else:
+    NOT_REGISTERED = _why_not_registered()
+  if NOT_REGISTERED is None:
+    for _name, _handler in _cpu_kernels.handlers().items():
+      jax.ffi.register_ffi_target(_name, _handler, platform="cpu")
+  elif NOT_REGISTERED != "JAXBN_CPU_KERNELS=off":
+    import warnings
+    warnings.warn(
+        f"jaxbn's CPU kernels are not registered: {NOT_REGISTERED}; jaxbn runs "
+        "in XLA (same numbers, slower on CPU). Rebuild them against this "
+        "jaxlib: pip install --no-build-isolation --force-reinstall --no-deps "
+        "<jaxbn source or sdist>.", RuntimeWarning, stacklevel=2)
+  if NOT_REGISTERED is not None:
+    _cpu_kernels = None
 
 
 # ------------------------------------------------------- calls, export-safe

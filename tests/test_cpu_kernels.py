@@ -605,3 +605,39 @@ def test_bad_mode_names_the_value():
   with pytest.raises(ValueError, match="'fast'"):
     cpu_kernels.set_mode("fast")
   assert cpu_kernels.get_mode() in cpu_kernels.MODES
+
+
+@needs_kernels
+def test_kernels_register_only_with_a_compatible_ffi(monkeypatch):
+  from jaxbn import _cpu_kernels as built
+  major, minor = built.build_info()["ffi_api"]
+  for running, ok in [((major, minor), True), ((major, minor + 1), True),
+                      ((major, minor - 1), False), ((major + 1, 0), False)]:
+    monkeypatch.setattr(cpu_kernels, "_framework_ffi_api", lambda: running)
+    reason = cpu_kernels._why_not_registered()
+    assert (reason is None) == ok, (running, reason)
+    if not ok:
+      assert f"{major}.{minor}" in reason and "jaxlib" in reason
+
+
+def test_kernels_off_in_the_environment_registers_nothing():
+  import subprocess
+  import sys
+  code = ("import jaxbn, jax.numpy as jnp; from jaxbn import cpu_kernels; "
+          "print(cpu_kernels.available(), cpu_kernels.NOT_REGISTERED, "
+          "float(jnp.ones(3).sum()))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, check=True,
+                       env={"JAXBN_CPU_KERNELS": "off", "JAX_PLATFORMS": "cpu",
+                            "PATH": ""}).stdout
+  assert out.split()[0] == "False" and "3.0" in out
+
+
+def test_info_explains_the_kernels():
+  from jaxbn import info
+  report = info.report()
+  assert report["jax"] == jax.__version__
+  registered = report["kernels registered"]
+  assert registered.startswith("yes") == cpu_kernels.available()
+  with cpu_kernels.use("off"):
+    assert "mode 'off'" in info.report()["kernels used for float32 NHWC on CPU"]

@@ -1214,9 +1214,22 @@ PyObject* Handlers(PyObject*, PyObject*) {
   return handlers;
 }
 
+#ifndef JAXBN_BUILT_WITH_JAXLIB
+#define JAXBN_BUILT_WITH_JAXLIB "unknown"
+#endif
+
+// What the kernels were compiled against: jaxbn registers them only with a
+// jaxlib whose XLA FFI accepts that API version.
+PyObject* BuildInfo(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:(ii),s:s}", "ffi_api", XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR,
+                       "jaxlib", JAXBN_BUILT_WITH_JAXLIB);
+}
+
 PyMethodDef kMethods[] = {
     {"handlers", Handlers, METH_NOARGS,
      "{target name: XLA FFI handler capsule} for the CPU kernels."},
+    {"build_info", BuildInfo, METH_NOARGS,
+     "{'ffi_api': (major, minor), 'jaxlib': version} the kernels were built with."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
