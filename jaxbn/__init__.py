@@ -8,7 +8,7 @@ Functional core::
 
 Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments.
 """
-from jaxbn import interop, nnx, tools
+from jaxbn import interop, modes, nnx, tools
 from jaxbn.interop import (from_flax, from_keras, from_torch,
                            keras_model_variables, to_keras, to_torch)
 from jaxbn.tools import fold_into_kernel, precise_statistics
@@ -46,6 +46,7 @@ __all__ = [
     "interop",
     "keras_model_variables",
     "model_regularization_loss",
+    "modes",
     "moments",
     "nnx",
     "precise_statistics",

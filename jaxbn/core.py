@@ -31,6 +31,12 @@ Ghost batch norm (``virtual_batch_size = v``): in training the batch is split
 into ``B / v`` virtual batches, each normalized with its own statistics; the
 moving averages follow the (count-weighted) mean over virtual batches of their
 means and variances. Inference does not depend on the batch size.
+
+Every training configuration runs through one custom VJP with the closed-form
+backward (``jaxbn.closed_form``): the virtual batches as a view of ``x``
+(``_batch_view``), renorm's ``r``/``d`` from the statistics inside its forward
+(``_corrections``), adjustment folded into gamma and beta; ``fused=False``
+runs the same forward by plain autodiff.
 """
 from __future__ import annotations
 
