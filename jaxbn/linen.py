@@ -13,7 +13,7 @@ statistics). Training updates need ``mutable=['batch_stats']``::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax

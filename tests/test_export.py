@@ -1,7 +1,6 @@
 """``jax.export`` of a training step: default mode, every platform, served by
 a process that never imports jaxbn; and what GPU/TPU would run, lowered here
 (no hardware needed): no jaxbn custom call, the statistics in one read."""
-import pathlib
 import pickle
 import re
 import subprocess
