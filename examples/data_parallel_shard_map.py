@@ -12,6 +12,7 @@ Prints the test accuracy of both and saves ``examples/sync_vs_local.png``.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -112,7 +113,9 @@ def train(synced: bool, epochs: int, seed: int = 0, progress: bool = True):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=8)
-  parser.add_argument("--out", default="examples/sync_vs_local.png")
+  parser.add_argument(
+      "--out", default=str(pathlib.Path(__file__).with_name("sync_vs_local.png")),
+      help="where to save the plot (default: next to this script)")
   args = parser.parse_args()
   print(f"{jax.device_count()} devices, {PER_DEVICE} examples per device")
   curves = {name: train(name == "synced", args.epochs)

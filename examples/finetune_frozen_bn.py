@@ -13,6 +13,7 @@ both on the new classes and how far the moving statistics moved; saves
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -105,7 +106,9 @@ def run(epochs=10, seed=0):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--out", default="examples/finetune.png")
+  parser.add_argument(
+      "--out", default=str(pathlib.Path(__file__).with_name("finetune.png")),
+      help="where to save the plot (default: next to this script)")
   args = parser.parse_args()
   results = run(args.epochs)
   for label, r in results.items():

@@ -17,6 +17,7 @@ Prints the test accuracy (inference mode) of each and saves
 from __future__ import annotations
 
 import argparse
+import pathlib
 import time
 
 import flax.linen as nn
@@ -107,7 +108,9 @@ def train(batch_size, bn_args, epochs, seed=0, label=""):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=8)
-  parser.add_argument("--out", default="examples/ghost_renorm.png")
+  parser.add_argument(
+      "--out", default=str(pathlib.Path(__file__).with_name("ghost_renorm.png")),
+      help="where to save the plot (default: next to this script)")
   args = parser.parse_args()
   start = time.time()
   curves = {}

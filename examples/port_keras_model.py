@@ -11,6 +11,7 @@ logits to ``examples/port_keras.png``.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -98,7 +99,9 @@ def run(batch_size=64, seed=0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="examples/port_keras.png")
+  parser.add_argument(
+      "--out", default=str(pathlib.Path(__file__).with_name("port_keras.png")),
+      help="where to save the plot (default: next to this script)")
   args = parser.parse_args()
   k_infer, j_infer, k_train, j_train = run()
   for mode, k, j in (("inference", k_infer, j_infer),

@@ -8,6 +8,7 @@ loss and test accuracy, and saves the training curve to ``digits_curve.png``.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import time
 
 import flax.linen as nn
@@ -116,7 +117,9 @@ def plot(history, path):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=15)
-  parser.add_argument("--out", default="examples/digits_curve.png")
+  parser.add_argument(
+      "--out", default=str(pathlib.Path(__file__).with_name("digits_curve.png")),
+      help="where to save the plot (default: next to this script)")
   args = parser.parse_args()
   start = time.time()
   history = train(epochs=args.epochs)
