@@ -560,75 +560,50 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
 
 # ------------------------------------------------- the kernels, in plain XLA
 #
-# What each kernel computes, for exported programs (see ``_call``): inputs in
-# their own shape with any leading (vmap) axes, the view as in the kernels.
+# What each kernel computes, for exported programs (see ``_call``): one
+# problem's inputs in their own shape (under vmap the batching rule vmaps the
+# fallback), the view as in the kernels.
 
 
-def _lead(x, view):
-  return x.shape[:x.ndim - _view_rank(x, view)]
+def _xla_view(x, view):
+  return x.reshape(view.shape).astype(jnp.float32)
 
 
-def _view_rank(x, view):
-  size = math.prod(view.shape)
-  rank = x.ndim
-  while rank > 0 and math.prod(x.shape[x.ndim - rank:]) != size:
-    rank -= 1
-  return rank
-
-
-def _xla_view(x, view, lead):
-  return x.reshape(lead + view.shape).astype(jnp.float32)
-
-
-def _xla_rows(rows, view, lead, masked):
+def _xla_rows(rows, view, masked):
   if not masked:
     return jnp.ones((), jnp.float32)
-  return rows.reshape(lead + (view.a1, view.g, view.a, 1, 1))
+  return _per_row(rows, view)
 
 
-def _xla_sum(v, lead):
-  axes = tuple(len(lead) + i for i in (0, 2, 4))
-  return jnp.sum(v, axis=axes, keepdims=True)
-
-
-def _xla_channels(v, view, lead):
-  return v.reshape(lead + (view.channels,))
-
-
-def _xla_per_channel(v, view, lead):
-  return v.reshape(lead + (1, view.g, 1, view.c, 1))
+def _xla_sum(v):
+  return jnp.sum(v, axis=(0, 2, 4), keepdims=True)
 
 
 def _xla_moments(x, rows, *, view, masked):
-  lead = _lead(x, view)
-  xv, w = _xla_view(x, view, lead), _xla_rows(rows, view, lead, masked)
-  n = _xla_sum(jnp.broadcast_to(w, xv.shape), lead)
-  mean = _xla_sum(jnp.where(w != 0, w * xv, 0), lead) / jnp.where(n > 0, n, 1)
-  m2 = _xla_sum(jnp.where(w != 0, w * jnp.square(xv - mean), 0), lead)
-  return _xla_channels(mean, view, lead), _xla_channels(m2, view, lead)
+  xv, w = _xla_view(x, view), _xla_rows(rows, view, masked)
+  n = _xla_sum(jnp.broadcast_to(w, xv.shape))
+  mean = _xla_sum(jnp.where(w != 0, w * xv, 0)) / jnp.where(n > 0, n, 1)
+  m2 = _xla_sum(jnp.where(w != 0, w * jnp.square(xv - mean), 0))
+  return mean.reshape(view.channels), m2.reshape(view.channels)
 
 
 def _xla_grad_sums(dy, x, mean, *, view):
-  lead = _lead(x, view)
-  dyv, xv = _xla_view(dy, view, lead), _xla_view(x, view, lead)
-  centered = xv - _xla_per_channel(mean, view, lead)
-  return (_xla_channels(_xla_sum(dyv, lead), view, lead),
-          _xla_channels(_xla_sum(dyv * centered, lead), view, lead))
+  dyv, xv = _xla_view(dy, view), _xla_view(x, view)
+  centered = xv - _per_channel(mean, view)
+  return (_xla_sum(dyv).reshape(view.channels),
+          _xla_sum(dyv * centered).reshape(view.channels))
 
 
 def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
-  lead = _lead(x, view)
-  a, c, d = (_xla_per_channel(jnp.take(per_problem, i, axis=-2), view, lead)
-             for i in range(3))
-  dyv, xv = _xla_view(dy, view, lead), _xla_view(x, view, lead)
-  w = _xla_rows(rows, view, lead, masked)
+  a, c, d = (_per_channel(per_problem[:, i], view) for i in range(3))
+  dyv, xv = _xla_view(dy, view), _xla_view(x, view)
+  w = _xla_rows(rows, view, masked)
   dx = a * dyv + jnp.where(w != 0, w * (c * xv + d), 0)
   return (dx.astype(x.dtype).reshape(x.shape),)
 
 
 def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
                   view, masked, epsilon):
-  lead = _lead(x, view)
   sum_dy, sum_dy_xc = _xla_grad_sums(dy, x, mean, view=view)
   inv = jax.lax.rsqrt(var + jnp.float32(epsilon))
   a = scale * inv
@@ -636,7 +611,7 @@ def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
   c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)
                 / safe, 0)
   d = jnp.where(count > 0, (d_mean - a * sum_dy) / safe, 0) - c * mean
-  per_problem = jnp.stack(
-      [v.reshape(lead + (view.g, view.c)) for v in (a, c, d)], axis=-2)
+  per_problem = jnp.stack([v.reshape(view.g, view.c) for v in (a, c, d)],
+                          axis=1)
   (dx,) = _xla_input_grad(dy, x, per_problem, rows, view=view, masked=masked)
   return dx, sum_dy, sum_dy_xc

@@ -150,7 +150,7 @@ def _gradient_sums(dy, x, mean, axes):
             _sum(dy_for_dot.astype(sd)
                  * (x_for_dot.astype(sd) - mean_for_dot), axes))
 
-  def one_read():  # GPU/TPU: one variadic reduction
+  def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
     return stats.sibling_sums(dys, dys * (x.astype(sd) - mean), axes)
 

@@ -176,8 +176,7 @@ def sampled_shift(x, reduction_axes, weights=None, dtype=None):
   sample = jnp.where(valid, sample, jnp.nan)
   sample = jnp.moveaxis(sample, axes, range(len(axes)))
   sample = sample.reshape((-1,) + sample.shape[len(axes):])
-  valid = jnp.moveaxis(jnp.broadcast_to(valid, jnp.shape(valid)), axes,
-                       range(len(axes)))
+  valid = jnp.moveaxis(valid, axes, range(len(axes)))
   count = jnp.sum(valid.reshape(sample.shape), axis=0)
   # the lower middle of the sorted valid samples (NaNs sort last): a data
   # value, where an interpolating median's (a + b) / 2 overflows near the

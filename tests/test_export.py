@@ -125,3 +125,25 @@ def test_gpu_and_tpu_statistics_read_x_once_without_custom_calls(platform):
   # siblings: neither depends on the other (a two-pass mean would)
   (a, anc_a), (b, anc_b) = reductions.items()
   assert a not in anc_b and b not in anc_a
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_exported_kernel_fallbacks_batch_under_vmap(size):
+  # the kernels' XLA stand-ins see one problem each, vmapped like the calls
+  config = jaxbn.BatchNormConfig(virtual_batch_size=4)
+  x = jax.random.normal(jax.random.PRNGKey(2), (size, 8, 3, 5)) + 4
+  params, state = jaxbn.init(config, x.shape[1:])
+  mask = jnp.arange(8)[:, None, None] % 3 != 0
+
+  def step(x):
+    f = lambda x: jnp.sum(jnp.sin(jaxbn.apply(
+        config, params, state, x, training=True, mask=mask)[0]))
+    return jax.vmap(jax.value_and_grad(f))(x)
+
+  with cpu_kernels.use("on"):
+    live = jax.jit(step)(x)
+    exported = jax.export.export(jax.jit(step), platforms=("cpu",))(x)
+  assert not any(t.startswith("jaxbn") for t in _custom_call_targets(
+      exported.mlir_module()))
+  for a, b in zip(jax.tree.leaves(exported.call(x)), jax.tree.leaves(live)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)

@@ -1049,7 +1049,7 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     // 0 where var + epsilon is 0 (a constant channel with epsilon 0), as
     // affine.inverse_std
     const double var_eps = double(t.variance[i]) + double(epsilon);
-    const double inv = var_eps > 0.0 ? 1.0 / std::sqrt(var_eps) : (var_eps == 0.0 ? 0.0 : NAN);
+    const double inv = var_eps == 0.0 ? 0.0 : 1.0 / std::sqrt(var_eps);
     const double gamma = t.scale[i];
     // a as the input gradient's pass will use it (float32): for one element
     // per channel, d = -a S1 then cancels a dy exactly, as in XLA
