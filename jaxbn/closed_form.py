@@ -13,12 +13,17 @@ output pass)::
 
 Backward, closed form. With ``g = scale * r`` (the total scale of the
 normalized values), ``a = g * inv``, S1 = sum(dy) and S2 = sum(dy * (x -
-mean)) over every element (and every device), n the count of valid elements
-and w the mask::
+mean)) over every valid element (and every device), n their count and w the
+mask::
 
   doffset = S1                      dscale = r * inv * S2 + d * S1
   dL/dmean = -a * S1 + dmean        dL/dvar = -g * inv^3 * S2 / 2 + dvar
   dx = a * dy + w * (c * x + d')    c = 2 dL/dvar / n,  d' = dL/dmean / n - c * mean
+
+Masked-out elements are padding: they are normalized like the rest (as in
+Keras 3 and flax.linen) but their outputs are constants of the parameters
+and the input (dx = 0 there, and they add nothing to S1 and S2), so whatever
+the padding holds, NaN included, never reaches a statistic or a gradient.
 
 (dmean, dvar are cotangents of the returned statistics, usually zero.) The only
 residuals are ``x`` in its own dtype and per-channel vectors; the normalized
@@ -67,16 +72,25 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
   if d is not None:
     b = b + d * scale
   y = affine.normalize(x, mean, a, b)
-  return (y, (mean, var, count), extras), (r, d)
+  return (y, (mean, var, count), extras), (r, d, a, b)
 
 
 def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
               axis_name=None, groups=None, correction=None):
   """:func:`batch_norm_train` by plain autodiff, statistics in XLA alone."""
-  outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
-                        epsilon, axis_name, groups, correction,
-                        stats.platform_moments)
-  return outputs
+  if weights is None:
+    outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
+                          epsilon, axis_name, groups, correction,
+                          stats.platform_moments)
+    return outputs
+  # Padding enters the differentiated program as 0 (autodiff would multiply
+  # a NaN there by a zero cotangent); its outputs are added as constants.
+  valid = weights != 0
+  (y, statistics, extras), (_, _, a, b) = _forward(
+      jnp.where(valid, x, 0), scale, offset, weights, correction_inputs, axes,
+      epsilon, axis_name, groups, correction, stats.platform_moments)
+  padding = lax.stop_gradient(affine.normalize(x, statistics[0], a, b))
+  return jnp.where(valid, y, padding), statistics, extras
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -109,9 +123,9 @@ def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
 
 def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
          axis_name, groups, correction):
-  outputs, (r, d) = _forward(x, scale, offset, weights, correction_inputs,
-                             axes, epsilon, axis_name, groups, correction,
-                             passes.moments)
+  outputs, (r, d, _, _) = _forward(
+      x, scale, offset, weights, correction_inputs, axes, epsilon, axis_name,
+      groups, correction, passes.moments)
   _, (mean, var, count), _ = outputs
   return outputs, (x, scale, offset, weights, correction_inputs, mean, var,
                    count, r, d)

@@ -381,10 +381,16 @@ def _check_renorm_clipping(value):
     if bound < 0 or math.isnan(bound):
       raise ValueError(f"`renorm_clipping['{key}']` must be >= 0; got "
                        f"{bound!r}.")
+  # r = 1 (the batch and moving statistics agree) must stay reachable; a
+  # schedule's values are its own business.
   rmin, rmax = items.get("rmin"), items.get("rmax")
-  if (isinstance(rmin, numbers.Real) and isinstance(rmax, numbers.Real)
-      and rmin > rmax):
+  is_number = lambda v: isinstance(v, numbers.Real)
+  if is_number(rmax) and rmax < 1:
     raise ValueError(
-        f"`renorm_clipping` has rmin={rmin!r} > rmax={rmax!r}; r would be "
-        "clipped to an empty range. Use rmin <= 1 <= rmax.")
+        f"`renorm_clipping['rmax']`={rmax!r} is below 1, so r could never be "
+        "1; use rmax >= 1 (Keras' paper schedule ramps it from 1 to 3).")
+  if is_number(rmin) and rmin > 1:
+    raise ValueError(
+        f"`renorm_clipping['rmin']`={rmin!r} is above 1, so r could never be "
+        "1; use 0 <= rmin <= 1 (e.g. 1 / rmax).")
   return RenormClipping(**items)

@@ -156,8 +156,11 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_name: named axis (or tuple) of ``pmap``/``shard_map``/``vmap`` to
       compute statistics across devices.
     axis_index_groups: optional device groups for ``axis_name``.
-    mask: optional boolean (or 0/1) array broadcastable to ``x``; masked-out
-      elements do not count in the statistics (they are still normalized).
+    mask: optional boolean array (numbers: nonzero is valid) of ``x``'s
+      shape or a prefix of it (``(batch,)``, ``(batch, time)``: aligned with
+      the leading axes, as in Keras), 1 along axes it does not vary over.
+      Masked-out elements are padding: normalized like the rest, but they
+      never reach the statistics or any gradient, whatever they hold.
 
   Returns:
     ``(y, new_state)``; in inference ``new_state`` is ``state``.
@@ -452,14 +455,30 @@ def _check_param_dtype(dtype):
 
 
 def _check_input(x):
+  """``x`` as an array; integer and bool inputs become float32 (Keras casts
+  them to the layer's float32 compute dtype)."""
   if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-    x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+    try:
+      x = jnp.asarray(x)
+    except TypeError:
+      raise TypeError(
+          f"BatchNormalization expects a numeric array input; got "
+          f"{type(x).__name__}. Pass a float array.") from None
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    return x.astype(jnp.float32)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
     raise TypeError(
-        f"BatchNormalization expects a floating-point input; got dtype "
-        f"{x.dtype} (shape {tuple(x.shape)}). Cast it, e.g. "
-        "x.astype(jnp.float32).")
-  return x
+        f"BatchNormalization does not normalize complex input (dtype "
+        f"{x.dtype}, shape {tuple(x.shape)}): Keras rejects it and a complex "
+        "batch norm has several incompatible definitions. Normalize the real "
+        "and imaginary parts as channels, e.g. jnp.concatenate([x.real, "
+        "x.imag], axis=-1).")
+  raise TypeError(
+      f"BatchNormalization expects a floating-point input; got dtype "
+      f"{x.dtype} (shape {tuple(x.shape)}). Cast it, e.g. "
+      "x.astype(jnp.float32).")
 
 
 def check_training(training) -> bool:
@@ -479,29 +498,42 @@ def check_training(training) -> bool:
 
 
 def _check_mask(mask, shape):
+  """The mask as 0/1 float32 weights of ``x``'s rank.
+
+  True (or any nonzero number, NaN included) marks a valid element. A mask of
+  lower rank is aligned with the leading axes, as Keras aligns a
+  ``(batch, time)`` sequence mask with ``(batch, time, features)``.
+  """
   if mask is None:
     return None
+  shape = tuple(shape)
+  kind = getattr(mask, "dtype", None)
+  if kind is None:
+    kind = np.asarray(mask).dtype
+  if not (kind == np.bool_ or np.issubdtype(kind, np.integer)
+          or np.issubdtype(kind, np.floating)):
+    raise TypeError(
+        f"`mask` must be boolean (or real numbers: nonzero is valid); got "
+        f"{type(mask).__name__} of dtype {kind}.")
   mask = jnp.asarray(mask)
-  try:
-    jnp.broadcast_shapes(mask.shape, shape)
-  except ValueError:
+  aligned = mask.shape + (1,) * (len(shape) - mask.ndim)
+  if mask.ndim > len(shape) or any(m not in (1, s)
+                                   for m, s in zip(aligned, shape)):
     raise ValueError(
-        f"`mask` of shape {tuple(mask.shape)} does not broadcast to the input "
-        f"shape {tuple(shape)}. For a Keras sequence mask of shape "
-        "(batch, time) add a trailing axis: mask[..., None].") from None
-  if jnp.broadcast_shapes(mask.shape, shape) != tuple(shape):
-    raise ValueError(
-        f"`mask` of shape {tuple(mask.shape)} would enlarge the input shape "
-        f"{tuple(shape)}; it must be broadcastable *to* the input.")
-  if (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)
-      or jnp.issubdtype(mask.dtype, jnp.floating)):
-    return mask.astype(jnp.float32)
-  raise TypeError(f"`mask` must be boolean (or 0/1 numbers); got dtype "
-                  f"{mask.dtype}.")
+        f"`mask` of shape {tuple(mask.shape)} does not align with the input "
+        f"shape {shape}: a mask has the input's shape, or a prefix of it "
+        "(e.g. (batch,) or (batch, time), aligned with the leading axes as in "
+        "Keras), with 1 for any axis it does not vary over.")
+  return (mask.reshape(aligned) != 0).astype(jnp.float32)
 
 
 def _check_variables(config, resolved, params, state, input_shape):
   expected = resolved.param_shape
+  missing = [k for k in ("moving_mean", "moving_variance") if k not in state]
+  if missing:
+    raise ValueError(
+        f"`state` has no {missing} (it has {sorted(state)}); create it with "
+        "jaxbn.init(config, x.shape), or from a Flax layer's 'batch_stats'.")
   needed = [("params", "gamma", config.scale), ("params", "beta", config.center)]
   for kind, name, present in needed:
     if present and name not in params:

@@ -484,8 +484,8 @@ def input_grad(dy: jax.Array, x: jax.Array, coefficients: jax.Array,
                rows: jax.Array | None = None) -> jax.Array:
   """``a * dy + w * (c * x + d)`` in float32, in ``x``'s shape and dtype.
 
-  ``w``: the row weights ``rows`` (1 without them); a row of weight 0 gets
-  ``a * dy`` whatever its x holds.
+  ``w``: the row weights ``rows`` (1 without them); a row of weight 0 is
+  padding and gets 0, whatever its dy and x hold.
 
   ``coefficients`` is ``(3, G * C)`` float32: the rows a, c and d. ``stream``
   forces streaming stores on or off (default: by size, see
@@ -520,8 +520,8 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
              for row in coefficients.reshape(3, view.channels))
   da, dc, dd = (_per_channel(row, view)
                 for row in dcoefficients.reshape(3, view.channels))
-  correction = jnp.where(w > 0, w * (c * f32(dx) + dc * f32(x) + dd), 0)
-  tangent = a * f32(ddy) + da * f32(dy) + correction
+  tangent = jnp.where(w > 0, a * f32(ddy) + da * f32(dy)
+                      + w * (c * f32(dx) + dc * f32(x) + dd), 0)
   return out, tangent.astype(out.dtype).reshape(out.shape)
 
 
@@ -540,7 +540,8 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
     dx = a dy + w (c x + d)
 
   (coefficients in float64; ``w`` the row weights ``rows``, as for
-  :func:`input_grad`, whose ``stream`` this takes too). Not
+  :func:`input_grad`, whose ``stream`` this takes too; rows of weight 0 are
+  padding: left out of the sums, dx = 0). Not
   differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
@@ -587,25 +588,28 @@ def _xla_moments(x, rows, *, view, masked):
   return mean.reshape(view.channels), m2.reshape(view.channels)
 
 
-def _xla_grad_sums(dy, x, mean, *, view):
+def _xla_grad_sums(dy, x, mean, w=None, *, view):
   dyv, xv = _xla_view(dy, view), _xla_view(x, view)
   centered = xv - _per_channel(mean, view)
-  return (_xla_sum(dyv).reshape(view.channels),
-          _xla_sum(dyv * centered).reshape(view.channels))
+  valid = lambda v: v if w is None else jnp.where(w != 0, v, 0)
+  return (_xla_sum(valid(dyv)).reshape(view.channels),
+          _xla_sum(valid(dyv * centered)).reshape(view.channels))
 
 
 def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
   a, c, d = (_per_channel(per_problem[:, i], view) for i in range(3))
   dyv, xv = _xla_view(dy, view), _xla_view(x, view)
   w = _xla_rows(rows, view, masked)
-  dx = a * dyv + jnp.where(w != 0, w * (c * xv + d), 0)
+  dx = jnp.where(w != 0, a * dyv + w * (c * xv + d), 0)
   return (dx.astype(x.dtype).reshape(x.shape),)
 
 
 def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
                   view, masked, epsilon):
-  sum_dy, sum_dy_xc = _xla_grad_sums(dy, x, mean, view=view)
-  inv = jax.lax.rsqrt(var + jnp.float32(epsilon))
+  sum_dy, sum_dy_xc = _xla_grad_sums(
+      dy, x, mean, _xla_rows(rows, view, masked) if masked else None, view=view)
+  var_eps = var + jnp.float32(epsilon)
+  inv = jnp.where(var_eps > 0, jax.lax.rsqrt(var_eps), 0)
   a = scale * inv
   safe = jnp.where(count > 0, count, 1)
   c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)

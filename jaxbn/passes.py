@@ -7,8 +7,8 @@ the closed-form batch norm (``jaxbn.closed_form``) asks for
 * :func:`moments`: one device's ``(count, mean, M2)`` (keepdims), and
 * :func:`backward`: the closed-form backward's passes (formula in
   ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
-  mean)``, combined across devices between the passes, then
-  ``dx = a dy + w (c x + d)``,
+  mean)`` over the valid elements, combined across devices between the
+  passes, then ``dx = a dy + w (c x + d)`` (0 in padding),
 
 and never asks whether a kernel applies. Each function decides once per
 traced call (platform, mode, dtype, mask, layout: see
@@ -76,7 +76,7 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                            count, axes, epsilon, axis_name, groups):
   """Two passes over dy and x, the sums combined across devices between."""
-  sum_dy, sum_dy_xc = _gradient_sums(dy, x, mean, axes)
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, axes)
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
     packed = lax.psum(packed, axis_name, axis_index_groups=groups)
@@ -134,25 +134,33 @@ def _rows(weights, x, view):
           cpu_kernels.row_weights(weights, x.shape, view))
 
 
-def _gradient_sums(dy, x, mean, axes):
-  """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims).
+def _valid(weights, values):
+  """``values`` where the mask is nonzero, 0 in padding whatever it holds."""
+  return values if weights is None else jnp.where(weights != 0, values, 0)
 
-  On CPU one read of ``dy`` and ``x`` through the kernel where it applies;
-  otherwise two XLA reductions, each with its own copy of its inputs (see
-  ``stats.separate``).
+
+def _gradient_sums(dy, x, weights, mean, axes):
+  """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims), over
+  the valid (mask nonzero) elements.
+
+  On CPU one read of ``dy`` and ``x`` through the kernel where it applies
+  (no mask); otherwise two XLA reductions, each with its own copy of its
+  inputs (see ``stats.separate``).
   """
   sd = mean.dtype
 
   def two_reads():  # XLA:CPU: two fast passes
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
         dy, dy, x, mean)
-    return (_sum(dy_for_sum.astype(sd), axes),
-            _sum(dy_for_dot.astype(sd)
-                 * (x_for_dot.astype(sd) - mean_for_dot), axes))
+    return (_sum(_valid(weights, dy_for_sum.astype(sd)), axes),
+            _sum(_valid(weights, dy_for_dot.astype(sd)
+                        * (x_for_dot.astype(sd) - mean_for_dot)), axes))
 
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
-    return stats.sibling_sums(dys, dys * (x.astype(sd) - mean), axes)
+    return stats.sibling_sums(_valid(weights, dys),
+                              _valid(weights, dys * (x.astype(sd) - mean)),
+                              axes)
 
   if modes.statistics.value == "accelerator":
     return one_read()
@@ -160,6 +168,8 @@ def _gradient_sums(dy, x, mean, axes):
   def in_xla():
     return lax.platform_dependent(cpu=two_reads, default=one_read)
 
+  if weights is not None:
+    return in_xla()
   view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
   if view is None:
     return in_xla()
@@ -172,7 +182,8 @@ def _gradient_sums(dy, x, mean, axes):
 
 
 def _input_gradient(dy, x, weights, a, c, d, axes):
-  """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's.
+  """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's;
+  0 in padding (``w == 0``), whatever it holds.
 
   On CPU through the kernel where it applies (no mask), which writes big
   outputs with streaming stores; otherwise one XLA elementwise pass.
@@ -183,7 +194,7 @@ def _input_gradient(dy, x, weights, a, c, d, axes):
     correction = c * x.astype(sd) + d
     if weights is not None:
       correction = weights.astype(sd) * correction
-    return (a * dy.astype(sd) + correction).astype(x.dtype)
+    return _valid(weights, a * dy.astype(sd) + correction).astype(x.dtype)
 
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None:

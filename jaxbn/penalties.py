@@ -68,6 +68,12 @@ class Constraint(keras_names.KerasObject):
 
   keras_module = "keras.constraints"
 
+  @property
+  def elementwise(self) -> bool:
+    """Whether it acts on each value alone (so any shape of the variable
+    gives the same result)."""
+    return self.class_name == "NonNeg"
+
   def __call__(self, w: jax.Array) -> jax.Array:
     cfg = self.config
     if self.class_name == "NonNeg":
@@ -158,7 +164,8 @@ def apply_constraints(config_or_module, params: Mapping[str, Any], *,
   """Returns ``params`` with ``gamma_constraint``/``beta_constraint`` applied.
 
   Constraints act on Keras' variable shape (see ``keras_view_shape``), so
-  axis-based constraints project exactly what Keras projects.
+  axis-based constraints project exactly what Keras projects; ``input_rank``
+  is needed only for those of a ``virtual_batch_size`` layer.
   """
   config = _config_of(config_or_module)
   params = dict(unwrap_params(params))
@@ -167,6 +174,9 @@ def apply_constraints(config_or_module, params: Mapping[str, Any], *,
     if constraint is None or name not in params:
       continue
     value = params[name]
+    if getattr(constraint, "elementwise", False):
+      params[name] = constraint(value)
+      continue
     view = keras_view_shape(config, value.shape, input_rank)
     params[name] = constraint(value.reshape(view)).reshape(value.shape)
   return params

@@ -237,7 +237,7 @@ def test_functional_core_under_lax_scan_over_batches():
     (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), *jaxbn.init(
         jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True,
                          mask=jnp.ones((2, 4, 3), bool)),
-     ValueError, "enlarge"),
+     ValueError, "does not align"),
     (lambda: jaxbn.init(jaxbn.BatchNormConfig(
         gamma_initializer="random_normal"), (4, 3)),
      ValueError, "PRNG key"),

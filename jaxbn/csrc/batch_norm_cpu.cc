@@ -661,9 +661,11 @@ JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, int64_t n,
   RunGradSums(dy, x, mean, n, sum_dy, sum_dy_xc);
 }
 
+// `w`: nullptr, or one weight per (A1, G, A) row of x; rows of weight 0 are
+// padding, left out whatever they hold.
 template <class In>
 void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                     const float* mean, float* sum_dy, float* sum_dy_xc) {
+                     const float* mean, const float* w, float* sum_dy, float* sum_dy_xc) {
   const Plan plan = PlanFor(v);
   const int64_t tasks = v.problems * plan.parts;
   std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
@@ -675,10 +677,25 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
-          GradSumsBlock(dy + offset, x + offset, problem_mean, rows, v.c,
-                        scratch.data(), s, q);
+          if (w == nullptr) {
+            GradSumsBlock(dy + offset, x + offset, problem_mean, rows, v.c,
+                          scratch.data(), s, q);
+            return;
+          }
+          const float* wb = w + offset / v.c;
+          for (int64_t i = 0; i < rows;) {  // each run of rows of nonzero weight
+            while (i < rows && wb[i] == 0.f) ++i;
+            int64_t end = i;
+            while (end < rows && wb[end] != 0.f) ++end;
+            if (end > i) {
+              GradSumsBlock(dy + offset + i * v.c, x + offset + i * v.c, problem_mean,
+                            end - i, v.c, scratch.data(), s, q);
+            }
+            i = end;
+          }
         },
         [&](int64_t offset, int64_t c, int64_t n) {
+          if (w != nullptr && w[offset / (v.c * v.b)] == 0.f) return;
           float block_dy, block_dy_xc;
           GradSumsRun(dy + offset, x + offset, problem_mean[c], n, block_dy,
                       block_dy_xc);
@@ -720,12 +737,12 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeGradSums(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                      static_cast<const float*>(x_buf.untyped_data()), mean, sum_dy,
+                      static_cast<const float*>(x_buf.untyped_data()), mean, nullptr, sum_dy,
                       sum_dy_xc);
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeGradSums(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                      static_cast<const BF16*>(x_buf.untyped_data()), mean, sum_dy,
+                      static_cast<const BF16*>(x_buf.untyped_data()), mean, nullptr, sum_dy,
                       sum_dy_xc);
       return ffi::Error::Success();
     default:
@@ -826,14 +843,12 @@ template <bool kStream, class In>
   });
 }
 
-// dx = a * dy: a row of weight 0 (its x is never read).
-template <bool kStream, class In>
-[[gnu::always_inline]] inline void RowScaledGrad(const In* __restrict dy,
-                                                 const float* __restrict a, int64_t channels,
-                                                 In* __restrict dx) {
-  ForEachLanes(channels, [&](auto t, int64_t ch) {
-    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * LoadLanes(dy + ch, t));
-  });
+// dx = 0 for padding (a row or run of weight 0): neither dy nor x is read,
+// so whatever the padding holds stays out. The all-zero bit pattern is 0 in
+// float32 and bfloat16 alike.
+template <class In>
+inline void ZeroGrad(int64_t n, In* dx) {
+  std::memset(static_cast<void*>(dx), 0, n * sizeof(In));
 }
 
 template <bool kStream, class In>
@@ -861,8 +876,8 @@ template <class In>
   }
 }
 
-// Rows with weights `w` get dx = a dy + w (c x + d), a row of weight 0 a dy
-// (its x unread); `scratch` holds 2 C floats for a fractional weight's
+// Rows with weights `w` get dx = a dy + w (c x + d), a row of weight 0 zeros;
+// `scratch` holds 2 C floats for a fractional weight's
 // coefficients. Kept apart from the unweighted loop, whose code it would
 // slow down fivefold.
 template <class In>
@@ -875,9 +890,7 @@ template <class In>
     const float* ci = c;
     const float* di = d;
     if (wi == 0.f) {
-      WithStores(stream, dx + o, [&](auto kind) {
-        RowScaledGrad<decltype(kind)::value>(dy + o, a, channels, dx + o);
-      });
+      ZeroGrad(channels, dx + o);
       continue;
     }
     if (wi != 1.f) {
@@ -903,8 +916,7 @@ template <class In>
   });
 }
 
-// A run of one row, of weight w: dx = a dy + w (c x + d); for w = 0, a dy
-// with x unread.
+// A run of one row, of weight w: dx = a dy + w (c x + d); zeros for w = 0.
 template <class In>
 [[gnu::always_inline]] inline void WeightedRunInputGrad(const In* dy, const In* x, float a,
                                                         float c, float d, float w, int64_t n,
@@ -912,7 +924,7 @@ template <class In>
   if (w == 1.f) {
     RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
   } else if (w == 0.f) {
-    RunBlockInputGrad(dy, dy, a, 0.f, 0.f, n, stream, dx);
+    ZeroGrad(n, dx);
   } else {
     RunBlockInputGrad(dy, x, a, w * c, w * d, n, stream, dx);
   }
@@ -1042,7 +1054,7 @@ template <class In>
 void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
                      const ChannelTerms& t, const float* w, float epsilon, bool stream,
                      In* dx, float* sum_dy, float* sum_dy_xc) {
-  ComputeGradSums(pool, v, dy, x, t.mean, sum_dy, sum_dy_xc);
+  ComputeGradSums(pool, v, dy, x, t.mean, w, sum_dy, sum_dy_xc);
   std::vector<float> coefficients(v.problems * 3 * v.c);
   for (int64_t i = 0; i < v.problems * v.c; ++i) {
     const double n = t.count[i];
