@@ -215,3 +215,199 @@ def test_forward_mode_works_with_fused_false_and_agrees_with_the_fast_path():
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jacfwd(f(fast))(x)
+
+
+# ------------------------------------------------------- masks and inputs
+
+PADDING_CASES = [  # (shape, config, mask shape, kernels)
+    ((8, 4, 3, 6), {}, (8, 1, 1, 1), "on"),  # row mask: the kernel path
+    ((8, 4, 3, 6), {}, (8, 1, 1, 1), "off"),  # the same in XLA
+    ((8, 4, 6), {}, (8, 4), "on"),  # Keras' (batch, time) sequence mask
+    ((8, 4, 6), {}, (8, 4, 6), "on"),  # per element: XLA
+    ((8, 4, 6), {"virtual_batch_size": 4}, (8, 4), "on"),
+    ((8, 4, 6), {"fused": False}, (8, 4), "on"),  # the autodiff reference
+    ((8, 6, 4, 4), {"axis": 1, "renorm": True}, (8, 1, 4, 1), "on"),
+]
+
+
+@pytest.mark.parametrize("shape,kwargs,mask_shape,kernels", PADDING_CASES,
+                         ids=str)
+def test_padding_never_reaches_statistics_or_gradients(shape, kwargs,
+                                                       mask_shape, kernels):
+  rng = np.random.RandomState(11)
+  config = jaxbn.BatchNormConfig(momentum=0.5, **kwargs)
+  x = rng.randn(*shape).astype(np.float32) * 2 + 1
+  mask = rng.rand(*mask_shape) > 0.3
+  mask[0] = True  # every virtual batch keeps valid rows
+  mask[-1] = False
+  full = np.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)),
+                         x.shape)
+  poisoned = x.copy()
+  poisoned[~full] = np.where(rng.rand((~full).sum()) > 0.5, np.nan, np.inf)
+  params, state = _random_state(config, shape, rng)
+  cotangent = jnp.asarray(rng.randn(*shape), jnp.float32)
+
+  def step(params, x):
+    y, new_state = jaxbn.apply(config, params, state, x, training=True,
+                               mask=mask)
+    loss = jnp.sum(jnp.where(full, y * cotangent, 0))
+    return loss, (y, new_state)
+
+  with jaxbn.cpu_kernels.use(kernels):
+    run = jax.jit(jax.value_and_grad(step, argnums=(0, 1), has_aux=True))
+    (_, (y_clean, s_clean)), g_clean = run(params, jnp.asarray(x))
+    (_, (y_bad, s_bad)), g_bad = run(params, jnp.asarray(poisoned))
+  # the clean run against NumPy over the valid elements only
+  resolved = config.resolve(shape)
+  np_state = {k: np.asarray(v) for k, v in state.items()}
+  if not config.renorm and config.virtual_batch_size is None:
+    y_ref, s_ref = numpy_reference.batch_norm_train(
+        x, params["gamma"], params["beta"], np_state, axes=resolved.axes,
+        momentum=0.5, epsilon=1e-3, mask=full,
+        bessel=config.bessel_corrected_moving_variance(resolved))
+    np.testing.assert_allclose(np.asarray(y_clean)[full], y_ref[full],
+                               rtol=1e-4, atol=1e-4)
+    for k in ("moving_mean", "moving_variance"):
+      np.testing.assert_allclose(s_clean[k], s_ref[k], rtol=1e-5, atol=1e-6)
+  # poisoned padding changes nothing but the padding's own outputs
+  np.testing.assert_array_equal(np.asarray(y_bad)[full],
+                                np.asarray(y_clean)[full])
+  for k in s_clean:
+    np.testing.assert_array_equal(s_bad[k], s_clean[k])
+  for a, b in zip(jax.tree.leaves(g_bad), jax.tree.leaves(g_clean)):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  dx = np.asarray(g_clean[1])
+  assert np.all(dx[~full] == 0)  # padding gets no gradient
+
+
+def test_masked_gradients_are_the_valid_elements_gradients():
+  # Padding's outputs are constants: the gradient equals that of a batch
+  # norm over the valid rows alone (checked in float64 against autodiff of
+  # the NumPy-shaped formula on those rows).
+  with jax.enable_x64(True):
+    rng = np.random.RandomState(12)
+    x = jnp.asarray(rng.randn(10, 4) * 3 + 2)
+    mask = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
+    config = jaxbn.BatchNormConfig()
+    params, state = jaxbn.init(config, x.shape, dtype=jnp.float64)
+    params = {k: v + 0.3 for k, v in params.items()}
+    c = jnp.asarray(rng.randn(10, 4))
+
+    def masked(params, x):
+      y, _ = jaxbn.apply(config, params, state, x, training=True, mask=mask)
+      return jnp.sum(jnp.where(mask[:, None], jnp.sin(y) * c, 0))
+
+    def valid_only(params, x):
+      xv = x[mask]
+      mean = xv.mean(0)
+      var = ((xv - mean) ** 2).mean(0)
+      y = (xv - mean) / jnp.sqrt(var + 1e-3) * params["gamma"] + params["beta"]
+      return jnp.sum(jnp.sin(y) * c[mask])
+
+    for fused in (None, False):
+      config = jaxbn.BatchNormConfig(fused=fused)
+      gm = jax.grad(masked, argnums=(0, 1))(params, x)
+      gv = jax.grad(valid_only, argnums=(0, 1))(params, x)
+      for a, b in zip(jax.tree.leaves(gm), jax.tree.leaves(gv)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("values", [[1, -1, 0, 2], [0.5, 1, 0, np.nan],
+                                    [True, True, False, True]], ids=str)
+def test_numeric_masks_mean_nonzero_is_valid(values):
+  rng = np.random.RandomState(13)
+  x = jnp.asarray(rng.randn(4, 3), jnp.float32)
+  config = jaxbn.BatchNormConfig(momentum=0.0)
+  params, state = jaxbn.init(config, x.shape)
+  y, new = jaxbn.apply(config, params, state, x, training=True,
+                       mask=np.asarray(values))
+  valid = np.asarray(values, np.float64) != 0
+  y_ref, s_ref = numpy_reference.batch_norm_train(
+      x, None, None, {k: np.asarray(v) for k, v in state.items()}, axes=(1,),
+      momentum=0.0, epsilon=1e-3, mask=valid[:, None])
+  np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], rtol=1e-5,
+                             atol=1e-5)
+  assert np.all(np.asarray(new["moving_variance"]) >= 0)
+  np.testing.assert_allclose(new["moving_variance"], s_ref["moving_variance"],
+                             rtol=1e-5)
+
+
+def test_lower_rank_masks_align_with_the_leading_axes():
+  # A (batch,) mask on a square input masks rows (Keras), not channels.
+  x = jnp.arange(16.0).reshape(4, 4)
+  config = jaxbn.BatchNormConfig(momentum=0.0)
+  params, state = jaxbn.init(config, x.shape)
+  _, new = jaxbn.apply(config, params, state, x, training=True,
+                       mask=jnp.array([True, True, False, False]))
+  np.testing.assert_allclose(new["moving_mean"], np.asarray(x)[:2].mean(0))
+  x3 = jnp.asarray(np.random.RandomState(0).randn(2, 3, 5), jnp.float32)
+  params, state = jaxbn.init(config, x3.shape)
+  m = np.array([[1, 1, 0], [1, 0, 0]], bool)
+  _, new = jaxbn.apply(config, params, state, x3, training=True, mask=m)
+  np.testing.assert_allclose(new["moving_mean"], np.asarray(x3)[m].mean(0),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r"`mask` of shape \(4,\) .* \(3, 4\)"):
+    jaxbn.apply(config, *jaxbn.init(config, (3, 4)), jnp.ones((3, 4)),
+                training=True, mask=jnp.ones(4, bool))
+
+
+def test_sequence_mask_matches_keras_3():
+  keras = pytest.importorskip("keras")
+  rng = np.random.RandomState(14)
+  x = rng.randn(4, 6, 5).astype(np.float32) * 3 + 1
+  mask = rng.rand(4, 6) > 0.4
+  x[~mask] = np.nan  # padding Keras 3 also ignores
+  layer = keras.layers.BatchNormalization(momentum=0.5)
+  y_keras = np.asarray(layer(x, training=True, mask=mask))
+  module, variables = jaxbn.from_keras(layer)
+  config = module.config
+  params, state = jaxbn.init(config, x.shape)
+  y, new = jaxbn.apply(config, params, state, jnp.asarray(x), training=True,
+                       mask=mask)
+  np.testing.assert_allclose(np.asarray(y)[mask], y_keras[mask], rtol=1e-4,
+                             atol=1e-4)
+  for name in ("moving_mean", "moving_variance"):
+    np.testing.assert_allclose(new[name], variables["batch_stats"][name],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_padding_matches_flax_linen_statistics():
+  import flax.linen as nn
+  rng = np.random.RandomState(15)
+  x = rng.randn(6, 4, 3).astype(np.float32) + 2
+  mask = np.broadcast_to(rng.rand(6, 4, 1) > 0.3, x.shape)
+  x[~mask] = np.nan
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.5, epsilon=1e-3)
+  variables = bn.init(jax.random.PRNGKey(0), x, mask=mask)
+  y_flax, updates = bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  params, state = jaxbn.init(config, x.shape)
+  y, new = jaxbn.apply(config, params, state, jnp.asarray(x), training=True,
+                       mask=mask)
+  np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(y_flax)[mask],
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(new["moving_mean"],
+                             updates["batch_stats"]["mean"], rtol=1e-5)
+  np.testing.assert_allclose(new["moving_variance"],
+                             updates["batch_stats"]["var"], rtol=1e-4)
+
+
+def test_integer_and_bool_inputs_are_cast_like_keras():
+  import tf_keras
+  keras = pytest.importorskip("keras")
+  x = np.arange(48).reshape(4, 2, 6).astype(np.int32) % 7
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  params, state = jaxbn.init(config, x.shape)
+  for data in (x, x > 3):
+    y, new = jaxbn.apply(config, params, state, jnp.asarray(data),
+                         training=True)
+    assert y.dtype == jnp.float32
+    for layer in (tf_keras.layers.BatchNormalization(momentum=0.5),
+                  keras.layers.BatchNormalization(momentum=0.5)):
+      y_keras = np.asarray(layer(data.astype(np.float32)
+                                 if data.dtype == bool else data,
+                                 training=True))
+      np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(
+          new["moving_mean"], np.asarray(layer.moving_mean), rtol=1e-5)

@@ -79,6 +79,20 @@ def test_virtual_batch_constraints_need_the_input_rank():
     jaxbn.apply_constraints(config, params)
 
 
+def test_elementwise_constraints_need_no_input_rank():
+  import tf_keras
+  config = jaxbn.BatchNormConfig(virtual_batch_size=2,
+                                 gamma_constraint="non_neg",
+                                 beta_constraint="non_neg")
+  params, _ = jaxbn.init(config, (4, 3, 5))
+  params = {k: jnp.linspace(-1, 1, 5) for k in params}
+  got = jaxbn.apply_constraints(config, params)
+  keras_constraint = tf_keras.constraints.NonNeg()
+  for name in params:
+    np.testing.assert_array_equal(
+        got[name], np.asarray(keras_constraint(np.asarray(params[name]))))
+
+
 def test_plain_callables_are_accepted():
   config = jaxbn.BatchNormConfig(
       gamma_regularizer=lambda w: 3.0 * jnp.sum(w),

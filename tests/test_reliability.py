@@ -244,6 +244,27 @@ def test_functional_core_under_lax_scan_over_batches():
     (lambda: jaxbn.apply(jaxbn.BatchNormConfig(renorm=True), *jaxbn.init(
         jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True),
      ValueError, "renorm=True needs state entries"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3))[0], {}, jnp.ones((4, 3)),
+                         training=True),
+     ValueError, r"`state` has no \['moving_mean', 'moving_variance'\]"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), *jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True,
+                         mask="abc"),
+     TypeError, "`mask` must be boolean .* got str"),
+    (lambda: jaxbn.BatchNormConfig(renorm=True,
+                                   renorm_clipping={"rmax": 0.5}),
+     ValueError, r"renorm_clipping\['rmax'\]`=0.5 is below 1"),
+    (lambda: jaxbn.BatchNormConfig(renorm=True,
+                                   renorm_clipping={"rmin": 1.5}),
+     ValueError, r"renorm_clipping\['rmin'\]`=1.5 is above 1"),
+    (lambda: jaxbn.BatchNormConfig(renorm=True, renorm_clipping={
+        "rmin": 0.5, "rmax": 0.2}), ValueError, "rmax"),
+    (lambda: jaxbn.apply(
+        jaxbn.BatchNormConfig(adjustment=lambda shape, key: (
+            jnp.ones((7,)), jnp.zeros((3,)))),
+        *jaxbn.init(jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)),
+        training=True), ValueError, r"`adjustment` returned a scale of shape"),
 ])
 def test_more_bad_inputs_raise_clear_errors(call, error, match):
   with pytest.raises(error, match=match):
