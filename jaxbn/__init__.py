@@ -9,8 +9,9 @@ Functional core::
 Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments.
 """
 from jaxbn import interop, modes, nnx, tools
-from jaxbn.interop import (from_flax, from_keras, from_torch,
-                           keras_model_variables, to_keras, to_torch)
+from jaxbn.interop import (from_flax, from_keras, from_torch, keras_config,
+                           keras_model_variables, to_keras, to_torch,
+                           torch_model_variables)
 from jaxbn.tools import fold_into_kernel, precise_statistics
 from jaxbn.config import BatchNormConfig, RenormClipping
 from jaxbn.core import apply, init, init_params, init_state, state_names
@@ -44,6 +45,7 @@ __all__ = [
     "init_params",
     "init_state",
     "interop",
+    "keras_config",
     "keras_model_variables",
     "model_regularization_loss",
     "modes",
@@ -56,4 +58,5 @@ __all__ = [
     "to_keras",
     "to_torch",
     "tools",
+    "torch_model_variables",
 ]

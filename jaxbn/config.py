@@ -275,9 +275,22 @@ class BatchNormConfig:
     return config
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], **overrides
+  def from_config(cls, config: Mapping[str, Any], *,
+                  built: Optional[bool] = None, **overrides
                   ) -> "BatchNormConfig":
     """Builds a config from a Keras layer config dict (or ``get_config()``).
+
+    Accepts tf_keras and Keras 3 configs of built and unbuilt layers:
+
+    * A built tf_keras layer reports its axis as a list of non-negative
+      axes, shifted by one with ``virtual_batch_size`` (Keras inserts the
+      virtual-batch axis at build). ``built=None`` reads a list axis with
+      ``virtual_batch_size`` whose axes are all >= 2 as that shifted form
+      (an unbuilt layer's list cannot then be told apart: pass
+      ``built=False`` for it); ``built=True``/``False`` says which it is.
+    * A Keras 3 config (its ``dtype`` is a serialized ``DTypePolicy``)
+      selects ``moving_variance_estimator='biased'``: Keras 3 never
+      Bessel-corrects the moving variance.
 
     Keras' layer-base keys (``name``, ``dtype``, ...) are ignored;
     ``synchronized=True`` asks for cross-device statistics, which jaxbn gets
@@ -285,6 +298,8 @@ class BatchNormConfig:
     """
     config = dict(config)
     config.update(overrides)
+    if _is_keras3_config(config):
+      config.setdefault("moving_variance_estimator", "biased")
     for key in _KERAS_BASE_KEYS:
       config.pop(key, None)
     if config.pop("synchronized", False):
@@ -300,8 +315,19 @@ class BatchNormConfig:
           f"{sorted(fields)}.")
     axis = config.get("axis", -1)
     if not isinstance(axis, (int, str)) and hasattr(axis, "__iter__"):
-      config["axis"] = tuple(axis)  # Keras' list (or its ListWrapper)
+      axis = [int(a) for a in axis]  # Keras' list (or its ListWrapper)
+      if config.get("virtual_batch_size") is not None:
+        if built is None:
+          built = all(a >= 2 for a in axis)
+        if built:
+          axis = [a - 1 for a in axis]
+      config["axis"] = tuple(axis)
     return cls(**config)
+
+
+def _is_keras3_config(config: Mapping[str, Any]) -> bool:
+  dtype = config.get("dtype")
+  return isinstance(dtype, Mapping) and dtype.get("module") == "keras"
 
 
 # ------------------------------------------------------------------ checks

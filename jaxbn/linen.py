@@ -60,10 +60,12 @@ class BatchNormalization(nn.Module):
     return self.config.get_config()
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], **overrides
+  def from_config(cls, config: Mapping[str, Any], *,
+                  built: Optional[bool] = None, **overrides
                   ) -> "BatchNormalization":
-    """Builds the layer from a Keras layer config (``layer.get_config()``)."""
-    parsed = BatchNormConfig.from_config(config)
+    """Builds the layer from a Keras layer config (``layer.get_config()``,
+    built or not; see ``BatchNormConfig.from_config`` for ``built``)."""
+    parsed = BatchNormConfig.from_config(config, built=built)
     fields = {f: getattr(parsed, f) for f in CONFIG_FIELDS}
     if parsed.renorm_clipping is not None:
       fields["renorm_clipping"] = parsed.renorm_clipping.as_dict()

@@ -14,6 +14,37 @@ def _data(shape, seed=0):
   return (rng.randn(*shape) * 2 + 0.5).astype(np.float32)
 
 
+def _short(variable):
+  name = getattr(variable, "path", None) or variable.name
+  return name.split("/")[-1].split(":")[0]
+
+
+def _assert_port_matches(layer, shape, trained=True, **port_kwargs):
+  """Ports ``layer`` (after 3 training steps when ``trained``) and checks
+  inference, a training step and every updated state variable against it."""
+  if trained:
+    for step in range(3):  # move the statistics away from their init
+      layer(_data(shape, step), training=True)
+  module, variables = jaxbn.from_keras(layer, **port_kwargs)
+  x = _data(shape, 9)
+  if trained:
+    np.testing.assert_allclose(module.apply(variables, x),
+                               np.asarray(layer(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+  else:
+    variables = module.init(jax.random.PRNGKey(0), x)
+  y, updates = module.apply(variables, x, training=True,
+                            mutable=["batch_stats"])
+  y_keras = np.asarray(layer(x, training=True))
+  np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
+  for variable in layer.non_trainable_weights:
+    name = _short(variable)
+    np.testing.assert_allclose(
+        np.ravel(updates["batch_stats"][name]), np.ravel(np.asarray(variable)),
+        rtol=1e-5, atol=1e-6, err_msg=name)
+  return module
+
+
 @pytest.mark.parametrize("kwargs,shape", [
     ({}, (8, 5)),
     ({"axis": 1, "momentum": 0.5}, (8, 3, 4, 4)),
@@ -22,26 +53,72 @@ def _data(shape, seed=0):
      (16, 5)),
     ({"virtual_batch_size": 4, "momentum": 0.5}, (16, 3, 5)),
     ({"virtual_batch_size": 2, "axis": [1, 2], "momentum": 0.5}, (8, 3, 5)),
+    # Keras' fused flag as built: Bessel-corrected or not
+    ({"momentum": 0.5}, (4, 3, 3, 4)),
+    ({"momentum": 0.5, "fused": False}, (4, 3, 3, 4)),
+    ({"momentum": 0.5}, (4, 3, 3, 2, 4)),
+    ({"momentum": 0.5, "fused": False, "axis": 1}, (4, 4, 3, 2, 3)),
+    # ghost layers, whose built axes Keras shifts by one
+    ({"virtual_batch_size": 2, "momentum": 0.5}, (4, 3, 3, 5)),
+    ({"virtual_batch_size": 2, "axis": 1, "momentum": 0.5}, (4, 3, 3, 3)),
+    ({"virtual_batch_size": 2, "axis": 1, "momentum": 0.5}, (4, 6)),
 ])
 def test_from_keras_reproduces_a_trained_tf_keras_layer(kwargs, shape):
   k = keras_oracle.keras()
-  layer = k.layers.BatchNormalization(**kwargs)
-  for step in range(3):  # move the statistics away from their init
-    layer(_data(shape, step), training=True)
-  module, variables = jaxbn.from_keras(layer)
-  x = _data(shape, 9)
-  np.testing.assert_allclose(module.apply(variables, x),
-                             layer(x, training=False).numpy(), rtol=1e-5,
-                             atol=1e-5)
-  y, updates = module.apply(variables, x, training=True,
-                            mutable=["batch_stats"])
+  _assert_port_matches(k.layers.BatchNormalization(**kwargs), shape)
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    ({"momentum": 0.5, "fused": False}, (4, 3, 3, 4)),
+    ({"virtual_batch_size": 2, "axis": [2, 3], "momentum": 0.5},
+     (4, 5, 3, 3)),
+])
+def test_from_keras_of_an_unbuilt_layer(kwargs, shape):
+  k = keras_oracle.keras()
+  _assert_port_matches(k.layers.BatchNormalization(**kwargs), shape,
+                       trained=False)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 3, 4), (4, 3, 2, 2, 4)])
+def test_from_keras_3_layers_never_bessel_correct(shape):
+  import keras  # Keras 3
+  layer = keras.layers.BatchNormalization(momentum=0.8, epsilon=1e-4)
+  module = _assert_port_matches(layer, shape, name="bn")
+  assert module.name == "bn"
+  assert module.moving_variance_estimator == "biased"
+  # the config alone says Keras 3 too
+  config = jaxbn.BatchNormConfig.from_config(layer.get_config())
+  assert config.moving_variance_estimator == "biased"
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    ({"virtual_batch_size": 2}, (4, 3, 3, 5)),  # axis -1 -> built [4]
+    ({"virtual_batch_size": 2, "axis": 1}, (4, 3, 3, 3)),  # NCHW, H == C
+    ({"virtual_batch_size": 2, "axis": 1}, (4, 6)),  # dense features
+    ({"axis": [1, 2]}, (4, 3, 3, 5)),
+    ({}, (4, 3, 3, 5)),
+])
+def test_from_config_of_built_and_unbuilt_layers(kwargs, shape):
+  k = keras_oracle.keras()
+  layer = k.layers.BatchNormalization(momentum=0.5, **kwargs)
+  unbuilt = layer.get_config()
+  x = _data(shape, 1)
   y_keras = layer(x, training=True).numpy()
-  np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
-  for variable in layer.non_trainable_weights:
-    name = variable.name.split("/")[-1].split(":")[0]
-    np.testing.assert_allclose(
-        np.ravel(updates["batch_stats"][name]), np.ravel(variable.numpy()),
-        rtol=1e-5, atol=1e-6, err_msg=name)
+  built = layer.get_config()
+  for config in (unbuilt, built):
+    module = jaxbn.BatchNormalization.from_config(config)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    y, _ = module.apply(variables, x, training=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
+
+
+def test_from_config_reads_list_axes_of_ghost_layers_as_built_unless_told():
+  unbuilt = {"axis": [2], "virtual_batch_size": 2}
+  assert jaxbn.BatchNormConfig.from_config(unbuilt).axis == (1,)
+  assert jaxbn.BatchNormConfig.from_config(unbuilt, built=False).axis == (2,)
+  # a list with an axis below 2 cannot be a built ghost layer's
+  assert jaxbn.BatchNormConfig.from_config(
+      {"axis": [1, 3], "virtual_batch_size": 2}).axis == (1, 3)
 
 
 def test_keras_model_variables_and_to_keras():
@@ -151,3 +228,189 @@ def test_from_flax_matches_flax_batchnorm(axis, shape):
   np.testing.assert_allclose(np.ravel(upd["batch_stats"]["moving_variance"]),
                              np.ravel(upd_ref["batch_stats"]["var"]),
                              rtol=1e-5)
+
+
+def _keras_step_matches(layer, module, variables, x):
+  """One training step of the tf_keras layer equals the module's."""
+  y, updates = module.apply(variables, x, training=True,
+                            mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(layer(x, training=True)), y,
+                             rtol=1e-4, atol=1e-4)
+  for name in ("moving_mean", "moving_variance"):
+    np.testing.assert_allclose(np.ravel(layer.weights[
+        [_short(v) for v in layer.weights].index(name)].numpy()),
+        np.ravel(updates["batch_stats"][name]), rtol=1e-5, atol=1e-6,
+        err_msg=name)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (4, 3, 5, 5)),
+                                        (3, (4, 3, 2, 3, 3))])
+def test_to_keras_of_a_torch_port_keeps_the_numbers(dims, shape):
+  import torch
+  cls = {2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dims]
+  bn = cls(3, momentum=0.3)
+  with torch.no_grad():
+    bn.train()(torch.from_numpy(_data(shape)))
+  module, variables = jaxbn.from_torch(bn)
+  layer = jaxbn.to_keras(module, variables, shape)
+  x = _data(shape, 2)
+  with torch.no_grad():
+    expected = bn.train()(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(layer(x, training=True).numpy(), expected,
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.ravel(layer.moving_variance.numpy()),
+                             bn.running_var.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 3, 5), (4, 2, 3, 3, 5)])
+def test_to_keras_of_a_flax_port_keeps_the_numbers(shape):
+  bn = nn.BatchNorm(momentum=0.8, epsilon=1e-3, use_fast_variance=False)
+  x0 = jnp.asarray(_data(shape))
+  variables = bn.init(jax.random.PRNGKey(0), x0, use_running_average=False)
+  module, ours = jaxbn.from_flax(bn, variables, name="bn")
+  assert module.name == "bn"
+  layer = jaxbn.to_keras(module, ours, shape)
+  _keras_step_matches(layer, module, ours, _data(shape, 3))
+  y_flax, upd = bn.apply(variables, _data(shape, 3), use_running_average=False,
+                         mutable=["batch_stats"])
+  np.testing.assert_allclose(np.ravel(layer.moving_variance.numpy()),
+                             np.ravel(upd["batch_stats"]["var"]), rtol=1e-5)
+
+
+def test_keras_config_raises_what_keras_cannot_express():
+  module = jaxbn.BatchNormalization(moving_variance_estimator="unbiased")
+  with pytest.raises(ValueError, match="moving_variance_estimator='unbiased'"):
+    jaxbn.keras_config(module, (4, 3, 5))
+  # where Keras fuses anyway nothing needs saying; elsewhere fused says it
+  assert "fused" not in jaxbn.keras_config(module, (4, 3, 3, 5))
+  assert jaxbn.keras_config(module.clone(fused=False),
+                            (4, 3, 3, 5))["fused"] is True
+  biased = module.clone(moving_variance_estimator="biased")
+  assert jaxbn.keras_config(biased, (4, 3, 3, 5))["fused"] is False
+  ghost = jaxbn.BatchNormalization(virtual_batch_size=2,
+                                   virtual_batch_layout="contiguous")
+  with pytest.raises(ValueError, match="virtual_batch_layout"):
+    jaxbn.keras_config(ghost, (4, 5))
+  skip = jaxbn.BatchNormalization(skip_nonfinite_updates=True)
+  with pytest.raises(ValueError, match="skip_nonfinite_updates"):
+    jaxbn.keras_config(skip, (4, 5))
+  k = keras_oracle.keras()
+  # every key is one Keras accepts
+  plain = jaxbn.BatchNormalization(moving_variance_estimator="biased",
+                                   axis=1)
+  k.layers.BatchNormalization.from_config(jaxbn.keras_config(plain,
+                                                             (4, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("axis,shape,dims", [(-1, (8, 4, 4, 3), 2),
+                                             (1, (8, 3, 4, 4), 2),
+                                             (-1, (8, 3), 1)])
+def test_to_torch_accepts_any_single_channel_axis(axis, shape, dims):
+  import torch
+  module = jaxbn.BatchNormalization(axis=axis, momentum=0.7, epsilon=1e-5,
+                                    moving_variance_estimator="unbiased")
+  x = _data(shape)
+  variables = module.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(lambda v: v + 0.25, variables)
+  bn = jaxbn.to_torch(module, variables, dims)
+  y, updates = module.apply(variables, x, training=True,
+                            mutable=["batch_stats"])
+  to_torch_layout = lambda a: np.moveaxis(a, axis, 1)
+  with torch.no_grad():
+    y_torch = bn.train()(torch.from_numpy(to_torch_layout(x))).numpy()
+  np.testing.assert_allclose(to_torch_layout(np.asarray(y)), y_torch,
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(bn.running_var.numpy(),
+                             updates["batch_stats"]["moving_variance"],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="moving_variance_estimator='biased'"):
+    jaxbn.to_torch(module.clone(moving_variance_estimator="biased"),
+                   variables, dims)
+
+
+def test_from_torch_keeps_dtype_and_takes_axis_and_name():
+  import torch
+  bn = torch.nn.BatchNorm2d(3, momentum=0.2).double()
+  with torch.no_grad():
+    bn.train()(torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1)
+  module, variables = jaxbn.from_torch(bn, axis=-1, name="bn1")
+  assert module.name == "bn1" and module.axis == -1
+  assert all(v.dtype == np.float64 for v in
+             jax.tree.leaves(variables))
+  x = np.random.RandomState(0).randn(4, 5, 5, 3)
+  with torch.no_grad():
+    expected = bn.eval()(torch.from_numpy(np.moveaxis(x, -1, 1))).numpy()
+  np.testing.assert_allclose(np.moveaxis(np.asarray(module.apply(
+      variables, x.astype(np.float32))), -1, 1), expected, rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(TypeError, match="`axis` must be one int"):
+    jaxbn.from_torch(bn, axis=(1, 2))
+
+
+def test_torch_model_variables_feed_a_flax_mirror():
+  import torch
+
+  class Block(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+      self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+      return torch.relu(self.bn(self.conv(x)))
+
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(Block(), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 5 * 5, 6),
+                            torch.nn.BatchNorm1d(6, affine=False))
+  with torch.no_grad():
+    for _ in range(3):
+      net.train()(torch.randn(8, 3, 5, 5) * 2 + 1)
+  tree = jaxbn.torch_model_variables(net, axis=1)
+  assert set(tree["batch_stats"]) == {"0", "3"}
+  assert set(tree["params"]) == {"0"}  # BatchNorm1d(affine=False): no params
+  np.testing.assert_array_equal(tree["batch_stats"]["0"]["bn"]["moving_mean"],
+                                net[0].bn.running_mean.numpy())
+
+  class Mirror(nn.Module):  # NCHW like torch: axis 1, torch's names
+    @nn.compact
+    def __call__(self, x, training=False):
+      x = jax.lax.conv_general_dilated(
+          x, self.param("conv", nn.initializers.zeros, (4, 3, 3, 3)),
+          (1, 1), "SAME")
+      x = jax.nn.relu(jaxbn.BatchNormalization(
+          axis=1, epsilon=1e-5, name="bn",
+          moving_variance_estimator="unbiased")(x, training))
+      return x
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, training=False):
+      x = Mirror(name="0")(x, training)
+      x = x.reshape(x.shape[0], -1)
+      x = nn.Dense(6, name="2")(x)
+      return jaxbn.BatchNormalization(
+          axis=1, epsilon=1e-5, center=False, scale=False, name="3",
+          moving_variance_estimator="unbiased")(x, training)
+
+  x = np.random.RandomState(1).randn(8, 3, 5, 5).astype(np.float32)
+  variables = Net().init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(np.asarray, dict(variables["params"]))
+  params["0"] = dict(params["0"], **tree["params"]["0"],
+                     conv=net[0].conv.weight.detach().numpy())
+  params["2"] = {"kernel": net[2].weight.detach().numpy().T,
+                 "bias": net[2].bias.detach().numpy()}
+  ported = {"params": params, "batch_stats": tree["batch_stats"]}
+  with torch.no_grad():
+    expected = net.eval()(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(Net().apply(ported, x), expected, rtol=1e-4,
+                             atol=1e-4)
+  # one training step: outputs and every running statistic
+  y, updates = Net().apply(ported, x, training=True, mutable=["batch_stats"])
+  with torch.no_grad():
+    expected = net.train()(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+  after = jaxbn.torch_model_variables(net)["batch_stats"]
+  for a, b in zip(jax.tree.leaves(updates["batch_stats"]),
+                  jax.tree.leaves(after)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

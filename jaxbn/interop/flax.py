@@ -11,12 +11,12 @@ import numpy as np
 from jaxbn.linen import BatchNormalization
 
 
-def from_flax(bn, variables, *, input_rank: int | None = None
-              ) -> tuple[BatchNormalization, dict]:
+def from_flax(bn, variables, *, input_rank: int | None = None,
+              name: str | None = None) -> tuple[BatchNormalization, dict]:
   """``(module, variables)`` equal to a ``flax.linen.BatchNorm`` and its vars.
 
   ``input_rank`` is needed only when ``bn.axis`` names several axes (jaxbn
-  keeps Keras' full-rank variable shape there).
+  keeps Keras' full-rank variable shape there); ``name`` names the module.
   """
   import flax.linen as nn
   if not isinstance(bn, nn.BatchNorm):
@@ -29,7 +29,7 @@ def from_flax(bn, variables, *, input_rank: int | None = None
       axis=axis, momentum=float(bn.momentum), epsilon=float(bn.epsilon),
       center=bool(bn.use_bias), scale=bool(bn.use_scale),
       moving_variance_estimator="biased", axis_name=bn.axis_name,
-      axis_index_groups=bn.axis_index_groups)
+      axis_index_groups=bn.axis_index_groups, name=name)
   shape = None
   if not isinstance(axis, int):
     if input_rank is None:

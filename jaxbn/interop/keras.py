@@ -1,6 +1,7 @@
 """Keras (tf_keras and Keras 3) BatchNormalization layers <-> jaxbn."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -35,12 +36,22 @@ def _our_shape(keras_shape, module: BatchNormalization):
   return tuple(shape)
 
 
-def from_keras(layer) -> tuple[BatchNormalization, dict]:
-  """``(module, variables)`` equal to a built Keras BatchNormalization layer.
+def _is_keras3(layer) -> bool:
+  return type(layer).__module__.startswith("keras.")
 
-  Works for tf_keras (Keras 2) and Keras 3 layers: the config (Keras' keys)
-  builds the module and every weight (renorm statistics included) goes into
-  ``{'params': {...}, 'batch_stats': {...}}`` in jaxbn's shapes.
+
+def from_keras(layer, *, name: str | None = None
+               ) -> tuple[BatchNormalization, dict]:
+  """``(module, variables)`` equal to a Keras BatchNormalization layer.
+
+  Works for tf_keras (Keras 2) and Keras 3 layers, built or not: the config
+  (Keras' keys) builds the module and every weight (renorm statistics
+  included) goes into ``{'params': {...}, 'batch_stats': {...}}`` in jaxbn's
+  shapes. The moving variance follows the layer's own rule: a built tf_keras
+  layer's ``fused`` as Keras decided it at build (Bessel-corrected when
+  fused; ``get_config()`` omits it), an unbuilt one's ``fused`` argument,
+  Keras 3's biased variance always. ``name`` names the module (for placing
+  it in a parent by name).
   """
   if not _is_batch_norm(layer):
     raise TypeError(f"from_keras expects a Keras BatchNormalization layer; "
@@ -52,13 +63,15 @@ def from_keras(layer) -> tuple[BatchNormalization, dict]:
         "pass it, e.g. module.clone(adjustment=fn).")
   config = dict(layer.get_config())
   config.pop("synchronized", None)
-  if "axis" in config and not isinstance(config["axis"], int):
-    axis = list(config["axis"])
-    if config.get("virtual_batch_size") is not None:
-      # tf_keras shifts the axes by one for the virtual-batch axis at build
-      axis = [a - 1 if a > 0 else a for a in axis]
-    config["axis"] = axis[0] if len(axis) == 1 else axis
-  module = BatchNormalization.from_config(config)
+  if _is_keras3(layer):
+    config["moving_variance_estimator"] = "biased"
+  elif layer.built and layer.fused is not None:
+    config["moving_variance_estimator"] = ("unbiased" if layer.fused
+                                           else "biased")
+  elif layer.fused is not None:
+    config["fused"] = bool(layer.fused)
+  module = BatchNormalization.from_config(config, built=bool(layer.built),
+                                          name=name)
   variables = {"params": {}, "batch_stats": {}}
   for variable in layer.weights:
     name = _short_name(variable)
@@ -70,6 +83,60 @@ def from_keras(layer) -> tuple[BatchNormalization, dict]:
     variables[collection][name] = value.reshape(_our_shape(value.shape,
                                                            module))
   return module, variables
+
+
+def keras_config(module: BatchNormalization, input_shape) -> dict:
+  """A tf_keras config with ``module``'s numbers for inputs of ``input_shape``.
+
+  ``module.get_config()`` carries jaxbn's own keys, which Keras rejects.
+  Here ``moving_variance_estimator`` becomes Keras' ``fused`` flag where one
+  expresses it: ``'biased'`` is ``fused=False`` (wherever Keras would
+  otherwise run its fused, Bessel-correcting kernel), ``'unbiased'`` is
+  ``fused=True`` on 4-D/5-D inputs with channel axis 1 or last and no renorm
+  or virtual batches. Anything else Keras cannot express raises ValueError.
+  """
+  config = module.config
+  resolved = config.resolve(tuple(input_shape))
+  keras = module.get_config()
+  for key in ("moving_variance_estimator", "virtual_batch_layout",
+              "skip_nonfinite_updates"):
+    keras.pop(key, None)
+  unbiased = config.bessel_corrected_moving_variance(resolved)
+  if unbiased != resolved.keras_fused:
+    if not unbiased:
+      keras["fused"] = False
+    elif _keras_would_fuse(config, input_shape):
+      keras["fused"] = True
+    else:
+      raise ValueError(
+          f"moving_variance_estimator={config.moving_variance_estimator!r} "
+          "(a Bessel-corrected moving variance) has no tf_keras equivalent "
+          f"for input shape {tuple(input_shape)} with axis={config.axis!r}: "
+          "Keras corrects only in its fused kernel (4-D/5-D input, channel "
+          "axis 1 or last, no renorm or virtual batches). Use "
+          "module.clone(moving_variance_estimator='biased') to export Keras' "
+          "non-fused rule (moving variances then differ from this module's).")
+  if config.virtual_batch_layout != "strided":
+    raise ValueError(
+        "virtual_batch_layout='contiguous' has no tf_keras equivalent (Keras "
+        "takes every (batch / virtual_batch_size)-th row); use "
+        "module.clone(virtual_batch_layout='strided') and reorder the batch.")
+  if config.skip_nonfinite_updates:
+    raise ValueError(
+        "skip_nonfinite_updates=True has no tf_keras equivalent; use "
+        "module.clone(skip_nonfinite_updates=False) to export (Keras then "
+        "lets a non-finite batch into the moving statistics).")
+  return keras
+
+
+def _keras_would_fuse(config, input_shape) -> bool:
+  """Whether Keras accepts ``fused=True`` for this config and input."""
+  try:
+    fused = dataclasses.replace(config, fused=True,
+                                moving_variance_estimator="keras")
+    return fused.resolve(tuple(input_shape)).keras_fused
+  except ValueError:
+    return False
 
 
 def keras_model_variables(model) -> dict[str, Any]:
@@ -95,9 +162,11 @@ def _walk(layer):
 
 
 def to_keras(module: BatchNormalization, variables, input_shape):
-  """A built tf_keras layer with ``module``'s config and ``variables``."""
+  """A built tf_keras layer with ``module``'s numbers and ``variables``
+  (config by :func:`keras_config`, which raises what Keras cannot express)."""
   import tf_keras
-  layer = tf_keras.layers.BatchNormalization.from_config(module.get_config())
+  layer = tf_keras.layers.BatchNormalization.from_config(
+      keras_config(module, input_shape))
   layer.build(tuple(input_shape))
   flat = {**variables.get("params", {}), **variables.get("batch_stats", {})}
   for variable in layer.weights:

@@ -8,20 +8,29 @@ keeps the second, and selects ``moving_variance_estimator='unbiased'``.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jaxbn.linen import BatchNormalization
 
 
-def from_torch(bn) -> tuple[BatchNormalization, dict]:
+def _is_torch_batch_norm(module) -> bool:
+  import torch
+  return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def from_torch(bn, *, axis: int = 1, name: str | None = None
+               ) -> tuple[BatchNormalization, dict]:
   """``(module, variables)`` equal to a ``torch.nn.BatchNorm{1,2,3}d``.
 
-  The channel axis is 1 (PyTorch's NC... layout). ``momentum=None``
-  (PyTorch's cumulative average) and ``track_running_stats=False`` have no
-  Keras equivalent and raise.
+  ``axis`` is the channel axis of the JAX model's input: 1 for PyTorch's
+  NC... layout, -1 for a channels-last mirror (the variables are per channel
+  either way). Variables keep the torch tensors' dtype; ``name`` names the
+  module. ``momentum=None`` (PyTorch's cumulative average) and
+  ``track_running_stats=False`` have no Keras equivalent and raise.
   """
-  import torch
-  if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+  if not _is_torch_batch_norm(bn):
     raise TypeError(f"from_torch expects torch.nn.BatchNorm1d/2d/3d; got "
                     f"{type(bn).__name__}.")
   if bn.momentum is None:
@@ -33,12 +42,15 @@ def from_torch(bn) -> tuple[BatchNormalization, dict]:
     raise ValueError(
         "torch BatchNorm with track_running_stats=False has no running "
         "statistics to port; it always normalizes with batch statistics.")
+  if isinstance(axis, bool) or not isinstance(axis, int):
+    raise TypeError(f"from_torch: `axis` must be one int (the channel axis "
+                    f"of the JAX input); got {axis!r}.")
   module = BatchNormalization(
-      axis=1, momentum=1.0 - float(bn.momentum), epsilon=float(bn.eps),
+      axis=axis, momentum=1.0 - float(bn.momentum), epsilon=float(bn.eps),
       center=bool(bn.affine), scale=bool(bn.affine),
-      moving_variance_estimator="unbiased")
+      moving_variance_estimator="unbiased", name=name)
   # copy: torch updates its buffers in place, numpy() would share them
-  to_np = lambda t: np.array(t.detach().cpu().float().numpy())
+  to_np = lambda t: np.array(t.detach().cpu().numpy())
   params = {}
   if bn.affine:
     params = {"gamma": to_np(bn.weight), "beta": to_np(bn.bias)}
@@ -47,29 +59,81 @@ def from_torch(bn) -> tuple[BatchNormalization, dict]:
   return module, {"params": params, "batch_stats": stats}
 
 
+def torch_model_variables(model, *, axis: int = 1) -> dict[str, Any]:
+  """Every BatchNorm of a torch module tree as Flax variables, by path.
+
+  Returns ``{'params': tree, 'batch_stats': tree}`` where each tree nests
+  dicts along the torch path (``layer1.0.bn1`` ->
+  ``tree['layer1']['0']['bn1']``), so a Flax mirror whose submodules carry
+  the torch attribute names takes it as is; ``axis`` as in
+  :func:`from_torch` (-1 for a channels-last mirror). Layers without affine
+  parameters have no 'params' entry.
+  """
+  out = {"params": {}, "batch_stats": {}}
+  found = False
+  for path, sub in model.named_modules():
+    if not _is_torch_batch_norm(sub):
+      continue
+    found = True
+    _, variables = from_torch(sub, axis=axis)
+    for collection, values in variables.items():
+      if not values:
+        continue
+      node = out[collection]
+      for part in path.split(".") if path else ["batch_norm"]:
+        node = node.setdefault(part, {})
+      node.update(values)
+  if not found:
+    raise ValueError(f"torch_model_variables: {type(model).__name__} has no "
+                     "BatchNorm1d/2d/3d submodule.")
+  return out
+
+
 def to_torch(module: BatchNormalization, variables, dims: int = 2):
-  """A ``torch.nn.BatchNorm{dims}d`` with the module's numbers (axis 1)."""
+  """A ``torch.nn.BatchNorm{dims}d`` with the module's numbers.
+
+  Any single channel axis maps onto torch's axis 1 (permute channels-last
+  inputs to NC... before calling it). PyTorch's running variance is always
+  Bessel-corrected, so a module whose moving variance is not (``'biased'``,
+  or ``'keras'`` where Keras would not run its fused kernel) raises: its
+  training updates would differ.
+  """
   import torch
   config = module.config
-  axis = config.axis if isinstance(config.axis, int) else None
-  if axis != 1 or config.renorm or config.virtual_batch_size is not None:
+  if (not isinstance(config.axis, int) or config.renorm
+      or config.virtual_batch_size is not None):
     raise ValueError(
-        "Only axis=1 layers without renorm or virtual batches map onto "
-        f"torch BatchNorm; got axis={config.axis!r}, renorm={config.renorm}, "
+        "Only layers with one channel axis and without renorm or virtual "
+        f"batches map onto torch BatchNorm; got axis={config.axis!r}, "
+        f"renorm={config.renorm}, "
         f"virtual_batch_size={config.virtual_batch_size}.")
   if config.center != config.scale:
     raise ValueError("torch BatchNorm has gamma and beta together (affine); "
                      f"got center={config.center}, scale={config.scale}.")
+  if dims not in (1, 2, 3):
+    raise ValueError(f"`dims` must be 1, 2 or 3 (BatchNorm1d/2d/3d); got "
+                     f"{dims!r}.")
+  resolved = config.resolve((2,) * (dims + 2))  # torch's input rank
+  if not config.bessel_corrected_moving_variance(resolved):
+    raise ValueError(
+        f"moving_variance_estimator={config.moving_variance_estimator!r} "
+        f"gives a biased moving variance for BatchNorm{dims}d inputs, but "
+        "PyTorch's running variance is Bessel-corrected. Use "
+        "module.clone(moving_variance_estimator='unbiased') to accept "
+        "PyTorch's training rule (inference numbers are the same).")
   cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d,
          3: torch.nn.BatchNorm3d}[dims]
   stats = variables["batch_stats"]
-  channels = int(np.asarray(stats["moving_mean"]).size)
-  bn = cls(channels, eps=config.epsilon, momentum=1.0 - config.momentum,
-           affine=config.scale)
+  mean = np.asarray(stats["moving_mean"])
+  dtype = {np.dtype(np.float64): torch.float64,
+           np.dtype(np.float16): torch.float16}.get(mean.dtype, torch.float32)
+  bn = cls(int(mean.size), eps=config.epsilon, momentum=1.0 - config.momentum,
+           affine=config.scale, dtype=dtype)
+  to_tensor = lambda v: torch.from_numpy(np.array(v).reshape(-1)).to(dtype)
   with torch.no_grad():
     if config.scale:
-      bn.weight.copy_(torch.from_numpy(np.array(variables["params"]["gamma"])))
-      bn.bias.copy_(torch.from_numpy(np.array(variables["params"]["beta"])))
-    bn.running_mean.copy_(torch.from_numpy(np.array(stats["moving_mean"])))
-    bn.running_var.copy_(torch.from_numpy(np.array(stats["moving_variance"])))
+      bn.weight.copy_(to_tensor(variables["params"]["gamma"]))
+      bn.bias.copy_(to_tensor(variables["params"]["beta"]))
+    bn.running_mean.copy_(to_tensor(stats["moving_mean"]))
+    bn.running_var.copy_(to_tensor(stats["moving_variance"]))
   return bn
