@@ -379,7 +379,7 @@ def test_torch_model_variables_feed_a_flax_mirror():
           x, self.param("conv", nn.initializers.zeros, (4, 3, 3, 3)),
           (1, 1), "SAME")
       x = jax.nn.relu(jaxbn.BatchNormalization(
-          axis=1, epsilon=1e-5, name="bn",
+          axis=1, epsilon=1e-5, momentum=0.9, name="bn",
           moving_variance_estimator="unbiased")(x, training))
       return x
 
@@ -390,7 +390,8 @@ def test_torch_model_variables_feed_a_flax_mirror():
       x = x.reshape(x.shape[0], -1)
       x = nn.Dense(6, name="2")(x)
       return jaxbn.BatchNormalization(
-          axis=1, epsilon=1e-5, center=False, scale=False, name="3",
+          axis=1, epsilon=1e-5, momentum=0.9, center=False, scale=False,
+          name="3",
           moving_variance_estimator="unbiased")(x, training)
 
   x = np.random.RandomState(1).randn(8, 3, 5, 5).astype(np.float32)
