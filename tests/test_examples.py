@@ -33,6 +33,7 @@ def test_demo_trains_and_saves_its_curve(tmp_path):
     ("finetune_frozen_bn.py", ["--epochs", "3"]),
     ("data_parallel_shard_map.py", ["--epochs", "2"]),
     ("port_keras_model.py", []),
+    ("port_torch_cnn.py", []),
 ])
 def test_example_runs_and_saves_a_plot(script, args, tmp_path):
   plot = tmp_path / "plot.png"
@@ -41,11 +42,15 @@ def test_example_runs_and_saves_a_plot(script, args, tmp_path):
   assert plot.stat().st_size > 1000
 
 
-def test_port_keras_model_example_has_identical_outputs(tmp_path):
-  out = _run("port_keras_model.py", "--out", str(tmp_path / "p.png"))
-  for line in out.splitlines():
-    if "max |keras - jaxbn|" in line:
-      assert float(line.split("=")[1].split()[0]) < 1e-4, line
+@pytest.mark.parametrize("script,source", [("port_keras_model.py", "keras"),
+                                           ("port_torch_cnn.py", "torch")])
+def test_port_examples_have_identical_outputs(script, source, tmp_path):
+  out = _run(script, "--out", str(tmp_path / "p.png"))
+  gaps = [line for line in out.splitlines()
+          if f"max |{source} - jaxbn|" in line]
+  assert len(gaps) >= 2, out
+  for line in gaps:
+    assert float(line.split("=")[1].split()[0]) < 1e-4, line
 
 
 def test_notebook_executes(tmp_path):
