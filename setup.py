@@ -9,6 +9,7 @@ import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 
@@ -31,6 +32,10 @@ class OptionalBuildExt(build_ext):
   """Builds the kernels if it can; never fails the install."""
 
   def run(self):
+    # Always compile: an in-tree build/ directory from an install against
+    # another jaxlib would otherwise be reused as "up to date".
+    self.force = True
+    self.distribution.jaxbn_kernels_built = False
     include = _jaxlib_include()
     if not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
       print("jaxbn: jaxlib's XLA FFI headers not found; skipping the CPU "
@@ -45,6 +50,18 @@ class OptionalBuildExt(build_ext):
     except Exception as err:  # noqa: BLE001 - any compiler failure
       print(f"jaxbn: building the CPU kernels failed ({err}); statistics "
             "run in XLA.", file=sys.stderr)
+      return
+    self.distribution.jaxbn_kernels_built = True
+
+
+class Wheel(bdist_wheel):
+  """Tags the wheel pure Python (py3-none-any) when no kernel was built."""
+
+  def get_tag(self):
+    if not getattr(self.distribution, "jaxbn_kernels_built", True):
+      self.root_is_pure = True
+      return "py3", "none", "any"
+    return super().get_tag()
 
 
 setup(
@@ -53,10 +70,12 @@ setup(
             "jaxbn._cpu_kernels",
             sources=["jaxbn/csrc/batch_norm_cpu.cc"],
             language="c++",
-            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden",
-                                "-ffp-contract=off",
+            # -g0 and -s: no debug information (it was 90% of the file)
+            extra_compile_args=["-O3", "-g0", "-std=c++17",
+                                "-fvisibility=hidden", "-ffp-contract=off",
                                 "-Wno-attributes", "-Wno-return-type"],
+            extra_link_args=["-s"],
         )
     ],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "bdist_wheel": Wheel},
 )

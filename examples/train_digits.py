@@ -102,12 +102,17 @@ def train(epochs=15, batch_size=64, learning_rate=3e-3, seed=0,
 def plot(history, path):
   fig, ax1 = plt.subplots(figsize=(6, 3.5))
   epochs = np.arange(1, len(history["loss"]) + 1)
-  ax1.plot(epochs, history["loss"], "o-", color="tab:blue")
+  loss_line, = ax1.plot(epochs, history["loss"], "o-", color="tab:blue",
+                        label="training loss")
   ax1.set_xlabel("epoch")
-  ax1.set_ylabel("training loss", color="tab:blue")
+  ax1.set_ylabel("training loss (cross-entropy)")
+  ax1.set_ylim(bottom=0)
   ax2 = ax1.twinx()
-  ax2.plot(epochs, history["test_accuracy"], "s-", color="tab:orange")
-  ax2.set_ylabel("test accuracy", color="tab:orange")
+  accuracy_line, = ax2.plot(epochs, history["test_accuracy"], "s-",
+                            color="tab:orange", label="test accuracy")
+  ax2.set_ylabel("test accuracy")
+  ax2.set_ylim(0, 1)  # the whole scale: 0.97 should look like 0.97
+  ax1.legend(handles=[loss_line, accuracy_line], loc="center right")
   ax1.set_title("digits: conv net with jaxbn.BatchNormalization")
   fig.tight_layout()
   fig.savefig(path, dpi=100)

@@ -13,17 +13,52 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
+# One compilation cache for the session, its xdist workers and the example
+# subprocesses: many tests compile the same programs (each hypothesis example,
+# each jit of a fresh closure); XLA keys the cache by the program, so a hit
+# is the same executable. Created empty per session (a stale cache is never
+# read), removed at the end by the process that made it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="jaxbn-test-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import hypothesis  # noqa: E402
 
 # statistics_mode (below) holds for a whole test, every example included
 _FIXTURE_OK = [hypothesis.HealthCheck.function_scoped_fixture]
 hypothesis.settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True,
+    "ci", max_examples=10, deadline=None, derandomize=True,
     suppress_health_check=_FIXTURE_OK)
 hypothesis.settings.register_profile(
     "long", max_examples=2000, deadline=None,
     suppress_health_check=_FIXTURE_OK)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+  # an xdist worker hands its share of the oracle's tally to the controller
+  workeroutput = getattr(session.config, "workeroutput", None)
+  if workeroutput is not None:
+    from tests import keras_oracle
+    workeroutput["keras_oracle_tally"] = dict(keras_oracle.TALLY)
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  from tests import keras_oracle
+  share = getattr(node, "workeroutput", {}).get("keras_oracle_tally", {})
+  for key, value in share.items():
+    keras_oracle.TALLY[key] += value
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -34,9 +69,6 @@ def pytest_terminal_summary(terminalreporter):
         f"tf_keras oracle: {tally['configs']} configurations, "
         f"{tally['checks']} quantity comparisons (outputs, gradients, every "
         "state variable per step, inference), all within 2e-4")
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(params=["auto", "accelerator"])

@@ -8,7 +8,7 @@ from jaxbn import bench
 
 def test_bench_quick_writes_table_json_and_chart(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "jaxbn.bench", "--quick", "--repeats", "2",
+      [sys.executable, "-m", "jaxbn.bench", "--quick", "--repeats", "1",
        "--impls", "jaxbn,flax.linen", "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -32,8 +32,6 @@ def test_demo_trains_and_saves_its_curve(tmp_path):
     ("ghost_renorm_small_batches.py", ["--epochs", "2"]),
     ("finetune_frozen_bn.py", ["--epochs", "3"]),
     ("data_parallel_shard_map.py", ["--epochs", "2"]),
-    ("port_keras_model.py", []),
-    ("port_torch_cnn.py", []),
 ])
 def test_example_runs_and_saves_a_plot(script, args, tmp_path):
   plot = tmp_path / "plot.png"
@@ -45,12 +43,14 @@ def test_example_runs_and_saves_a_plot(script, args, tmp_path):
 @pytest.mark.parametrize("script,source", [("port_keras_model.py", "keras"),
                                            ("port_torch_cnn.py", "torch")])
 def test_port_examples_have_identical_outputs(script, source, tmp_path):
-  out = _run(script, "--out", str(tmp_path / "p.png"))
+  plot = tmp_path / "p.png"
+  out = _run(script, "--out", str(plot))
   gaps = [line for line in out.splitlines()
           if f"max |{source} - jaxbn|" in line]
   assert len(gaps) >= 2, out
   for line in gaps:
     assert float(line.split("=")[1].split()[0]) < 1e-4, line
+  assert "saved" in out and plot.stat().st_size > 1000
 
 
 def test_notebook_executes(tmp_path):
