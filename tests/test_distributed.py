@@ -3,6 +3,8 @@
 Reference: one device normalizing the whole batch (masked rows carry a zero
 cotangent, so the losses agree), or only the valid rows where stated.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,7 @@ def _params(config, shape):
   return params, state
 
 
+@functools.lru_cache(maxsize=None)  # one jit per configuration: its cache
 def _sharded_step(config, mesh, axis_name="data", spec=P("data")):
   def local(params, state, x, mask, dy):
     def f(params, x):
@@ -53,6 +56,7 @@ def _sharded_step(config, mesh, axis_name="data", spec=P("data")):
       out_specs=(spec, P(), (P(), spec))))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _single_step(config, params, state, x, mask, dy):
   def f(params, x):
     y, s = jaxbn.apply(config, params, state, x, training=True, mask=mask)

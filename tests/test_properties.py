@@ -1,4 +1,5 @@
 """Mathematical properties of batch norm, over random shapes/axes/options."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +27,11 @@ def problems(draw, min_batch=2):
   return tuple(shape), axis, x.astype(np.float32), rng
 
 
+# one compiled program per configuration and shape (eager dispatch would
+# compile every operation for every new shape hypothesis draws)
+_apply = jax.jit(jaxbn.apply, static_argnums=0, static_argnames=("training",))
+
+
 def _channel_stats(y, config, shape):
   red = config.resolve(shape).reduction_axes
   return np.mean(y, axis=red), np.std(y, axis=red)
@@ -48,7 +54,7 @@ def test_output_mean_is_beta_and_std_is_gamma(problem, fused):
                    axis=config.resolve(shape).reduction_axes)) < 1e-3:
     return
   params, state = _params(config, shape, rng)
-  y, _ = jaxbn.apply(config, params, state, x, training=True)
+  y, _ = _apply(config, params, state, x, training=True)
   mean, std = _channel_stats(np.asarray(y, np.float64), config, shape)
   bshape = config.resolve(shape).broadcast_shape
   red = config.resolve(shape).reduction_axes
@@ -69,9 +75,9 @@ def test_invariance_to_channel_shift_and_positive_scale(problem, a, b):
   params, state = _params(base, shape, rng)
   bshape = base.resolve(shape).broadcast_shape
   shift = rng.uniform(-1, 1, bshape) * b
-  y1, _ = jaxbn.apply(base, params, state, x, training=True)
+  y1, _ = _apply(base, params, state, x, training=True)
   x2 = (np.asarray(x, np.float64) * a + shift).astype(np.float32)
-  y2, _ = jaxbn.apply(scaled, params, state, x2, training=True)
+  y2, _ = _apply(scaled, params, state, x2, training=True)
   tol = 1e-3 * max(1.0, abs(b) / a / 10)
   np.testing.assert_allclose(y1, y2, atol=tol, rtol=tol)
 
@@ -82,8 +88,8 @@ def test_permuting_the_batch_permutes_the_output(problem):
   config = jaxbn.BatchNormConfig(axis=axis)
   params, state = _params(config, shape, rng)
   perm = rng.permutation(shape[0])
-  y, s1 = jaxbn.apply(config, params, state, x, training=True)
-  yp, s2 = jaxbn.apply(config, params, state, x[perm], training=True)
+  y, s1 = _apply(config, params, state, x, training=True)
+  yp, s2 = _apply(config, params, state, x[perm], training=True)
   np.testing.assert_allclose(np.asarray(y)[perm], yp, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(s1["moving_variance"], s2["moving_variance"],
                              rtol=1e-5)
@@ -100,8 +106,8 @@ def test_contiguous_ghost_batches_equal_splitting_the_batch(problem, groups):
                                  momentum=0.0)
   plain = jaxbn.BatchNormConfig(axis=axis, momentum=0.0, fused=False)
   params, state = _params(config, shape, rng)
-  y, s = jaxbn.apply(config, params, state, x, training=True)
-  parts = [jaxbn.apply(plain, params, state, x[i * vbs:(i + 1) * vbs],
+  y, s = _apply(config, params, state, x, training=True)
+  parts = [_apply(plain, params, state, x[i * vbs:(i + 1) * vbs],
                        training=True) for i in range(groups)]
   np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]),
                              atol=2e-5, rtol=2e-5)
@@ -121,8 +127,8 @@ def test_masked_rows_equal_dropping_them(problem, fused):
   config = jaxbn.BatchNormConfig(axis=axis, fused=fused, momentum=0.5)
   params, state = _params(config, shape, rng)
   mask = keep.reshape((-1,) + (1,) * (len(shape) - 1))
-  y, s = jaxbn.apply(config, params, state, x, training=True, mask=mask)
-  y_kept, s_kept = jaxbn.apply(
+  y, s = _apply(config, params, state, x, training=True, mask=mask)
+  y_kept, s_kept = _apply(
       jaxbn.BatchNormConfig(axis=axis, momentum=0.5,
                             moving_variance_estimator="biased"),
       params, state, x[keep], training=True)
@@ -142,8 +148,8 @@ def test_fused_path_equals_general_path(problem, center, scale):
                                 "unbiased" if a.resolve(shape).keras_fused
                                 else "biased"))
   params, state = _params(a, shape, rng)
-  ya, sa = jaxbn.apply(a, params, state, x, training=True)
-  yb, sb = jaxbn.apply(b, params, state, x, training=True)
+  ya, sa = _apply(a, params, state, x, training=True)
+  yb, sb = _apply(b, params, state, x, training=True)
   np.testing.assert_allclose(ya, yb, atol=2e-5, rtol=2e-5)
   for k in sa:  # a mean near 0 next to large ones: absolute to their scale
     scale = float(np.max(np.abs(sb[k]), initial=1.0))
