@@ -415,3 +415,11 @@ def test_torch_model_variables_feed_a_flax_mirror():
   for a, b in zip(jax.tree.leaves(updates["batch_stats"]),
                   jax.tree.leaves(after)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_from_keras_3_renorm_layer():
+  import keras  # Keras 3 has Batch Renormalization too
+  layer = keras.layers.BatchNormalization(
+      momentum=0.5, renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0})
+  module = _assert_port_matches(layer, (8, 4, 4, 3))
+  assert module.renorm and module.moving_variance_estimator == "biased"
