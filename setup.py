@@ -9,8 +9,12 @@ import os
 import sys
 
 from setuptools import Extension, setup
-from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
+
+try:  # setuptools >= 70.1 (pyproject asks for 77 in isolated builds)
+  from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # an older setuptools without build isolation
+  bdist_wheel = None
 
 
 def _jaxlib_include() -> str:
@@ -54,14 +58,19 @@ class OptionalBuildExt(build_ext):
     self.distribution.jaxbn_kernels_built = True
 
 
-class Wheel(bdist_wheel):
-  """Tags the wheel pure Python (py3-none-any) when no kernel was built."""
+commands = {"build_ext": OptionalBuildExt}
+if bdist_wheel is not None:
 
-  def get_tag(self):
-    if not getattr(self.distribution, "jaxbn_kernels_built", True):
-      self.root_is_pure = True
-      return "py3", "none", "any"
-    return super().get_tag()
+  class Wheel(bdist_wheel):
+    """Tags the wheel pure Python (py3-none-any) when no kernel was built."""
+
+    def get_tag(self):
+      if not getattr(self.distribution, "jaxbn_kernels_built", True):
+        self.root_is_pure = True
+        return "py3", "none", "any"
+      return super().get_tag()
+
+  commands["bdist_wheel"] = Wheel
 
 
 setup(
@@ -77,5 +86,5 @@ setup(
             extra_link_args=["-s"],
         )
     ],
-    cmdclass={"build_ext": OptionalBuildExt, "bdist_wheel": Wheel},
+    cmdclass=commands,
 )

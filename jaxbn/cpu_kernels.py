@@ -179,8 +179,9 @@ if _cpu_kernels is not None:
     warnings.warn(
         f"jaxbn's CPU kernels are not registered: {NOT_REGISTERED}; jaxbn runs "
         "in XLA (same numbers, slower on CPU). Rebuild them against this "
-        "jaxlib: pip install --no-build-isolation --force-reinstall --no-deps "
-        "<jaxbn source or sdist>.", RuntimeWarning, stacklevel=2)
+        "jaxlib: pip install 'setuptools>=77' && pip install "
+        "--no-build-isolation --force-reinstall --no-deps <jaxbn source or "
+        "sdist>.", RuntimeWarning, stacklevel=2)
   if NOT_REGISTERED is not None:
     _cpu_kernels = None
 

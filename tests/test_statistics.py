@@ -2,10 +2,13 @@
 an outlier where the shifted sums used to take their shift, large means,
 bfloat16, masks, and across devices; on every path (CPU kernels, XLA two
 passes, the GPU/TPU one-read algorithm)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jaxbn
@@ -123,6 +126,21 @@ EXTREME_PATHS = ["kernels", "xla", "accelerator", "masked", "ghost",
                  "devices"]
 
 
+@functools.lru_cache(maxsize=None)
+def _step_on_path(path, config):
+  """A jitted training step ``(params, state, x) -> (y, new_state)``."""
+  if path == "devices":
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    return jax.jit(jax.shard_map(
+        lambda params, state, x: jaxbn.apply(config, params, state, x,
+                                             training=True, axis_name="data"),
+        mesh=mesh, in_specs=(P(), P(), P("data")),
+        out_specs=(P("data"), P())))
+  return jax.jit(lambda params, state, x: jaxbn.apply(
+      config, params, state, x, training=True,
+      mask=(jnp.ones((x.shape[0], 1), bool) if path == "masked" else None)))
+
+
 def _layer_on_path(path, config_args, x):
   """``(y, new_state)`` of one training step on ``path``."""
   config = jaxbn.BatchNormConfig(
@@ -130,18 +148,9 @@ def _layer_on_path(path, config_args, x):
       **({"virtual_batch_size": x.shape[0]} if path == "ghost" else {}))
   params, state = jaxbn.init(config, x.shape)
   params = {"gamma": params["gamma"] * 2, "beta": params["beta"] + 0.25}
-  mask = jnp.ones((x.shape[0], 1), bool) if path == "masked" else None
-  if path == "devices":
-    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    step = jax.jit(jax.shard_map(
-        lambda x: jaxbn.apply(config, params, state, x, training=True,
-                              axis_name="data"),
-        mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())))
-    with cpu_kernels.use("on"):
-      return step(x)
-  with _path({"masked": "kernels", "ghost": "kernels"}.get(path, path)):
-    return jax.jit(lambda x: jaxbn.apply(config, params, state, x,
-                                         training=True, mask=mask))(x)
+  mode = {"masked": "kernels", "ghost": "kernels", "devices": "kernels"}
+  with _path(mode.get(path, path)):
+    return _step_on_path(path, config)(params, state, x)
 
 
 @pytest.mark.parametrize("epsilon", [1e-3, 0.0])
@@ -183,3 +192,56 @@ def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
       np.testing.assert_allclose(np.asarray(value)[1:],
                                  reference["state"][name], rtol=1e-5,
                                  err_msg=(path, name))
+
+
+_BAD = (np.nan, np.inf, -np.inf)
+_channel = st.one_of(
+    # data: mean up to 1e37, spread 1e-15 to 1e17 (the variance of a larger
+    # spread overflows float32, of a smaller one underflows: README, Numerics)
+    st.tuples(st.just("data"), st.floats(-1e37, 1e37),
+              st.floats(1e-15, 1e17)),
+    st.tuples(st.just("constant"), st.floats(-3.4e38, 3.4e38), st.just(0.0)),
+    st.tuples(st.just("non-finite"), st.sampled_from(_BAD), st.just(0.0)))
+
+
+@given(channels=st.lists(_channel, min_size=4, max_size=4),
+       epsilon=st.sampled_from([1e-3, 0.0]), seed=st.integers(0, 2 ** 16))
+def test_every_path_agrees_at_the_extremes(channels, epsilon, seed):
+  # One batch, every path (kernels, XLA, GPU/TPU statistics, masked, ghost,
+  # 8 devices), against float64 over the same float32 values.
+  rng = np.random.default_rng(seed)
+  x = np.empty((64, 4), np.float32)
+  for c, (kind, location, spread) in enumerate(channels):
+    if kind == "data":
+      x[:, c] = location + spread * rng.normal(size=64)
+    elif kind == "constant":
+      x[:, c] = location
+    else:
+      x[:, c] = rng.normal(size=64)
+      x[rng.integers(64), c] = location
+  finite = np.all(np.isfinite(x), axis=0)
+  xd = x.astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean, var = xd.mean(0), xd.var(0)
+    inv = np.where(var + epsilon > 0, 1 / np.sqrt(var + epsilon), 0.0)
+    y_ref = (xd - mean) * inv * 2 + 0.25
+    # a float32 mean is off by up to half an ulp of itself, which moves
+    # (x - mean) * inv by that much relative to the spread
+    y_tolerance = 1e-3 + 2 * 2.0 ** -23 * np.abs(mean) * inv
+  scale = np.max(np.abs(xd), axis=0, where=np.isfinite(xd), initial=0)
+  for path in EXTREME_PATHS:
+    y, state = _layer_on_path(path, {"epsilon": epsilon}, jnp.asarray(x))
+    y = np.asarray(y, np.float64)
+    # finite channels: float64's answer, finite moving statistics
+    error = np.abs(y - y_ref)[:, finite]
+    assert np.all(error <= y_tolerance[finite] + 1e-3 * np.abs(
+        y_ref[:, finite])), (path, error.max(0), y_tolerance)
+    for name, value in state.items():
+      assert np.all(np.isfinite(np.asarray(value)[finite])), (path, name)
+    moving_mean = np.asarray(state["moving_mean"], np.float64)[finite]
+    # (float32 flushes subnormal numbers to 0 on CPU)
+    tolerance = np.maximum(1e-6 * scale[finite], np.finfo(np.float32).tiny)
+    assert np.all(np.abs(moving_mean - 0.5 * mean[finite]) <= tolerance), (
+        path, moving_mean, mean)
+    # a non-finite value spoils its own channel only (checked above)
+    assert not np.any(np.isfinite(y[:, ~finite])), path
