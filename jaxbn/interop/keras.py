@@ -74,14 +74,14 @@ def from_keras(layer, *, name: str | None = None
                                           name=name)
   variables = {"params": {}, "batch_stats": {}}
   for variable in layer.weights:
-    name = _short_name(variable)
-    if name not in _VARIABLES:
+    short = _short_name(variable)
+    if short not in _VARIABLES:
       continue
     value = np.asarray(variable.numpy() if hasattr(variable, "numpy")
                        else variable, np.float32)
-    collection = "params" if name in _PARAMS else "batch_stats"
-    variables[collection][name] = value.reshape(_our_shape(value.shape,
-                                                           module))
+    collection = "params" if short in _PARAMS else "batch_stats"
+    variables[collection][short] = value.reshape(_our_shape(value.shape,
+                                                            module))
   return module, variables
 
 
