@@ -94,14 +94,18 @@ def test_closed_form_equals_autodiff(feature, layout, mask):
     with cpu_kernels.use(kernels):
       lowered = jax.jit(lambda p, s, x, dy: _step(config, p, s, x, dy, m)
                         ).lower(params, state, x, dy)
-    results[fused, kernels] = lowered.compile()(params, state, x, dy)
+    uses_kernel = "jaxbn_backward" in lowered.as_text()
     if fused is None:
-      assert ("jaxbn_backward" in lowered.as_text()) == (
-          kernels == "on" and cpu_kernels.available()
-          and (mask != "elements"))
+      assert uses_kernel == (kernels == "on" and cpu_kernels.available()
+                             and (mask != "elements"))
+    if fused is None and kernels == "on" and not uses_kernel:
+      continue  # the same program as with the kernels off
+    results[fused, kernels] = lowered.compile()(params, state, x, dy)
   reference = results[False, "off"]
   for kernels in ("on", "off"):
-    fast = results[None, kernels]
+    fast = results.get((None, kernels))
+    if fast is None:
+      continue
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fast),
                             jax.tree_util.tree_leaves(reference)):
       # sums of terms of either sign: absolute to the array's scale

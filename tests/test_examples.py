@@ -29,9 +29,9 @@ def test_demo_trains_and_saves_its_curve(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [
-    ("ghost_renorm_small_batches.py", ["--epochs", "2"]),
-    ("finetune_frozen_bn.py", ["--epochs", "3"]),
-    ("data_parallel_shard_map.py", ["--epochs", "2"]),
+    ("ghost_renorm_small_batches.py", ["--epochs", "1"]),
+    ("finetune_frozen_bn.py", ["--epochs", "2"]),
+    ("data_parallel_shard_map.py", ["--epochs", "1"]),
 ])
 def test_example_runs_and_saves_a_plot(script, args, tmp_path):
   plot = tmp_path / "plot.png"
