@@ -85,12 +85,11 @@ def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
     return outputs
   # Padding enters the differentiated program as 0 (autodiff would multiply
   # a NaN there by a zero cotangent); its outputs are added as constants.
-  valid = weights != 0
   (y, statistics, extras), (_, _, a, b) = _forward(
-      jnp.where(valid, x, 0), scale, offset, weights, correction_inputs, axes,
+      stats.where_valid(weights, x), scale, offset, weights, correction_inputs, axes,
       epsilon, axis_name, groups, correction, stats.platform_moments)
   padding = lax.stop_gradient(affine.normalize(x, statistics[0], a, b))
-  return jnp.where(valid, y, padding), statistics, extras
+  return jnp.where(weights != 0, y, padding), statistics, extras
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))

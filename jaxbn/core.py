@@ -506,15 +506,14 @@ def _check_mask(mask, shape):
   """
   if mask is None:
     return None
-  shape = tuple(shape)
-  kind = getattr(mask, "dtype", None)
-  if kind is None:
-    kind = np.asarray(mask).dtype
-  if not (kind == np.bool_ or np.issubdtype(kind, np.integer)
-          or np.issubdtype(kind, np.floating)):
+  shape, given = tuple(shape), type(mask).__name__
+  if not hasattr(mask, "dtype"):
+    mask = np.asarray(mask)
+  if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)
+          or np.issubdtype(mask.dtype, np.floating)):
     raise TypeError(
         f"`mask` must be boolean (or real numbers: nonzero is valid); got "
-        f"{type(mask).__name__} of dtype {kind}.")
+        f"{given} of dtype {mask.dtype}.")
   mask = jnp.asarray(mask)
   aligned = mask.shape + (1,) * (len(shape) - mask.ndim)
   if mask.ndim > len(shape) or any(m not in (1, s)

@@ -81,7 +81,7 @@ from jax.extend import core as jax_core
 from jax.interpreters import batching as jax_batching
 from jax.interpreters import mlir
 
-from jaxbn import manual_axes, modes
+from jaxbn import affine, manual_axes, modes
 
 try:  # built by setup.py when a C++ compiler is present
   from jaxbn import _cpu_kernels  # type: ignore[attr-defined]
@@ -609,8 +609,7 @@ def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
                   view, masked, epsilon):
   sum_dy, sum_dy_xc = _xla_grad_sums(
       dy, x, mean, _xla_rows(rows, view, masked) if masked else None, view=view)
-  var_eps = var + jnp.float32(epsilon)
-  inv = jnp.where(var_eps > 0, jax.lax.rsqrt(var_eps), 0)
+  inv = affine.inverse_std(var, epsilon)
   a = scale * inv
   safe = jnp.where(count > 0, count, 1)
   c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)

@@ -134,11 +134,6 @@ def _rows(weights, x, view):
           cpu_kernels.row_weights(weights, x.shape, view))
 
 
-def _valid(weights, values):
-  """``values`` where the mask is nonzero, 0 in padding whatever it holds."""
-  return values if weights is None else jnp.where(weights != 0, values, 0)
-
-
 def _gradient_sums(dy, x, weights, mean, axes):
   """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims), over
   the valid (mask nonzero) elements.
@@ -148,18 +143,18 @@ def _gradient_sums(dy, x, weights, mean, axes):
   inputs (see ``stats.separate``).
   """
   sd = mean.dtype
+  valid = functools.partial(stats.where_valid, weights)
 
   def two_reads():  # XLA:CPU: two fast passes
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
         dy, dy, x, mean)
-    return (_sum(_valid(weights, dy_for_sum.astype(sd)), axes),
-            _sum(_valid(weights, dy_for_dot.astype(sd)
-                        * (x_for_dot.astype(sd) - mean_for_dot)), axes))
+    return (_sum(valid(dy_for_sum.astype(sd)), axes),
+            _sum(valid(dy_for_dot.astype(sd)
+                       * (x_for_dot.astype(sd) - mean_for_dot)), axes))
 
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
-    return stats.sibling_sums(_valid(weights, dys),
-                              _valid(weights, dys * (x.astype(sd) - mean)),
+    return stats.sibling_sums(valid(dys), valid(dys * (x.astype(sd) - mean)),
                               axes)
 
   if modes.statistics.value == "accelerator":
@@ -194,7 +189,8 @@ def _input_gradient(dy, x, weights, a, c, d, axes):
     correction = c * x.astype(sd) + d
     if weights is not None:
       correction = weights.astype(sd) * correction
-    return _valid(weights, a * dy.astype(sd) + correction).astype(x.dtype)
+    dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
+    return dx.astype(x.dtype)
 
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None:

@@ -84,12 +84,15 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
+def where_valid(w, values):
+  """``values`` where the weight (mask) is nonzero, 0 in padding (``w == 0``)
+  whatever ``values`` holds there: a NaN in padding stays out."""
+  return values if w is None else jnp.where(w != 0, values, 0)
+
+
 def _weighted(w, values):
-  """``w * values``, 0 where ``w == 0`` whatever ``values`` holds there (a NaN
-  in masked-out padding stays out)."""
-  if w is None:
-    return values
-  return jnp.where(w != 0, w * values, 0)
+  """``w * values``, 0 in padding (see :func:`where_valid`)."""
+  return values if w is None else where_valid(w, w * values)
 
 
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],

@@ -36,10 +36,6 @@ def _our_shape(keras_shape, module: BatchNormalization):
   return tuple(shape)
 
 
-def _is_keras3(layer) -> bool:
-  return type(layer).__module__.startswith("keras.")
-
-
 def from_keras(layer, *, name: str | None = None
                ) -> tuple[BatchNormalization, dict]:
   """``(module, variables)`` equal to a Keras BatchNormalization layer.
@@ -63,13 +59,12 @@ def from_keras(layer, *, name: str | None = None
         "pass it, e.g. module.clone(adjustment=fn).")
   config = dict(layer.get_config())
   config.pop("synchronized", None)
-  if _is_keras3(layer):
-    config["moving_variance_estimator"] = "biased"
-  elif layer.built and layer.fused is not None:
-    config["moving_variance_estimator"] = ("unbiased" if layer.fused
-                                           else "biased")
-  elif layer.fused is not None:
-    config["fused"] = bool(layer.fused)
+  # tf_keras only (a Keras 3 config says 'biased' itself, see from_config)
+  fused = getattr(layer, "fused", None)
+  if fused is not None and layer.built:
+    config["moving_variance_estimator"] = "unbiased" if fused else "biased"
+  elif fused is not None:
+    config["fused"] = bool(fused)
   module = BatchNormalization.from_config(config, built=bool(layer.built),
                                           name=name)
   variables = {"params": {}, "batch_stats": {}}
