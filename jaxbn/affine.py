@@ -22,8 +22,9 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
   return jnp.where(total == 0, 0, lax.rsqrt(jnp.where(total == 0, 1, total)))
 
 
-def normalize(x, mean, a, b):
-  """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's.
+def normalize(x, mean, a, b, activation=None):
+  """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's;
+  with ``activation='relu'``, ``max(y, 0)`` before the cast.
 
   One elementwise pass with per-channel ``mean``, ``a = gamma * rsqrt(var +
   eps)`` and ``b = beta``. Subtracting the mean first (rather than folding it
@@ -36,7 +37,19 @@ def normalize(x, mean, a, b):
   y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
   if b is not None:
     y = y + b.astype(sd)
+  if activation == "relu":
+    y = jax.nn.relu(y)
   return y.astype(x.dtype)
+
+
+def relu_gate(dy, x, mean, a, b):
+  """The cotangent of ``normalize(x, mean, a, b)`` from that of its ReLU:
+  ``dy`` where the normalized value is > 0, else 0 (``jax.nn.relu``'s rule),
+  the normalized value recomputed as ``normalize`` computes it. In the
+  statistics dtype."""
+  sd = stats.stat_dtype(x.dtype)
+  z = (x.astype(sd) - mean.astype(sd)) * a.astype(sd) + b.astype(sd)
+  return jnp.where(z > 0, dy.astype(sd), 0)
 
 
 def compose(scale, offset, then_scale, then_offset):

@@ -9,7 +9,9 @@ output pass)::
 
   mean, var = moments(x)            inv = rsqrt(var + epsilon)
   r, d, extras = correction(mean, var, count)      (r = 1, d = 0 without one)
-  y = (x - mean) * inv * r * scale + d * scale + offset
+  y = (x - mean) * inv * r * scale + d * scale + offset    (= (x - mean) a + b)
+
+and, with ``activation='relu'``, ``max(y, 0)``.
 
 Backward, closed form. With ``g = scale * r`` (the total scale of the
 normalized values), ``a = g * inv``, S1 = sum(dy) and S2 = sum(dy * (x -
@@ -25,7 +27,9 @@ Keras 3 and flax.linen) but their outputs are constants of the parameters
 and the input (dx = 0 there, and they add nothing to S1 and S2), so whatever
 the padding holds, NaN included, never reaches a statistic or a gradient.
 
-(dmean, dvar are cotangents of the returned statistics, usually zero.) The only
+(dmean, dvar are cotangents of the returned statistics, usually zero.) With
+the ReLU, dy is first gated (0 where ``(x - mean) a + b <= 0``), recomputed
+from x inside the backward's passes. The only
 residuals are ``x`` in its own dtype and per-channel vectors; the normalized
 tensor is never saved. Across devices S1, S2 (and dmean, dvar) travel in one
 ``psum``; parameter gradients stay per-device, as data-parallel training
@@ -53,7 +57,7 @@ from jaxbn import affine, manual_axes, passes, stats
 
 
 def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
-             axis_name, groups, correction, local_moments):
+             axis_name, groups, correction, activation, local_moments):
   sd = stats.stat_dtype(x.dtype)
   count, mean, m2 = local_moments(x, axes, weights)
   if axis_name is not None:
@@ -71,30 +75,32 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
     a = a * r
   if d is not None:
     b = b + d * scale
-  y = affine.normalize(x, mean, a, b)
+  y = affine.normalize(x, mean, a, b, activation)
   return (y, (mean, var, count), extras), (r, d, a, b)
 
 
 def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
-              axis_name=None, groups=None, correction=None):
+              axis_name=None, groups=None, correction=None, activation=None):
   """:func:`batch_norm_train` by plain autodiff, statistics in XLA alone."""
   if weights is None:
     outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
-                          epsilon, axis_name, groups, correction,
+                          epsilon, axis_name, groups, correction, activation,
                           stats.platform_moments)
     return outputs
   # Padding enters the differentiated program as 0 (autodiff would multiply
   # a NaN there by a zero cotangent); its outputs are added as constants.
   (y, statistics, extras), (_, _, a, b) = _forward(
       stats.where_valid(weights, x), scale, offset, weights, correction_inputs, axes,
-      epsilon, axis_name, groups, correction, stats.platform_moments)
-  padding = lax.stop_gradient(affine.normalize(x, statistics[0], a, b))
+      epsilon, axis_name, groups, correction, activation, stats.platform_moments)
+  padding = lax.stop_gradient(
+      affine.normalize(x, statistics[0], a, b, activation))
   return jnp.where(weights != 0, y, padding), statistics, extras
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
-                     epsilon, axis_name=None, groups=None, correction=None):
+                     epsilon, axis_name=None, groups=None, correction=None,
+                     activation=None):
   """Training-mode batch norm with a closed-form backward.
 
   Args:
@@ -110,36 +116,40 @@ def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
     correction: None, or ``(mean, var, count, correction_inputs) -> (r, d,
       extras)``: ``r``/``d`` (None for identity) correct the normalized values
       without gradient, ``extras`` is returned as is (stopped gradient).
+    activation: None or ``'relu'`` (applied to the output).
 
   Returns:
     ``(y, (mean, variance, count), extras)``; y has x's dtype, the
     statistics the statistics dtype and x's rank (reduced axes kept as 1).
   """
   outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
-                        epsilon, axis_name, groups, correction, passes.moments)
+                        epsilon, axis_name, groups, correction, activation,
+                        passes.moments)
   return outputs
 
 
 def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
-         axis_name, groups, correction):
-  outputs, (r, d, _, _) = _forward(
+         axis_name, groups, correction, activation):
+  outputs, (r, d, a, b) = _forward(
       x, scale, offset, weights, correction_inputs, axes, epsilon, axis_name,
-      groups, correction, passes.moments)
+      groups, correction, activation, passes.moments)
   _, (mean, var, count), _ = outputs
+  relu = (a, b) if activation == "relu" else None
   return outputs, (x, scale, offset, weights, correction_inputs, mean, var,
-                   count, r, d)
+                   count, r, d, relu)
 
 
-def _bwd(axes, epsilon, axis_name, groups, correction, residuals, cotangents):
-  del correction
-  x, scale, offset, weights, correction_inputs, mean, var, count, r, d = (
+def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
+         cotangents):
+  del correction, activation
+  x, scale, offset, weights, correction_inputs, mean, var, count, r, d, relu = (
       residuals)
   dy, (dmean, dvar, _), _ = cotangents
   sd = mean.dtype
   total_scale = scale.astype(sd) if r is None else scale.astype(sd) * r
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
       dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes,
-      epsilon, axis_name, groups)
+      epsilon, axis_name, groups, relu=relu)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a

@@ -22,6 +22,7 @@ Axis = Union[int, Sequence[int]]
 _KERAS_FUSED_AXES = (-4, -3, -1, 1, 3, 4)
 _ESTIMATORS = ("keras", "biased", "unbiased")
 _LAYOUTS = ("strided", "contiguous")
+_ACTIVATIONS = (None, "relu")
 # Keras layer-base keys that a Keras layer config carries besides the
 # constructor arguments.
 _KERAS_BASE_KEYS = ("name", "dtype", "batch_input_shape", "input_shape",
@@ -80,6 +81,13 @@ class BatchNormConfig:
     variance is NaN/Inf keeps its moving statistics (and renorm statistics)
     unchanged for that step. Off by default, as in Keras, where one batch with
     a NaN poisons the moving averages for good.
+  * ``activation``: ``None`` (Keras) or ``'relu'``: ``y = max(BN(x), 0)``
+    in one layer, as TensorFlow's fused batch norm with ``activation_mode``.
+    The same numbers as a ReLU after the layer, but the training backward
+    gates the gradient inside its own passes instead of a separate pass over
+    the data (the layer saves no more than without it). Keras'
+    BatchNormalization has no such argument: converting a layer that uses it
+    to Keras or PyTorch raises.
   """
 
   axis: Axis = -1
@@ -105,6 +113,7 @@ class BatchNormConfig:
   moving_variance_estimator: str = "keras"
   virtual_batch_layout: str = "strided"
   skip_nonfinite_updates: bool = False
+  activation: Optional[str] = None
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -156,6 +165,10 @@ class BatchNormConfig:
       raise ValueError(
           f"`virtual_batch_layout` must be one of {_LAYOUTS}; got "
           f"{self.virtual_batch_layout!r}.")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(
+          f"`activation` must be None or 'relu'; got {self.activation!r}. "
+          "Apply any other activation after the layer.")
     if self.fused:
       self._raise_if_keras_fused_impossible()
 
@@ -272,6 +285,8 @@ class BatchNormConfig:
       config["virtual_batch_layout"] = self.virtual_batch_layout
     if self.skip_nonfinite_updates:
       config["skip_nonfinite_updates"] = True
+    if self.activation is not None:
+      config["activation"] = self.activation
     return config
 
   @classmethod

@@ -198,7 +198,8 @@ def _inference(config, resolved, params, state, x):
                          config.epsilon)
   if gamma is not None:
     a = a * gamma
-  return affine.normalize(x, state["moving_mean"].reshape(shape), a, beta)
+  return affine.normalize(x, state["moving_mean"].reshape(shape), a, beta,
+                          config.activation)
 
 
 # ----------------------------------------------------------------- training
@@ -250,7 +251,7 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
   correction_inputs = _renorm_inputs(config, state)
   args = (batch.x, scale, offset, batch.weights, correction_inputs,
           batch.reduction_axes, config.epsilon, norm_axis_name, groups,
-          correction)
+          correction, config.activation)
   if config.fused is False or not per_channel_adjustment:
     y, _, summary = closed_form.reference(*args)
   else:

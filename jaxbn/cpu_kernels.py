@@ -528,7 +528,8 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
 
 def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
              view: ChannelView, epsilon: float, stream: bool | None = None,
-             rows: jax.Array | None = None
+             rows: jax.Array | None = None,
+             relu: Sequence[jax.Array] | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The whole backward in one call: ``(dx, sum dy, sum dy * (x - mean))``.
 
@@ -542,7 +543,9 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
 
   (coefficients in float64; ``w`` the row weights ``rows``, as for
   :func:`input_grad`, whose ``stream`` this takes too; rows of weight 0 are
-  padding: left out of the sums, dx = 0). Not
+  padding: left out of the sums, dx = 0). ``relu``: None, or a fused
+  ReLU's ``(a, b)``, each ``(G * C,)`` float32: dy is first gated to 0 where
+  ``(x - mean) a + b <= 0``, in both passes. Not
   differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
@@ -551,13 +554,16 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   channel = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
   per_channel = tuple(v.reshape(view.channels) for v in per_channel)
   operand, masked = _weights_operand(rows)
+  gate = ((jnp.zeros((1,), jnp.float32),) * 2 if relu is None else
+          tuple(v.reshape(view.channels) for v in relu))
   results = _call(
       "jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
       functools.partial(_xla_backward, view=view, masked=masked,
-                        epsilon=epsilon),
-      dy, x, *per_channel, operand, stream=bool(stream),
-      epsilon=np.float32(epsilon), masked=masked, **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, dy, x, *per_channel, operand)
+                        epsilon=epsilon, relu=relu is not None),
+      dy, x, *per_channel, operand, *gate, stream=bool(stream),
+      epsilon=np.float32(epsilon), masked=masked, relu=relu is not None,
+      **_view_attributes(x, view))
+  return manual_axes.like_inputs(results, dy, x, *per_channel, operand, *gate)
 
 
 # ------------------------------------------------- the kernels, in plain XLA
@@ -605,8 +611,13 @@ def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
   return (dx.astype(x.dtype).reshape(x.shape),)
 
 
-def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, *,
-                  view, masked, epsilon):
+def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, relu_a,
+                  relu_b, *, view, masked, epsilon, relu):
+  if relu:
+    gated = affine.relu_gate(
+        _xla_view(dy, view), _xla_view(x, view),
+        *(_per_channel(v, view) for v in (mean, relu_a, relu_b)))
+    dy = gated.astype(dy.dtype).reshape(dy.shape)
   sum_dy, sum_dy_xc = _xla_grad_sums(
       dy, x, mean, _xla_rows(rows, view, masked) if masked else None, view=view)
   inv = affine.inverse_std(var, epsilon)

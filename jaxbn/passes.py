@@ -8,7 +8,8 @@ the closed-form batch norm (``jaxbn.closed_form``) asks for
 * :func:`backward`: the closed-form backward's passes (formula in
   ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
   mean)`` over the valid elements, combined across devices between the
-  passes, then ``dx = a dy + w (c x + d)`` (0 in padding),
+  passes, then ``dx = a dy + w (c x + d)`` (0 in padding), with dy gated
+  by a fused ReLU first where there is one,
 
 and never asks whether a kernel applies. Each function decides once per
 traced call (platform, mode, dtype, mask, layout: see
@@ -49,19 +50,24 @@ def moments(x, reduction_axes, weights=None):
 
 
 def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
-             epsilon, axis_name=None, groups=None):
+             epsilon, axis_name=None, groups=None, relu=None):
   """``(dx, (S1, S2), (global S1, global S2))``, per-channel sums keepdims.
 
   ``gamma`` is the total per-channel scale of the normalized values.
+  ``relu``: None, or the forward's ``(a, b)`` when its output went through
+  a fused ReLU: ``dy`` reaches the batch norm only where ``(x - mean) a + b
+  > 0`` (:func:`affine.relu_gate`), and S1, S2 are sums of that gated dy.
   Without ``axis_name`` the global sums are the local ones, and on CPU the
-  whole backward is one kernel call where it applies: its two passes then
-  run back to back (XLA's breadth-first scheduler would put other work
-  between two calls and evict what the first pass left in cache).
+  whole backward is one kernel call where it applies (gating inside its
+  passes): its two passes then run back to back (XLA's breadth-first
+  scheduler would put other work between two calls and evict what the
+  first pass left in cache). Elsewhere the gate is one more XLA
+  elementwise op, fused into the passes on GPU/TPU.
   """
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
-      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count)
+      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, relu)
       dx, sum_dy, sum_dy_xc = lax.platform_dependent(
           *args,
           cpu=functools.partial(_backward_in_one_call, view=view, axes=axes,
@@ -70,12 +76,20 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
                                     epsilon=epsilon))
       return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
   return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                                count, axes, epsilon, axis_name, groups)
+                                count, axes, epsilon, axis_name, groups, relu)
+
+
+def _gate(dy, x, mean, relu):
+  """dy through the fused ReLU's gate, in dy's dtype (a select: exact)."""
+  if relu is None:
+    return dy
+  return affine.relu_gate(dy, x, mean, *relu).astype(dy.dtype)
 
 
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                           count, axes, epsilon, axis_name, groups):
+                           count, axes, epsilon, axis_name, groups, relu=None):
   """Two passes over dy and x, the sums combined across devices between."""
+  dy = _gate(dy, x, mean, relu)
   sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, axes)
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
@@ -94,17 +108,17 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
 
 
 def _one_device_backward(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                         *, axes, epsilon):
+                         relu=None, *, axes, epsilon):
   """``(dx, S1, S2)`` on one device, in two calls."""
   dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
       dy, x, weights, mean, var, gamma, dmean, dvar, count, axes, epsilon,
-      None, None)
+      None, None, relu)
   return dx, sum_dy, sum_dy_xc
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(10, 11, 12))
 def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                          view, axes, epsilon):
+                          relu, view, axes, epsilon):
   """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
 
   Differentiated as ``_one_device_backward``, whose kernels have JVP rules,
@@ -112,8 +126,11 @@ def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
   """
   per_channel = tuple(jnp.broadcast_to(v, mean.shape)
                       for v in (mean, var, gamma, dmean, dvar, count))
+  if relu is not None:
+    relu = tuple(jnp.broadcast_to(v, mean.shape) for v in relu)
   dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
-      dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view))
+      dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view),
+      relu=relu)
   return dx, sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
 
 

@@ -31,6 +31,9 @@ FEATURES = {
     "adjustment": dict(adjustment=_adjustment),
     "adjustment + renorm": dict(adjustment=_adjustment, renorm=True),
     "no scale, no center": dict(scale=False, center=False, renorm=True),
+    "relu": dict(activation="relu"),
+    "ghost + renorm + relu": dict(virtual_batch_size=8, renorm=True,
+                                  activation="relu"),
 }
 LAYOUTS = {"NHWC": ((32, 5, 4, 6), -1), "NCHW": ((32, 6, 5, 4), 1),
            "axis list": ((32, 5, 4, 6), [2, 3]), "2-D": ((32, 7), -1)}
@@ -73,8 +76,8 @@ def _random_state(state, seed=5):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_closed_form_equals_autodiff(feature, layout, mask):
-  # The autodiff reference (fused=False, XLA only) once; the closed form with
-  # the kernels on and off against it.
+  # One program computes the autodiff reference (fused=False, XLA only) and
+  # the closed form with the kernels on and off (one compilation per case).
   shape, axis = LAYOUTS[layout]
   arguments = dict(FEATURES[feature], axis=axis, momentum=0.8)
   if "adjustment" in arguments and layout != "NHWC":
@@ -83,36 +86,37 @@ def test_closed_form_equals_autodiff(feature, layout, mask):
   x = jnp.asarray(rng.normal(3, 2, shape), jnp.float32)
   dy = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
   m = _mask(MASKS[mask], shape)
-  results = {}
-  for fused, kernels in ((False, "off"), (None, "on"), (None, "off")):
-    config = jaxbn.BatchNormConfig(fused=fused,
-                                   moving_variance_estimator="biased",
-                                   **arguments)
-    params, state = jaxbn.init(config, shape, key=jax.random.PRNGKey(1))
-    params = jax.tree.map(lambda v: v * 1.3 + 0.2, params)
-    state = _random_state(state)
-    with cpu_kernels.use(kernels):
-      lowered = jax.jit(lambda p, s, x, dy: _step(config, p, s, x, dy, m)
-                        ).lower(params, state, x, dy)
-    uses_kernel = "jaxbn_backward" in lowered.as_text()
-    if fused is None:
-      assert uses_kernel == (kernels == "on" and cpu_kernels.available()
-                             and (mask != "elements"))
-    if fused is None and kernels == "on" and not uses_kernel:
-      continue  # the same program as with the kernels off
-    results[fused, kernels] = lowered.compile()(params, state, x, dy)
-  reference = results[False, "off"]
-  for kernels in ("on", "off"):
-    fast = results.get((None, kernels))
-    if fast is None:
-      continue
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fast),
+  paths = {"autodiff": (False, "off"), "kernels on": (None, "on"),
+           "kernels off": (None, "off")}
+  configs = {name: jaxbn.BatchNormConfig(
+      fused=fused, moving_variance_estimator="biased", **arguments)
+             for name, (fused, _) in paths.items()}
+  params, state = jaxbn.init(configs["autodiff"], shape,
+                             key=jax.random.PRNGKey(1))
+  params = jax.tree.map(lambda v: v * 1.3 + 0.2, params)
+  state = _random_state(state)
+
+  def every_path(p, s, x, dy):
+    results = {}
+    for name, (_, kernels) in paths.items():
+      with cpu_kernels.use(kernels):
+        results[name] = _step(configs[name], p, s, x, dy, m)
+    return results
+
+  lowered = jax.jit(every_path).lower(params, state, x, dy)
+  kernel_applies = cpu_kernels.available() and mask != "elements"
+  # only the "kernels on" path calls the kernel, once
+  assert lowered.as_text().count("@jaxbn_backward") == int(kernel_applies)
+  results = lowered.compile()(params, state, x, dy)
+  reference = results["autodiff"]
+  for name in ("kernels on", "kernels off"):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(results[name]),
                             jax.tree_util.tree_leaves(reference)):
       # sums of terms of either sign: absolute to the array's scale
       scale = float(np.max(np.abs(b), initial=1.0))
       np.testing.assert_allclose(
           a, b, rtol=2e-5, atol=2e-5 * scale,
-          err_msg=f"kernels {kernels}: {jax.tree_util.keystr(path)}")
+          err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
 
 def test_closed_form_equals_autodiff_across_devices():
@@ -160,6 +164,7 @@ BYTES_FEATURES = {
     "mask": ({}, "rows"),
     "adjustment": (dict(adjustment=_adjustment), None),
     "axis list": (dict(axis=[2, 3]), None),
+    "relu": (dict(activation="relu"), None),
 }
 
 

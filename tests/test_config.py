@@ -12,7 +12,7 @@ from tests import keras_oracle
 
 KERAS_ONLY = {"name", "synchronized", "kwargs", "self"}
 JAXBN_ONLY = {"moving_variance_estimator", "virtual_batch_layout",
-              "skip_nonfinite_updates"}
+              "skip_nonfinite_updates", "activation"}
 
 
 def test_every_keras_argument_with_keras_defaults():
@@ -143,6 +143,7 @@ INVALID = [
     ({"moving_variance_estimator": "bessel"}, ValueError,
      "moving_variance_estimator"),
     ({"virtual_batch_layout": "random"}, ValueError, "virtual_batch_layout"),
+    ({"activation": "gelu"}, ValueError, "`activation`.*'gelu'"),
 ]
 
 
@@ -210,3 +211,13 @@ def test_keras_silently_drops_fused_for_5d_with_other_axis():
   # non-fused path (biased moving variance); jaxbn does the same.
   keras_oracle.compare({"fused": True, "axis": 3, "momentum": 0.5},
                        (2, 3, 4, 5, 6), steps=2)
+
+
+def test_jaxbn_arguments_round_trip_through_get_config():
+  config = jaxbn.BatchNormConfig(activation="relu",
+                                 moving_variance_estimator="biased",
+                                 virtual_batch_size=2,
+                                 virtual_batch_layout="contiguous",
+                                 skip_nonfinite_updates=True)
+  assert jaxbn.BatchNormConfig.from_config(config.get_config()) == config
+  assert "activation" not in jaxbn.BatchNormConfig().get_config()

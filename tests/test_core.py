@@ -411,3 +411,42 @@ def test_integer_and_bool_inputs_are_cast_like_keras():
       np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
       np.testing.assert_allclose(
           new["moving_mean"], np.asarray(layer.moving_mean), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(renorm=True, axis=1),
+                                    dict(virtual_batch_size=4)])
+def test_fused_relu_equals_a_relu_after_the_layer(kwargs):
+  # activation='relu' against nn.relu applied to the plain layer's output:
+  # outputs, state, and the gradients of every input; and inference against
+  # the NumPy float64 reference followed by max(., 0).
+  shape = (16, 6, 3, 5)
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(0.5, 2, shape), jnp.float32)
+  dy = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
+  results = {}
+  for activation in (None, "relu"):
+    config = jaxbn.BatchNormConfig(activation=activation, momentum=0.8,
+                                   **kwargs)
+    params, state = _random_state(config, shape, rng=np.random.default_rng(1))
+
+    def f(params, x, config=config, state=state):
+      y, new_state = jaxbn.apply(config, params, state, x, training=True)
+      return (jax.nn.relu(y) if config.activation is None else y), new_state
+
+    (y, new_state), vjp = jax.jit(lambda p, x, f=f: jax.vjp(f, p, x))(params, x)
+    grads = vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
+    results[activation] = (y, new_state, grads)
+    if activation == "relu":
+      assert 0.05 < float(jnp.mean(y > 0)) < 0.95  # the gate matters
+      resolved = config.resolve(shape)
+      want = numpy_reference.batch_norm_inference(
+          x, params["gamma"], params["beta"], state, axes=resolved.axes,
+          epsilon=config.epsilon)
+      got = jaxbn.apply(config, params, state, x, training=False)[0]
+      np.testing.assert_allclose(got, np.maximum(want, 0), rtol=1e-5,
+                                 atol=1e-5)
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(results["relu"]),
+      jax.tree_util.tree_leaves(results[None])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))

@@ -273,6 +273,37 @@ def test_backward_in_one_call_matches_float64(shape, axes, dtype, stream):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape,axes", [v for v in VIEWS if 0 not in v[0]])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_relu_gates_dy_as_the_forward_decided(shape, axes, dtype,
+                                                     masked):
+  # The gate recomputes z = (x - mean) a + b from x in float32, in the
+  # forward's order: the kernel with the ReLU equals, bit for bit, the kernel
+  # without it on dy zeroed where z <= 0 (computed here by NumPy in float32).
+  dy, x, per_channel, view = _backward_inputs(shape, axes, dtype)
+  rng = np.random.default_rng(3)
+  relu = [rng.normal(0, 1, view.channels).astype(np.float32)
+          for _ in range(2)]
+  rows = None
+  if masked:
+    rows = jnp.asarray(rng.random(view.a1 * view.g * view.a) > 0.3,
+                       jnp.float32)
+  run = jax.jit(cpu_kernels.backward, static_argnums=(3, 4, 5))
+  got = run(dy, x, per_channel, view, 1e-3, False, rows, relu)
+  per3 = lambda v: np.asarray(v, np.float32)[None, :, None]
+  z = ((_as3(np.asarray(x, np.float32), view) - per3(per_channel[0]))
+       * per3(relu[0]) + per3(relu[1]))
+  assert 0.2 < np.mean(z > 0) < 0.8  # the gate does something
+  gated = np.where(z > 0, _as3(np.asarray(dy, np.float32), view), 0)
+  gated_dy = jnp.asarray(_from3(gated, view, shape), dtype)
+  want = run(gated_dy, x, per_channel, view, 1e-3, False, rows)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(w, np.float32))
+
+
+@needs_kernels
 def test_backward_in_one_call_under_vmap():
   dy, x, per_channel, view = _backward_inputs((6, 5, 4), (0, 2), "float32")
   scales = jnp.stack([per_channel[2], 2 * per_channel[2], -per_channel[2]])

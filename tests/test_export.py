@@ -21,8 +21,8 @@ class Net(nn.Module):
   def __call__(self, x):
     x = nn.Conv(16, (3, 3), use_bias=False)(x)
     x = jaxbn.BatchNormalization(momentum=0.9, renorm=True)(x, training=True)
-    x = jaxbn.BatchNormalization(virtual_batch_size=4)(nn.relu(x),
-                                                        training=True)
+    x = jaxbn.BatchNormalization(virtual_batch_size=4, activation="relu")(
+        nn.relu(x), training=True)
     return jnp.mean(jnp.sin(x))
 
 

@@ -294,6 +294,12 @@ def test_keras_config_raises_what_keras_cannot_express():
   skip = jaxbn.BatchNormalization(skip_nonfinite_updates=True)
   with pytest.raises(ValueError, match="skip_nonfinite_updates"):
     jaxbn.keras_config(skip, (4, 5))
+  relu = jaxbn.BatchNormalization(activation="relu")
+  with pytest.raises(ValueError, match="activation='relu'.*ReLU"):
+    jaxbn.keras_config(relu, (4, 5))
+  with pytest.raises(ValueError, match="activation='relu'.*ReLU"):
+    jaxbn.to_torch(relu.clone(axis=1, moving_variance_estimator="unbiased"),
+                   {}, dims=1)
   k = keras_oracle.keras()
   # every key is one Keras accepts
   plain = jaxbn.BatchNormalization(moving_variance_estimator="biased",

@@ -584,11 +584,30 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf, ffi::AnyBuf
 
 // ----------------------------------------------------- gradient reductions
 
+// A fused ReLU after the normalization: the output was max(z, 0) with z =
+// (x - mean) a + b, so dy reaches z only where z > 0 (0 at z = 0 and for a
+// NaN z, as XLA's select). z is recomputed from x with the forward's float32
+// a and b, in the forward's order of operations (no FMA contraction: see
+// setup.py), so the gate is the forward's own decision.
+struct ReluGate {
+  const float* a;  // per problem and channel; nullptr: no activation
+  const float* b;
+};
+
+inline Vec Gated(Vec dy, Vec centered, Vec a, Vec b) {
+  return centered * a + b > Vec{} ? dy : Vec{};
+}
+inline float Gated(float dy, float centered, float a, float b) {
+  return centered * a + b > 0.f ? dy : 0.f;
+}
+
 // sum dy and sum dy * (x - mean) over rows of a (rows, C) block, added to
 // the part's double accumulators; `scratch` holds 2 C floats.
-template <class In>
+// With kGate, dy is first gated by the fused ReLU (`gate`: a and b of C
+// floats).
+template <bool kGate, class In>
 [[gnu::always_inline]] inline void RowBlockGradSums(const In* __restrict dy, const In* __restrict x,
-                                const float* __restrict mean, int64_t rows,
+                                const float* __restrict mean, ReluGate gate, int64_t rows,
                                 int64_t channels, float* __restrict scratch,
                                 double* __restrict sum_dy, double* __restrict sum_dy_xc) {
   float* __restrict s = scratch;
@@ -600,13 +619,24 @@ template <class In>
       const auto* g_row = dy + i * C + c;
       const auto* x_row = x + i * C + c;
       const auto m = LoadLanes(mean + c, t);
-      auto g = LoadLanes(g_row, t);
-      auto sum = g, sum_xc = g * (LoadLanes(x_row, t) - m);
+      std::remove_const_t<decltype(m)> ga{}, gb{};
+      if constexpr (kGate) {
+        ga = LoadLanes(gate.a + c, t);
+        gb = LoadLanes(gate.b + c, t);
+      }
+      const auto load = [&](int k, auto& g, auto& xc) {
+        g = LoadLanes(g_row + k * C, t);
+        xc = LoadLanes(x_row + k * C, t) - m;
+        if constexpr (kGate) g = Gated(g, xc, ga, gb);
+      };
+      auto g = m, xc = m;
+      load(0, g, xc);
+      auto sum = g, sum_xc = g * xc;
 #pragma GCC unroll 4
       for (int k = 1; k < decltype(step)::value; ++k) {
-        g = LoadLanes(g_row + k * C, t);
+        load(k, g, xc);
         sum += g;
-        sum_xc += g * (LoadLanes(x_row + k * C, t) - m);
+        sum_xc += g * xc;
       }
       StoreLanes(s + c, LoadLanes(s + c, t) + sum);
       StoreLanes(q + c, LoadLanes(q + c, t) + sum_xc);
@@ -618,59 +648,94 @@ template <class In>
   }
 }
 
-template <class In>
+// One channel's run; with kGate, dy gated by the fused ReLU's a and b.
+template <bool kGate, class In>
 [[gnu::always_inline]] inline void RunGradSums(const In* __restrict dy, const In* __restrict x,
-                                               float mean, int64_t n, float& sum_dy,
-                                               float& sum_dy_xc) {
+                                               float mean, float a, float b, int64_t n,
+                                               float& sum_dy, float& sum_dy_xc) {
   Vec s0 = {}, s1 = {}, q0 = {}, q1 = {};
-  const Vec m = mean - Vec{};
+  const Vec m = mean - Vec{}, av = a - Vec{}, bv = b - Vec{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const Vec g0 = Load(dy + i), g1 = Load(dy + i + kVec);
+    Vec g0 = Load(dy + i), g1 = Load(dy + i + kVec);
+    const Vec xc0 = Load(x + i) - m, xc1 = Load(x + i + kVec) - m;
+    if constexpr (kGate) {
+      g0 = Gated(g0, xc0, av, bv);
+      g1 = Gated(g1, xc1, av, bv);
+    }
     s0 += g0;
     s1 += g1;
-    q0 += g0 * (Load(x + i) - m);
-    q1 += g1 * (Load(x + i + kVec) - m);
+    q0 += g0 * xc0;
+    q1 += g1 * xc1;
   }
   float st = Sum(s0 + s1), qt = Sum(q0 + q1);
   for (; i < n; ++i) {
-    const float g = ToFloat(dy[i]);
+    const float xc = ToFloat(x[i]) - mean;
+    float g = ToFloat(dy[i]);
+    if constexpr (kGate) g = Gated(g, xc, a, b);
     st += g;
-    qt += g * (ToFloat(x[i]) - mean);
+    qt += g * xc;
   }
   sum_dy = st;
   sum_dy_xc = qt;
 }
 
-JAXBN_HOT void GradSumsBlock(const float* dy, const float* x, const float* mean,
+// Each entry point runs the gated loop when gate.a is set.
+template <class In>
+[[gnu::always_inline]] inline void AnyBlockGradSums(const In* dy, const In* x, const float* mean,
+                                                    ReluGate gate, int64_t rows,
+                                                    int64_t channels, float* scratch,
+                                                    double* sum_dy, double* sum_dy_xc) {
+  if (gate.a != nullptr) {
+    RowBlockGradSums<true>(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
+  } else {
+    RowBlockGradSums<false>(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
+  }
+}
+template <class In>
+[[gnu::always_inline]] inline void AnyRunGradSums(const In* dy, const In* x, float mean,
+                                                  const float* a, const float* b, int64_t n,
+                                                  float& sum_dy, float& sum_dy_xc) {
+  if (a != nullptr) {
+    RunGradSums<true>(dy, x, mean, *a, *b, n, sum_dy, sum_dy_xc);
+  } else {
+    RunGradSums<false>(dy, x, mean, 0.f, 0.f, n, sum_dy, sum_dy_xc);
+  }
+}
+JAXBN_HOT void GradSumsBlock(const float* dy, const float* x, const float* mean, ReluGate gate,
                              int64_t rows, int64_t channels, float* scratch,
                              double* sum_dy, double* sum_dy_xc) {
-  RowBlockGradSums(dy, x, mean, rows, channels, scratch, sum_dy, sum_dy_xc);
+  AnyBlockGradSums(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
 }
-JAXBN_HOT void GradSumsBlock(const BF16* dy, const BF16* x, const float* mean,
+JAXBN_HOT void GradSumsBlock(const BF16* dy, const BF16* x, const float* mean, ReluGate gate,
                              int64_t rows, int64_t channels, float* scratch,
                              double* sum_dy, double* sum_dy_xc) {
-  RowBlockGradSums(dy, x, mean, rows, channels, scratch, sum_dy, sum_dy_xc);
+  AnyBlockGradSums(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
 }
-JAXBN_HOT void GradSumsRun(const float* dy, const float* x, float mean, int64_t n,
-                           float& sum_dy, float& sum_dy_xc) {
-  RunGradSums(dy, x, mean, n, sum_dy, sum_dy_xc);
+JAXBN_HOT void GradSumsRun(const float* dy, const float* x, float mean, const float* a,
+                           const float* b, int64_t n, float& sum_dy, float& sum_dy_xc) {
+  AnyRunGradSums(dy, x, mean, a, b, n, sum_dy, sum_dy_xc);
 }
-JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, int64_t n,
-                           float& sum_dy, float& sum_dy_xc) {
-  RunGradSums(dy, x, mean, n, sum_dy, sum_dy_xc);
+JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, const float* a,
+                           const float* b, int64_t n, float& sum_dy, float& sum_dy_xc) {
+  AnyRunGradSums(dy, x, mean, a, b, n, sum_dy, sum_dy_xc);
 }
 
 // `w`: nullptr, or one weight per (A1, G, A) row of x; rows of weight 0 are
-// padding, left out whatever they hold.
+// padding, left out whatever they hold. `gate`: the fused ReLU's a and b
+// per problem and channel (nullptr: none).
 template <class In>
 void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                     const float* mean, const float* w, float* sum_dy, float* sum_dy_xc) {
+                     const float* mean, const float* w, ReluGate gate, float* sum_dy,
+                     float* sum_dy_xc) {
   const Plan plan = PlanFor(v);
   const int64_t tasks = v.problems * plan.parts;
   std::vector<double> acc_dy(tasks * v.c, 0.0), acc_dy_xc(tasks * v.c, 0.0);
   ParallelFor(pool, tasks, [&](int64_t task) {
-    const float* problem_mean = mean + (task / plan.parts) * v.c;
+    const int64_t problem = (task / plan.parts) * v.c;
+    const float* problem_mean = mean + problem;
+    const ReluGate problem_gate =
+        gate.a == nullptr ? gate : ReluGate{gate.a + problem, gate.b + problem};
     double* s = acc_dy.data() + task * v.c;
     double* q = acc_dy_xc.data() + task * v.c;
     std::vector<float> scratch(2 * v.c);
@@ -678,7 +743,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
           if (w == nullptr) {
-            GradSumsBlock(dy + offset, x + offset, problem_mean, rows, v.c,
+            GradSumsBlock(dy + offset, x + offset, problem_mean, problem_gate, rows, v.c,
                           scratch.data(), s, q);
             return;
           }
@@ -689,7 +754,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
             while (end < rows && wb[end] != 0.f) ++end;
             if (end > i) {
               GradSumsBlock(dy + offset + i * v.c, x + offset + i * v.c, problem_mean,
-                            end - i, v.c, scratch.data(), s, q);
+                            problem_gate, end - i, v.c, scratch.data(), s, q);
             }
             i = end;
           }
@@ -697,8 +762,10 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
         [&](int64_t offset, int64_t c, int64_t n) {
           if (w != nullptr && w[offset / (v.c * v.b)] == 0.f) return;
           float block_dy, block_dy_xc;
-          GradSumsRun(dy + offset, x + offset, problem_mean[c], n, block_dy,
-                      block_dy_xc);
+          const bool gated = problem_gate.a != nullptr;
+          GradSumsRun(dy + offset, x + offset, problem_mean[c],
+                      gated ? problem_gate.a + c : nullptr,
+                      gated ? problem_gate.b + c : nullptr, n, block_dy, block_dy_xc);
           s[c] += block_dy;
           q[c] += block_dy_xc;
         });
@@ -737,12 +804,12 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeGradSums(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                      static_cast<const float*>(x_buf.untyped_data()), mean, nullptr, sum_dy,
+                      static_cast<const float*>(x_buf.untyped_data()), mean, nullptr, {}, sum_dy,
                       sum_dy_xc);
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeGradSums(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                      static_cast<const BF16*>(x_buf.untyped_data()), mean, nullptr, sum_dy,
+                      static_cast<const BF16*>(x_buf.untyped_data()), mean, nullptr, {}, sum_dy,
                       sum_dy_xc);
       return ffi::Error::Success();
     default:
@@ -830,16 +897,32 @@ template <class F>
   }
 }
 
-template <bool kStream, class In>
+// The fused ReLU's gate for the input gradient: its a and b, and the mean
+// it centres x with (`relu.a` nullptr: no activation).
+struct InputGate {
+  const float* mean;
+  ReluGate relu;
+  InputGate At(int64_t offset) const {
+    return relu.a == nullptr ? *this
+                             : InputGate{mean + offset, {relu.a + offset, relu.b + offset}};
+  }
+};
+
+template <bool kStream, bool kGate, class In>
 [[gnu::always_inline]] inline void RowInputGrad(const In* __restrict dy, const In* __restrict x,
                                                 const float* __restrict a,
                                                 const float* __restrict c,
-                                                const float* __restrict d, int64_t channels,
-                                                In* __restrict dx) {
+                                                const float* __restrict d, InputGate gate,
+                                                int64_t channels, In* __restrict dx) {
   ForEachLanes(channels, [&](auto t, int64_t ch) {
-    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * LoadLanes(dy + ch, t) +
-                                   (LoadLanes(c + ch, t) * LoadLanes(x + ch, t) +
-                                    LoadLanes(d + ch, t)));
+    auto g = LoadLanes(dy + ch, t);
+    const auto xv = LoadLanes(x + ch, t);
+    if constexpr (kGate) {
+      g = Gated(g, xv - LoadLanes(gate.mean + ch, t), LoadLanes(gate.relu.a + ch, t),
+                LoadLanes(gate.relu.b + ch, t));
+    }
+    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * g +
+                                   (LoadLanes(c + ch, t) * xv + LoadLanes(d + ch, t)));
   });
 }
 
@@ -851,29 +934,58 @@ inline void ZeroGrad(int64_t n, In* dx) {
   std::memset(static_cast<void*>(dx), 0, n * sizeof(In));
 }
 
-template <bool kStream, class In>
+// `gate`: the fused ReLU's mean, a and b of this run's channel.
+template <bool kStream, bool kGate, class In>
 [[gnu::always_inline]] inline void RunInputGrad(const In* __restrict dy, const In* __restrict x,
-                                                float a, float c, float d, int64_t n,
-                                                In* __restrict dx) {
+                                                float a, float c, float d, InputGate gate,
+                                                int64_t n, In* __restrict dx) {
   const Vec av = a - Vec{}, cv = c - Vec{}, dv = d - Vec{};
+  float m = 0.f, ga = 0.f, gb = 0.f;
+  if constexpr (kGate) {
+    m = *gate.mean;
+    ga = *gate.relu.a;
+    gb = *gate.relu.b;
+  }
+  const Vec mv = m - Vec{}, gav = ga - Vec{}, gbv = gb - Vec{};
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) {
-    PutLanes<kStream>(dx + i, av * Load(dy + i) + (cv * Load(x + i) + dv));
+    Vec g = Load(dy + i);
+    const Vec xv = Load(x + i);
+    if constexpr (kGate) g = Gated(g, xv - mv, gav, gbv);
+    PutLanes<kStream>(dx + i, av * g + (cv * xv + dv));
   }
-  for (; i < n; ++i) StoreLanes(dx + i, a * ToFloat(dy[i]) + (c * ToFloat(x[i]) + d));
+  for (; i < n; ++i) {
+    float g = ToFloat(dy[i]);
+    const float xv = ToFloat(x[i]);
+    if constexpr (kGate) g = Gated(g, xv - m, ga, gb);
+    StoreLanes(dx + i, a * g + (c * xv + d));
+  }
+}
+
+// Calls f(std::bool_constant<gated>).
+template <class F>
+[[gnu::always_inline]] inline void WithGate(const InputGate& gate, const F& f) {
+  if (gate.relu.a != nullptr) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <class In>
 [[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
                                                      const float* c, const float* d,
-                                                     int64_t rows, int64_t channels,
-                                                     bool stream, In* dx) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t o = i * channels;
-    WithStores(stream, dx + o, [&](auto kind) {
-      RowInputGrad<decltype(kind)::value>(dy + o, x + o, a, c, d, channels, dx + o);
-    });
-  }
+                                                     InputGate gate, int64_t rows,
+                                                     int64_t channels, bool stream, In* dx) {
+  WithGate(gate, [&](auto gated) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t o = i * channels;
+      WithStores(stream, dx + o, [&](auto kind) {
+        RowInputGrad<decltype(kind)::value, decltype(gated)::value>(
+            dy + o, x + o, a, c, d, gate, channels, dx + o);
+      });
+    }
+  });
 }
 
 // Rows with weights `w` get dx = a dy + w (c x + d), a row of weight 0 zeros;
@@ -883,7 +995,7 @@ template <class In>
 template <class In>
 [[gnu::always_inline]] inline void WeightedRowBlockInputGrad(
     const In* dy, const In* x, const float* a, const float* c, const float* d, const float* w,
-    int64_t rows, int64_t channels, bool stream, float* scratch, In* dx) {
+    InputGate gate, int64_t rows, int64_t channels, bool stream, float* scratch, In* dx) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t o = i * channels;
     const float wi = w[i];
@@ -901,73 +1013,82 @@ template <class In>
       ci = scratch;
       di = scratch + channels;
     }
-    WithStores(stream, dx + o, [&](auto kind) {
-      RowInputGrad<decltype(kind)::value>(dy + o, x + o, a, ci, di, channels, dx + o);
+    WithGate(gate, [&](auto gated) {
+      WithStores(stream, dx + o, [&](auto kind) {
+        RowInputGrad<decltype(kind)::value, decltype(gated)::value>(
+            dy + o, x + o, a, ci, di, gate, channels, dx + o);
+      });
     });
   }
 }
 
 template <class In>
 [[gnu::always_inline]] inline void RunBlockInputGrad(const In* dy, const In* x, float a,
-                                                     float c, float d, int64_t n, bool stream,
-                                                     In* dx) {
-  WithStores(stream, dx, [&](auto kind) {
-    RunInputGrad<decltype(kind)::value>(dy, x, a, c, d, n, dx);
+                                                     float c, float d, InputGate gate,
+                                                     int64_t n, bool stream, In* dx) {
+  WithGate(gate, [&](auto gated) {
+    WithStores(stream, dx, [&](auto kind) {
+      RunInputGrad<decltype(kind)::value, decltype(gated)::value>(dy, x, a, c, d, gate, n, dx);
+    });
   });
 }
 
 // A run of one row, of weight w: dx = a dy + w (c x + d); zeros for w = 0.
 template <class In>
 [[gnu::always_inline]] inline void WeightedRunInputGrad(const In* dy, const In* x, float a,
-                                                        float c, float d, float w, int64_t n,
+                                                        float c, float d, float w,
+                                                        InputGate gate, int64_t n,
                                                         bool stream, In* dx) {
   if (w == 1.f) {
-    RunBlockInputGrad(dy, x, a, c, d, n, stream, dx);
+    RunBlockInputGrad(dy, x, a, c, d, gate, n, stream, dx);
   } else if (w == 0.f) {
     ZeroGrad(n, dx);
   } else {
-    RunBlockInputGrad(dy, x, a, w * c, w * d, n, stream, dx);
+    RunBlockInputGrad(dy, x, a, w * c, w * d, gate, n, stream, dx);
   }
 }
 
 JAXBN_HOT void InputGradBlock(const float* dy, const float* x, const float* a, const float* c,
-                              const float* d, int64_t rows, int64_t channels, bool stream,
-                              float* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+                              const float* d, InputGate gate, int64_t rows, int64_t channels,
+                              bool stream, float* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, gate, rows, channels, stream, dx);
 }
 JAXBN_HOT void InputGradBlock(const BF16* dy, const BF16* x, const float* a, const float* c,
-                              const float* d, int64_t rows, int64_t channels, bool stream,
-                              BF16* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, rows, channels, stream, dx);
+                              const float* d, InputGate gate, int64_t rows, int64_t channels,
+                              bool stream, BF16* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, gate, rows, channels, stream, dx);
 }
 JAXBN_HOT void WeightedInputGradBlock(const float* dy, const float* x, const float* a,
                                       const float* c, const float* d, const float* w,
-                                      int64_t rows, int64_t channels, bool stream,
-                                      float* scratch, float* dx) {
-  WeightedRowBlockInputGrad(dy, x, a, c, d, w, rows, channels, stream, scratch, dx);
+                                      InputGate gate, int64_t rows, int64_t channels,
+                                      bool stream, float* scratch, float* dx) {
+  WeightedRowBlockInputGrad(dy, x, a, c, d, w, gate, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void WeightedInputGradBlock(const BF16* dy, const BF16* x, const float* a,
                                       const float* c, const float* d, const float* w,
-                                      int64_t rows, int64_t channels, bool stream,
-                                      float* scratch, BF16* dx) {
-  WeightedRowBlockInputGrad(dy, x, a, c, d, w, rows, channels, stream, scratch, dx);
+                                      InputGate gate, int64_t rows, int64_t channels,
+                                      bool stream, float* scratch, BF16* dx) {
+  WeightedRowBlockInputGrad(dy, x, a, c, d, w, gate, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void InputGradRun(const float* dy, const float* x, float a, float c, float d,
-                            float w, int64_t n, bool stream, float* dx) {
-  WeightedRunInputGrad(dy, x, a, c, d, w, n, stream, dx);
+                            float w, InputGate gate, int64_t n, bool stream, float* dx) {
+  WeightedRunInputGrad(dy, x, a, c, d, w, gate, n, stream, dx);
 }
 JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d, float w,
-                            int64_t n, bool stream, BF16* dx) {
-  WeightedRunInputGrad(dy, x, a, c, d, w, n, stream, dx);
+                            InputGate gate, int64_t n, bool stream, BF16* dx) {
+  WeightedRunInputGrad(dy, x, a, c, d, w, gate, n, stream, dx);
 }
 
 // `coefficients` holds a, c and d (C values each) per problem.
-// `w`: nullptr, or one weight per (A1, G, A) row of x.
+// `w`: nullptr, or one weight per (A1, G, A) row of x. `gate`: the fused
+// ReLU's mean, a and b per problem and channel (relu.a nullptr: none).
 template <class In>
 void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                      const float* coefficients, const float* w, bool stream, In* dx) {
+                      const float* coefficients, const float* w, InputGate gate, bool stream,
+                      In* dx) {
   const Plan plan = PlanFor(v);
   ParallelFor(pool, v.problems * plan.parts, [&](int64_t task) {
+    const InputGate problem_gate = gate.At((task / plan.parts) * v.c);
     const float* a = coefficients + (task / plan.parts) * 3 * v.c;
     const float* c = a + v.c;
     const float* d = c + v.c;
@@ -976,16 +1097,18 @@ void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const 
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
           if (w == nullptr) {
-            InputGradBlock(dy + offset, x + offset, a, c, d, rows, v.c, stream, dx + offset);
+            InputGradBlock(dy + offset, x + offset, a, c, d, problem_gate, rows, v.c, stream,
+                           dx + offset);
           } else {
-            WeightedInputGradBlock(dy + offset, x + offset, a, c, d, w + offset / v.c, rows,
-                                   v.c, stream, scratch.data(), dx + offset);
+            WeightedInputGradBlock(dy + offset, x + offset, a, c, d, w + offset / v.c,
+                                   problem_gate, rows, v.c, stream, scratch.data(),
+                                   dx + offset);
           }
         },
         [&](int64_t offset, int64_t ch, int64_t n) {
           const float weight = w == nullptr ? 1.f : w[offset / (v.c * v.b)];
-          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], weight, n, stream,
-                       dx + offset);
+          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], weight,
+                       problem_gate.At(ch), n, stream, dx + offset);
         });
 #if defined(__SSE2__)
     // Streaming stores are weakly ordered: each thread fences its own before
@@ -1019,12 +1142,12 @@ ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::Any
     case ffi::F32:
       ComputeInputGrad(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
                        static_cast<const float*>(x_buf.untyped_data()), coefficients,
-                       *weights, stream, static_cast<float*>(dx_buf->untyped_data()));
+                       *weights, {}, stream, static_cast<float*>(dx_buf->untyped_data()));
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeInputGrad(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
                        static_cast<const BF16*>(x_buf.untyped_data()), coefficients,
-                       *weights, stream, static_cast<BF16*>(dx_buf->untyped_data()));
+                       *weights, {}, stream, static_cast<BF16*>(dx_buf->untyped_data()));
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument(
@@ -1040,7 +1163,8 @@ ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::Any
 // inv = 1 / sqrt(var + epsilon), S1 = sum dy and S2 = sum dy (x - mean):
 //   a = gamma inv,  dL/dmean = -a S1 + dmean,  dL/dvar = -gamma inv^3 S2 / 2 + dvar,
 //   c = 2 dL/dvar / n,  d = dL/dmean / n - c mean   (c = d = 0 where n = 0),
-// in double, then dx = a dy + c x + d.
+// in double, then dx = a dy + c x + d. With a fused ReLU, dy is gated
+// (ReluGate) in both passes.
 struct ChannelTerms {
   const float* mean;
   const float* variance;
@@ -1052,9 +1176,9 @@ struct ChannelTerms {
 
 template <class In>
 void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                     const ChannelTerms& t, const float* w, float epsilon, bool stream,
-                     In* dx, float* sum_dy, float* sum_dy_xc) {
-  ComputeGradSums(pool, v, dy, x, t.mean, w, sum_dy, sum_dy_xc);
+                     const ChannelTerms& t, const float* w, ReluGate relu, float epsilon,
+                     bool stream, In* dx, float* sum_dy, float* sum_dy_xc) {
+  ComputeGradSums(pool, v, dy, x, t.mean, w, relu, sum_dy, sum_dy_xc);
   std::vector<float> coefficients(v.problems * 3 * v.c);
   for (int64_t i = 0; i < v.problems * v.c; ++i) {
     const double n = t.count[i];
@@ -1075,18 +1199,20 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     problem[v.c] = static_cast<float>(c);
     problem[2 * v.c] = static_cast<float>(d);
   }
-  ComputeInputGrad(pool, v, dy, x, coefficients.data(), w, stream, dx);
+  ComputeInputGrad(pool, v, dy, x, coefficients.data(), w, InputGate{t.mean, relu}, stream,
+                   dx);
 }
 
 ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyBuffer x_buf,
                           ffi::AnyBuffer mean_buf, ffi::AnyBuffer variance_buf,
                           ffi::AnyBuffer scale_buf, ffi::AnyBuffer d_mean_buf,
                           ffi::AnyBuffer d_variance_buf, ffi::AnyBuffer count_buf,
-                          ffi::AnyBuffer w_buf, ffi::Result<ffi::AnyBuffer> dx_buf,
+                          ffi::AnyBuffer w_buf, ffi::AnyBuffer relu_a_buf,
+                          ffi::AnyBuffer relu_b_buf, ffi::Result<ffi::AnyBuffer> dx_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank, int64_t a1,
                           int64_t g, int64_t a, int64_t c, int64_t b, bool stream,
-                          float epsilon, bool masked) {
+                          float epsilon, bool masked, bool relu) {
   const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
   const std::optional<const float*> weights =
       view ? RowWeights(w_buf, masked, *view, x_buf.element_count()) : std::nullopt;
@@ -1096,9 +1222,11 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
                dy_buf.element_count() == x_buf.element_count() &&
                dx_buf->element_count() == x_buf.element_count();
   for (const ffi::AnyBuffer* channel : {&mean_buf, &variance_buf, &scale_buf, &d_mean_buf,
-                                        &d_variance_buf, &count_buf}) {
+                                        &d_variance_buf, &count_buf, &relu_a_buf, &relu_b_buf}) {
+    // without a fused ReLU its a and b are one-element placeholders
+    const bool placeholder = !relu && (channel == &relu_a_buf || channel == &relu_b_buf);
     valid = valid && channel->element_type() == ffi::F32 &&
-            channel->element_count() == view->problems * c;
+            (placeholder || channel->element_count() == view->problems * c);
   }
   for (ffi::Result<ffi::AnyBuffer>* sum : {&sum_dy_buf, &sum_dy_xc_buf}) {
     valid = valid && (*sum)->element_type() == ffi::F32 &&
@@ -1107,26 +1235,29 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
   if (!valid) {
     return ffi::Error::InvalidArgument(
         "jaxbn_backward expects dy, x and dx of one dtype and shape matching "
-        "(a1, g, a, c, b), and float32 per-channel operands and sums of c values per "
-        "problem");
+        "(a1, g, a, c, b), and float32 per-channel operands (the ReLU's with relu) and "
+        "sums of c values per problem");
   }
   const View& v = *view;
   const ChannelTerms terms{mean_buf.typed_data<float>(),   variance_buf.typed_data<float>(),
                            scale_buf.typed_data<float>(),  d_mean_buf.typed_data<float>(),
                            d_variance_buf.typed_data<float>(), count_buf.typed_data<float>()};
+  const ReluGate gate = relu ? ReluGate{relu_a_buf.typed_data<float>(),
+                                        relu_b_buf.typed_data<float>()}
+                             : ReluGate{nullptr, nullptr};
   float* sum_dy = sum_dy_buf->typed_data<float>();
   float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeBackward(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                      static_cast<const float*>(x_buf.untyped_data()), terms, *weights, epsilon,
-                      stream,
+                      static_cast<const float*>(x_buf.untyped_data()), terms, *weights, gate,
+                      epsilon, stream,
                       static_cast<float*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeBackward(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                      static_cast<const BF16*>(x_buf.untyped_data()), terms, *weights, epsilon,
-                      stream,
+                      static_cast<const BF16*>(x_buf.untyped_data()), terms, *weights, gate,
+                      epsilon, stream,
                       static_cast<BF16*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     default:
@@ -1194,12 +1325,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, BackwardKernel,
                                                      .Arg<ffi::AnyBuffer>()  // d_variance
                                                      .Arg<ffi::AnyBuffer>()  // count
                                                      .Arg<ffi::AnyBuffer>()  // row weights
+                                                     .Arg<ffi::AnyBuffer>()  // ReLU's a
+                                                     .Arg<ffi::AnyBuffer>()  // ReLU's b
                                                      .Ret<ffi::AnyBuffer>()  // dx
                                                      .Ret<ffi::AnyBuffer>()  // sum dy
                                                      .Ret<ffi::AnyBuffer>())  // sum dy (x - mean)
                                   .Attr<bool>("stream")
                                   .Attr<float>("epsilon")
-                                  .Attr<bool>("masked"));
+                                  .Attr<bool>("masked")
+                                  .Attr<bool>("relu"));
 
 // ------------------------------------------------------- Python module
 

@@ -94,8 +94,13 @@ def keras_config(module: BatchNormalization, input_shape) -> dict:
   resolved = config.resolve(tuple(input_shape))
   keras = module.get_config()
   for key in ("moving_variance_estimator", "virtual_batch_layout",
-              "skip_nonfinite_updates"):
+              "skip_nonfinite_updates", "activation"):
     keras.pop(key, None)
+  if config.activation is not None:
+    raise ValueError(
+        f"activation={config.activation!r} has no tf_keras BatchNormalization "
+        "equivalent; export module.clone(activation=None) and put a "
+        "tf.keras.layers.ReLU() after the layer (the same numbers).")
   unbiased = config.bessel_corrected_moving_variance(resolved)
   if unbiased != resolved.keras_fused:
     if not unbiased:

@@ -107,6 +107,11 @@ def to_torch(module: BatchNormalization, variables, dims: int = 2):
         f"batches map onto torch BatchNorm; got axis={config.axis!r}, "
         f"renorm={config.renorm}, "
         f"virtual_batch_size={config.virtual_batch_size}.")
+  if config.activation is not None:
+    raise ValueError(
+        f"activation={config.activation!r} has no torch BatchNorm "
+        "equivalent; use module.clone(activation=None) and follow the "
+        "BatchNorm with torch.nn.ReLU() (the same numbers).")
   if config.center != config.scale:
     raise ValueError("torch BatchNorm has gamma and beta together (affine); "
                      f"got center={config.center}, scale={config.scale}.")
