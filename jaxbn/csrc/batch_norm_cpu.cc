@@ -124,9 +124,10 @@ struct Progress {
 };
 
 // The order in which ParallelFor hands out parts. A pass whose data the next
-// pass reads again from the start runs last to first: the start is then
-// what it touched last, still in cache when the next pass (a kernel's or
-// XLA's, which go first to last) begins. Results never depend on the order:
+// pass reads again from the start runs last to first, so that what it
+// touched last is what the next pass (a kernel's or XLA's, which go first to
+// last) reads first, the likeliest to be left in cache. (Measured in a 4-layer
+// MLP step: within run-to-run noise.) Results never depend on the order:
 // each part accumulates on its own and parts merge by index.
 enum class Order { kFirstToLast, kLastToFirst };
 
