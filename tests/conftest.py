@@ -13,6 +13,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
+# The test processes compile with LLVM's optimizations off: compiling is
+# most of the suite's time and this cuts it by about a third, while nothing
+# the tests check depends on it (XLA:CPU keeps IEEE semantics at every
+# level, without fast-math; the HLO that the byte and memory tests read is
+# built before LLVM runs). The examples and the benchmark run in
+# subprocesses at the default level (default_level_env), so end-to-end
+# trained numbers (Keras and PyTorch ports included) are checked as users
+# compile them too.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if FAST_COMPILE_FLAG not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
+
+
+def default_level_env() -> dict:
+  """This process's environment with XLA's default optimization level."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env["XLA_FLAGS"].split() if f != FAST_COMPILE_FLAG)
+  return env
+
 # One compilation cache for the session, its xdist workers and the example
 # subprocesses: many tests compile the same programs (each hypothesis example,
 # each jit of a fresh closure); XLA keys the cache by the program, so a hit

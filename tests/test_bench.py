@@ -4,13 +4,15 @@ import subprocess
 import sys
 
 from jaxbn import bench
+from tests.conftest import default_level_env
 
 
 def test_bench_quick_writes_table_json_and_chart(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "jaxbn.bench", "--quick", "--repeats", "1",
-       "--impls", "jaxbn,flax.linen", "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=600)
+       "--burst", "1", "--skip-features", "--impls", "jaxbn,flax.linen",
+       "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=600, env=default_level_env())
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "bench.json").read_text())
   tunables = report["versions"]["GLIBC_TUNABLES"].split(":")
@@ -33,3 +35,19 @@ def test_cases_under_32_mb_get_four_times_the_rounds():
                "wide NHWC float32"):
     assert by_name[name].nbytes < 32 << 20
     assert by_name[name].rounds(15) == 60
+
+
+def test_feature_and_mlp_cases_report_ratios_and_bytes():
+  # the --features-only cases, in this process at a tiny size
+  features = bench.run_features((16, 8, 8, 32), repeats=1, burst=1)
+  assert set(features["x_plain_jaxbn"]) == (set(bench.feature_configs())
+                                            | {"flax.linen (plain)"})
+  for name, analysis in features["xla"].items():
+    # 8 input-sized transfers, plus per-channel vectors and a mask's row
+    # weights, not negligible at this size (test_closed_form checks 8.1)
+    assert analysis["bytes_accessed_x_input"] <= 8.2, name
+  mlp = bench.run_mlp(256, repeats=1, burst=1)
+  assert set(mlp["step_over_flax"]) == {"jaxbn (activation='relu')",
+                                        "jaxbn, then nn.relu"}
+  table = bench.format_features([features], mlp)
+  assert "| adjustment |" in table and "| jaxbn, then nn.relu |" in table

@@ -1,16 +1,17 @@
 """Every example and the notebook run end to end (offline, small settings)."""
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import default_level_env
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _run(script, *args, timeout=300):
-  env = dict(os.environ)
+  env = default_level_env()
   result = subprocess.run([sys.executable, str(ROOT / "examples" / script),
                            *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
