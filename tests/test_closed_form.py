@@ -225,7 +225,7 @@ def test_masked_out_values_never_reach_the_statistics(kernels):
   np.testing.assert_allclose(np.asarray(y)[keep], y_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("feature", ["renorm", "ghost", "adjustment"])
+@pytest.mark.parametrize("feature", ["renorm", "ghost", "adjustment", "relu"])
 def test_grad_of_grad_through_every_feature(feature):
   shape = (8, 3, 5)
   x = jnp.asarray(np.random.default_rng(4).normal(0, 1, shape), jnp.float32)
