@@ -128,7 +128,8 @@ def test_closed_form_equals_autodiff_across_devices():
   x = jnp.asarray(rng.normal(-2, 3, shape), jnp.float32)
   dy = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
   m = _mask("rows", shape)
-  for feature in ("plain", "renorm", "ghost", "ghost + renorm", "adjustment"):
+  for feature in ("plain", "renorm", "ghost", "ghost + renorm", "adjustment",
+                  "relu"):
     results = {}
     for fused in (None, False):
       config = jaxbn.BatchNormConfig(fused=fused, momentum=0.8,
