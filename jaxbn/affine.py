@@ -33,23 +33,28 @@ def normalize(x, mean, a, b, activation=None):
   folded form errs by ~ulp(mean) * a, which is 1.0 for a constant channel at
   5e15 and 1e-3 for float32 data with mean 1e4 and std 1.
   """
-  sd = stats.stat_dtype(x.dtype)
-  y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
-  if b is not None:
-    y = y + b.astype(sd)
+  y = _normalized(x, mean, a, b)
   if activation == "relu":
     y = jax.nn.relu(y)
   return y.astype(x.dtype)
 
 
+def _normalized(x, mean, a, b):
+  """``(x - mean) * a + b`` in the statistics dtype (before any cast)."""
+  sd = stats.stat_dtype(x.dtype)
+  y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
+  if b is not None:
+    y = y + b.astype(sd)
+  return y
+
+
 def relu_gate(dy, x, mean, a, b):
   """The cotangent of ``normalize(x, mean, a, b)`` from that of its ReLU:
   ``dy`` where the normalized value is > 0, else 0 (``jax.nn.relu``'s rule),
-  the normalized value recomputed as ``normalize`` computes it. In the
-  statistics dtype."""
-  sd = stats.stat_dtype(x.dtype)
-  z = (x.astype(sd) - mean.astype(sd)) * a.astype(sd) + b.astype(sd)
-  return jnp.where(z > 0, dy.astype(sd), 0)
+  the normalized value recomputed exactly as ``normalize`` computes it. In
+  the statistics dtype."""
+  z = _normalized(x, mean, a, b)
+  return jnp.where(z > 0, dy.astype(z.dtype), 0)
 
 
 def compose(scale, offset, then_scale, then_offset):
