@@ -21,7 +21,8 @@ backward:
   networks batch norm lives in, which fuse nothing, so nothing is lost by
   taking the pass out of XLA.
 * ``backward``: the two above and the coefficients between them in one
-  call, for a backward with no statistics to combine across devices: the
+  call (gating dy by a fused ReLU in both passes where the layer has one),
+  for a backward with no statistics to combine across devices: the
   second pass then follows the first at once and finds in cache what it left
   there, where XLA's scheduler (breadth-first on CPU) puts other work of the
   same depth between two separate calls.
