@@ -1,4 +1,6 @@
 """Precise BN, folding into Dense/Conv, and checkpoint round trips."""
+import dataclasses
+
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -154,3 +156,22 @@ def test_flax_serialization_round_trip_is_bit_exact():
   for a, b in zip(jax.tree_util.tree_leaves(variables),
                   jax.tree_util.tree_leaves(restored)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_fold_refuses_a_fused_relu_and_folds_its_affine_part():
+  dense = nn.Dense(5)
+  x = jnp.asarray(np.random.RandomState(3).randn(8, 3), jnp.float32)
+  dv = dense.init(jax.random.PRNGKey(0), x)
+  config = jaxbn.BatchNormConfig(activation="relu")
+  params, state = _trained_bn(5)
+  with pytest.raises(ValueError, match="activation='relu'.*activation=None"):
+    jaxbn.fold_into_kernel(dv["params"]["kernel"], dv["params"]["bias"],
+                           config, params, state)
+  kernel, bias = jaxbn.fold_into_kernel(
+      dv["params"]["kernel"], dv["params"]["bias"],
+      dataclasses.replace(config, activation=None), params, state)
+  folded = nn.Dense(5).apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  expected, _ = jaxbn.apply(config, params, state, dense.apply(dv, x),
+                            training=False)
+  np.testing.assert_allclose(jax.nn.relu(folded), expected, rtol=1e-5,
+                             atol=1e-5)

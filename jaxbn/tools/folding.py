@@ -34,6 +34,13 @@ def fold_into_kernel(kernel, bias, config: BatchNormConfig | Any,
       a Linen ``{'params': ..., 'batch_stats': ...}`` dict also works.
   """
   config = getattr(config, "config", config)
+  if config.activation is not None:
+    raise ValueError(
+        f"The BN has activation={config.activation!r}, which no kernel and "
+        "bias can fold: fold its affine part by passing "
+        "dataclasses.replace(config, activation=None) (or "
+        "module.clone(activation=None)) and apply the ReLU after the folded "
+        "layer.")
   if "params" in params and "batch_stats" in params:
     params, state = params["params"], params["batch_stats"]
   mean = jnp.ravel(state["moving_mean"])
