@@ -123,7 +123,9 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   return jnp.broadcast_to(count, mean.shape), mean, m2
 
 
-SHIFT_SAMPLES = 64
+# Enough that one outlier (or a few) cannot move their median far from the
+# data's middle; few enough that choosing it is cheap (see _lower_median).
+SHIFT_SAMPLES = 16
 
 
 def _sample_grid(sizes, target):
@@ -179,15 +181,32 @@ def sampled_shift(x, reduction_axes, weights=None, dtype=None):
   sample = jnp.where(valid, sample, jnp.nan)
   sample = jnp.moveaxis(sample, axes, range(len(axes)))
   sample = sample.reshape((-1,) + sample.shape[len(axes):])
-  valid = jnp.moveaxis(valid, axes, range(len(axes)))
-  count = jnp.sum(valid.reshape(sample.shape), axis=0)
-  # the lower middle of the sorted valid samples (NaNs sort last): a data
-  # value, where an interpolating median's (a + b) / 2 overflows near the
-  # float32 maximum
-  middle = jnp.maximum(count - 1, 0) // 2
-  median = jnp.take_along_axis(jnp.sort(sample, axis=0), middle[None], 0)[0]
-  median = jnp.where(count > 0, median, 0)
+  median = _lower_median(sample)
   return lax.stop_gradient(median.reshape(kept_shape).astype(dtype))
+
+
+def _lower_median(sample):
+  """Per column of ``sample`` (``(k, ...)``, NaN = not valid): the lower
+  middle of its valid values, 0 where there is none.
+
+  A data value (an interpolating median's ``(a + b) / 2`` overflows near the
+  float32 maximum), chosen by rank: value i's rank is the number of values
+  below it (NaNs count as above everything, ties go by position), and the
+  lower median is the value of rank ``(valid - 1) // 2``. That is ``k^2``
+  comparisons per column in one fused elementwise reduction: XLA:CPU's sort
+  spends some microseconds per column, 11 ms for 2048 channels of 64 values.
+  """
+  k = sample.shape[0]
+  value, other = sample[:, None], sample[None, :]
+  position = jnp.arange(k).reshape((k,) + (1,) * (sample.ndim - 1))
+  below = ((other < value) | (jnp.isnan(value) & ~jnp.isnan(other))
+           | ((other == value) & (position[None] < position[:, None])))
+  rank = jnp.sum(below, axis=1)
+  count = jnp.sum(~jnp.isnan(sample), axis=0)
+  middle = jnp.maximum(count - 1, 0) // 2
+  median = jnp.sum(jnp.where(rank == middle, jnp.nan_to_num(sample), 0),
+                   axis=0)
+  return jnp.where(count > 0, median, 0)
 
 
 def sibling_sums(a, b, reduction_axes):

@@ -108,6 +108,26 @@ def test_the_shift_is_a_robust_data_value():
       jnp.asarray(x), (0,), jnp.zeros((1000, 1)))) == 0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_shift_is_the_lower_median_of_the_valid_samples(seed):
+  # against NumPy's sort, with ties (few distinct values) and invalid (NaN)
+  # samples, up to every sample of a column; and chosen without a sort
+  rng = np.random.default_rng(seed)
+  k = stats.SHIFT_SAMPLES
+  sample = rng.integers(-3, 4, (k, 40)).astype(np.float32)
+  sample[rng.random(sample.shape) < 0.3] = np.nan
+  sample[:, 0] = np.nan
+  sample[:, 1] = 5.0
+  got = np.asarray(jax.jit(stats._lower_median)(jnp.asarray(sample)))
+  for c in range(sample.shape[1]):
+    valid = np.sort(sample[:, c][~np.isnan(sample[:, c])])
+    want = valid[(len(valid) - 1) // 2] if len(valid) else 0.0
+    assert got[c] == want, c
+  hlo = jax.jit(lambda x: stats.sampled_shift(x, (0,))).lower(
+      jnp.ones((1000, 2048))).as_text()
+  assert "sort" not in hlo
+
+
 def test_layer_statistics_under_the_accelerator_switch_use_no_kernel():
   config = jaxbn.BatchNormConfig()
   x = jnp.ones((16, 4, 4, 8))
