@@ -123,26 +123,16 @@ struct Progress {
   std::atomic<int64_t> done{0};
 };
 
-// The order in which ParallelFor hands out parts. A pass whose data the next
-// pass reads again from the start runs last to first, so that what it
-// touched last is what the next pass (a kernel's or XLA's, which go first to
-// last) reads first, the likeliest to be left in cache. (Measured in a 4-layer
-// MLP step: within run-to-run noise.) Results never depend on the order:
-// each part accumulates on its own and parts merge by index.
-enum class Order { kFirstToLast, kLastToFirst };
-
 // Runs body(part) for every part in [0, parts) on the calling thread and on
 // idle threads of XLA's intra-op pool. Late helpers find no work left and only
 // touch the shared progress counters, which they keep alive.
 template <class Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Body& body,
-                 Order order = Order::kFirstToLast) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Body& body) {
   auto progress = std::make_shared<Progress>();
   const Body* shared_body = &body;
-  const bool reverse = order == Order::kLastToFirst;
-  auto work = [progress, parts, shared_body, reverse]() {
+  auto work = [progress, parts, shared_body]() {
     for (int64_t p; (p = progress->next.fetch_add(1)) < parts;) {
-      (*shared_body)(reverse ? parts - 1 - p : p);
+      (*shared_body)(p);
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -546,7 +536,7 @@ void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x, const flo
           MomentsRun(x + offset, n, shift, r, q);
           acc.Add(c, weight * n, shift, weight * r, weight * q);
         });
-  }, Order::kLastToFirst);  // the output pass reads x next, from the start
+  });  // the output pass reads x next, from the start
   for (int64_t o = 0; o < v.problems; ++o) {
     Moments total(ref.data() + o * v.c, v.c);
     for (int64_t p = 0; p < plan.parts; ++p) total.Absorb(parts[o * plan.parts + p]);
@@ -784,7 +774,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
           s[c] += block_dy;
           q[c] += block_dy_xc;
         });
-  }, Order::kLastToFirst);  // the input gradient reads dy and x next
+  });  // the input gradient reads dy and x next
   for (int64_t o = 0; o < v.problems; ++o) {
     for (int64_t c = 0; c < v.c; ++c) {
       double s = 0.0, q = 0.0;
