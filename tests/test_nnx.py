@@ -18,6 +18,7 @@ def _x(shape=(16, 5), seed=0):
     ({"axis": [1, 2], "input_rank": 3}, (8, 5, 3)),
     ({"renorm": True, "renorm_clipping": {"rmax": 2.0}}, (16, 5)),
     ({"virtual_batch_size": 4}, (16, 5)),
+    ({"activation": "relu"}, (16, 5)),
 ])
 def test_nnx_equals_linen_over_training_steps(kwargs, shape):
   kwargs = dict(kwargs, momentum=0.7)
@@ -37,6 +38,8 @@ def test_nnx_equals_linen_over_training_steps(kwargs, shape):
                                    mutable=["batch_stats"])
     variables = {**variables, **updates}
     np.testing.assert_array_equal(y_nnx, y_linen)
+    if kwargs.get("activation") == "relu":  # applied, not just carried
+      assert float(jnp.min(y_nnx)) == 0.0
   for name, value in variables["batch_stats"].items():
     np.testing.assert_array_equal(getattr(bn, name)[...], value)
   bn.eval()
