@@ -536,7 +536,7 @@ void ComputeMoments(ffi::ThreadPool& pool, const View& v, const In* x, const flo
           MomentsRun(x + offset, n, shift, r, q);
           acc.Add(c, weight * n, shift, weight * r, weight * q);
         });
-  });  // the output pass reads x next, from the start
+  });
   for (int64_t o = 0; o < v.problems; ++o) {
     Moments total(ref.data() + o * v.c, v.c);
     for (int64_t p = 0; p < plan.parts; ++p) total.Absorb(parts[o * plan.parts + p]);
@@ -774,7 +774,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
           s[c] += block_dy;
           q[c] += block_dy_xc;
         });
-  });  // the input gradient reads dy and x next
+  });
   for (int64_t o = 0; o < v.problems; ++o) {
     for (int64_t c = 0; c < v.c; ++c) {
       double s = 0.0, q = 0.0;
