@@ -597,7 +597,21 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf, ffi::AnyBuf
 struct ReluGate {
   const float* a;  // per problem and channel; nullptr: no activation
   const float* b;
+  bool on() const { return a != nullptr; }
+  // The same gate from element `offset` of a and b on.
+  ReluGate At(int64_t offset) const { return on() ? ReluGate{a + offset, b + offset} : *this; }
 };
+
+// Calls f(std::true_type) for a gate that is on, else f(std::false_type): the
+// loops are compiled with and without the gate.
+template <class F>
+[[gnu::always_inline]] inline void WithGate(bool on, const F& f) {
+  if (on) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 inline Vec Gated(Vec dy, Vec centered, Vec a, Vec b) {
   return centered * a + b > Vec{} ? dy : Vec{};
@@ -653,12 +667,18 @@ template <bool kGate, class In>
   }
 }
 
-// One channel's run; with kGate, dy gated by the fused ReLU's a and b.
+// One channel's run; with kGate, dy gated by the fused ReLU (`gate` at this
+// channel).
 template <bool kGate, class In>
 [[gnu::always_inline]] inline void RunGradSums(const In* __restrict dy, const In* __restrict x,
-                                               float mean, float a, float b, int64_t n,
+                                               float mean, ReluGate gate, int64_t n,
                                                float& sum_dy, float& sum_dy_xc) {
   Vec s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  float a = 0.f, b = 0.f;
+  if constexpr (kGate) {
+    a = *gate.a;
+    b = *gate.b;
+  }
   const Vec m = mean - Vec{}, av = a - Vec{}, bv = b - Vec{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -685,45 +705,33 @@ template <bool kGate, class In>
   sum_dy_xc = qt;
 }
 
-// Each entry point runs the gated loop when gate.a is set.
-template <class In>
-[[gnu::always_inline]] inline void AnyBlockGradSums(const In* dy, const In* x, const float* mean,
-                                                    ReluGate gate, int64_t rows,
-                                                    int64_t channels, float* scratch,
-                                                    double* sum_dy, double* sum_dy_xc) {
-  if (gate.a != nullptr) {
-    RowBlockGradSums<true>(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
-  } else {
-    RowBlockGradSums<false>(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
-  }
-}
-template <class In>
-[[gnu::always_inline]] inline void AnyRunGradSums(const In* dy, const In* x, float mean,
-                                                  const float* a, const float* b, int64_t n,
-                                                  float& sum_dy, float& sum_dy_xc) {
-  if (a != nullptr) {
-    RunGradSums<true>(dy, x, mean, *a, *b, n, sum_dy, sum_dy_xc);
-  } else {
-    RunGradSums<false>(dy, x, mean, 0.f, 0.f, n, sum_dy, sum_dy_xc);
-  }
-}
 JAXBN_HOT void GradSumsBlock(const float* dy, const float* x, const float* mean, ReluGate gate,
                              int64_t rows, int64_t channels, float* scratch,
                              double* sum_dy, double* sum_dy_xc) {
-  AnyBlockGradSums(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
+  WithGate(gate.on(), [&](auto gated) JAXBN_INLINE {
+    RowBlockGradSums<decltype(gated)::value>(dy, x, mean, gate, rows, channels, scratch, sum_dy,
+                                             sum_dy_xc);
+  });
 }
 JAXBN_HOT void GradSumsBlock(const BF16* dy, const BF16* x, const float* mean, ReluGate gate,
                              int64_t rows, int64_t channels, float* scratch,
                              double* sum_dy, double* sum_dy_xc) {
-  AnyBlockGradSums(dy, x, mean, gate, rows, channels, scratch, sum_dy, sum_dy_xc);
+  WithGate(gate.on(), [&](auto gated) JAXBN_INLINE {
+    RowBlockGradSums<decltype(gated)::value>(dy, x, mean, gate, rows, channels, scratch, sum_dy,
+                                             sum_dy_xc);
+  });
 }
-JAXBN_HOT void GradSumsRun(const float* dy, const float* x, float mean, const float* a,
-                           const float* b, int64_t n, float& sum_dy, float& sum_dy_xc) {
-  AnyRunGradSums(dy, x, mean, a, b, n, sum_dy, sum_dy_xc);
+JAXBN_HOT void GradSumsRun(const float* dy, const float* x, float mean, ReluGate gate,
+                           int64_t n, float& sum_dy, float& sum_dy_xc) {
+  WithGate(gate.on(), [&](auto gated) JAXBN_INLINE {
+    RunGradSums<decltype(gated)::value>(dy, x, mean, gate, n, sum_dy, sum_dy_xc);
+  });
 }
-JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, const float* a,
-                           const float* b, int64_t n, float& sum_dy, float& sum_dy_xc) {
-  AnyRunGradSums(dy, x, mean, a, b, n, sum_dy, sum_dy_xc);
+JAXBN_HOT void GradSumsRun(const BF16* dy, const BF16* x, float mean, ReluGate gate,
+                           int64_t n, float& sum_dy, float& sum_dy_xc) {
+  WithGate(gate.on(), [&](auto gated) JAXBN_INLINE {
+    RunGradSums<decltype(gated)::value>(dy, x, mean, gate, n, sum_dy, sum_dy_xc);
+  });
 }
 
 // `w`: nullptr, or one weight per (A1, G, A) row of x; rows of weight 0 are
@@ -739,8 +747,7 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
   ParallelFor(pool, tasks, [&](int64_t task) {
     const int64_t problem = (task / plan.parts) * v.c;
     const float* problem_mean = mean + problem;
-    const ReluGate problem_gate =
-        gate.a == nullptr ? gate : ReluGate{gate.a + problem, gate.b + problem};
+    const ReluGate problem_gate = gate.At(problem);
     double* s = acc_dy.data() + task * v.c;
     double* q = acc_dy_xc.data() + task * v.c;
     std::vector<float> scratch(2 * v.c);
@@ -767,10 +774,8 @@ void ComputeGradSums(ffi::ThreadPool& pool, const View& v, const In* dy, const I
         [&](int64_t offset, int64_t c, int64_t n) {
           if (w != nullptr && w[offset / (v.c * v.b)] == 0.f) return;
           float block_dy, block_dy_xc;
-          const bool gated = problem_gate.a != nullptr;
-          GradSumsRun(dy + offset, x + offset, problem_mean[c],
-                      gated ? problem_gate.a + c : nullptr,
-                      gated ? problem_gate.b + c : nullptr, n, block_dy, block_dy_xc);
+          GradSumsRun(dy + offset, x + offset, problem_mean[c], problem_gate.At(c), n,
+                      block_dy, block_dy_xc);
           s[c] += block_dy;
           q[c] += block_dy_xc;
         });
@@ -908,8 +913,7 @@ struct InputGate {
   const float* mean;
   ReluGate relu;
   InputGate At(int64_t offset) const {
-    return relu.a == nullptr ? *this
-                             : InputGate{mean + offset, {relu.a + offset, relu.b + offset}};
+    return relu.on() ? InputGate{mean + offset, relu.At(offset)} : *this;
   }
 };
 
@@ -967,22 +971,12 @@ template <bool kStream, bool kGate, class In>
   }
 }
 
-// Calls f(std::bool_constant<gated>).
-template <class F>
-[[gnu::always_inline]] inline void WithGate(const InputGate& gate, const F& f) {
-  if (gate.relu.a != nullptr) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 template <class In>
 [[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
                                                      const float* c, const float* d,
                                                      InputGate gate, int64_t rows,
                                                      int64_t channels, bool stream, In* dx) {
-  WithGate(gate, [&](auto gated) JAXBN_INLINE {
+  WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t o = i * channels;
       WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
@@ -1018,7 +1012,7 @@ template <class In>
       ci = scratch;
       di = scratch + channels;
     }
-    WithGate(gate, [&](auto gated) JAXBN_INLINE {
+    WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
       WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
         RowInputGrad<decltype(kind)::value, decltype(gated)::value>(
             dy + o, x + o, a, ci, di, gate, channels, dx + o);
@@ -1031,7 +1025,7 @@ template <class In>
 [[gnu::always_inline]] inline void RunBlockInputGrad(const In* dy, const In* x, float a,
                                                      float c, float d, InputGate gate,
                                                      int64_t n, bool stream, In* dx) {
-  WithGate(gate, [&](auto gated) JAXBN_INLINE {
+  WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
     WithStores(stream, dx, [&](auto kind) JAXBN_INLINE {
       RunInputGrad<decltype(kind)::value, decltype(gated)::value>(dy, x, a, c, d, gate, n, dx);
     });
