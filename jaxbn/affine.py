@@ -22,9 +22,18 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
   return jnp.where(total == 0, 0, lax.rsqrt(jnp.where(total == 0, 1, total)))
 
 
-def normalize(x, mean, a, b, activation=None):
+def epsilon_in_units(epsilon, inv_unit: jax.Array) -> jax.Array:
+  """Keras' epsilon in the units of a variance in units of ``unit^2``
+  (``stats.in_units``): ``epsilon / unit^2``, exactly ``epsilon`` for 1."""
+  return jnp.asarray(epsilon, inv_unit.dtype) * inv_unit * inv_unit
+
+
+def normalize(x, mean, a, b, activation=None, inv_unit=None):
   """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's;
-  with ``activation='relu'``, ``max(y, 0)`` before the cast.
+  with ``activation='relu'``, ``max(y, 0)`` before the cast. With
+  ``inv_unit`` (``1 / unit``, a power of two per channel: see
+  ``stats.in_units``), ``y = (x / unit - mean / unit) * a + b``, ``a`` being
+  in the same units: exact scalings, and identical numbers for unit 1.
 
   One elementwise pass with per-channel ``mean``, ``a = gamma * rsqrt(var +
   eps)`` and ``b = beta``. Subtracting the mean first (rather than folding it
@@ -33,27 +42,30 @@ def normalize(x, mean, a, b, activation=None):
   folded form errs by ~ulp(mean) * a, which is 1.0 for a constant channel at
   5e15 and 1e-3 for float32 data with mean 1e4 and std 1.
   """
-  y = _normalized(x, mean, a, b)
+  y = _normalized(x, mean, a, b, inv_unit)
   if activation == "relu":
     y = jax.nn.relu(y)
   return y.astype(x.dtype)
 
 
-def _normalized(x, mean, a, b):
+def _normalized(x, mean, a, b, inv_unit=None):
   """``(x - mean) * a + b`` in the statistics dtype (before any cast)."""
   sd = stats.stat_dtype(x.dtype)
-  y = (x.astype(sd) - mean.astype(sd)) * a.astype(sd)
+  x, mean = x.astype(sd), mean.astype(sd)
+  if inv_unit is not None:
+    x, mean = x * inv_unit, mean * inv_unit
+  y = (x - mean) * a.astype(sd)
   if b is not None:
     y = y + b.astype(sd)
   return y
 
 
-def relu_gate(dy, x, mean, a, b):
-  """The cotangent of ``normalize(x, mean, a, b)`` from that of its ReLU:
-  ``dy`` where the normalized value is > 0, else 0 (``jax.nn.relu``'s rule),
-  the normalized value recomputed exactly as ``normalize`` computes it. In
-  the statistics dtype."""
-  z = _normalized(x, mean, a, b)
+def relu_gate(dy, x, mean, a, b, inv_unit=None):
+  """The cotangent of ``normalize(x, mean, a, b, 'relu', inv_unit)`` from
+  that of its ReLU: ``dy`` where the normalized value is > 0, else 0
+  (``jax.nn.relu``'s rule), the normalized value recomputed exactly as
+  ``normalize`` computes it. In the statistics dtype."""
+  z = _normalized(x, mean, a, b, inv_unit)
   return jnp.where(z > 0, dy.astype(z.dtype), 0)
 
 

@@ -59,24 +59,27 @@ from jaxbn import affine, manual_axes, passes, stats
 def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
              axis_name, groups, correction, activation, local_moments):
   sd = stats.stat_dtype(x.dtype)
-  count, mean, m2 = local_moments(x, axes, weights)
+  count, mean, m2, inv_unit = stats.in_units(local_moments)(x, axes, weights)
   if axis_name is not None:
-    count, mean, m2 = stats.merge_across_devices(count, mean, m2, axis_name,
-                                                 groups)
-  var = stats.safe_divide(m2, count)
+    count, mean, m2, inv_unit = stats.merge_across_devices(
+        count, mean, m2, axis_name, groups, inv_unit=inv_unit)
+  var = stats.safe_divide(m2, count)  # in units of unit^2
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")
   r, d, extras = (None, None, None) if correction is None else correction(
-      mean, var, count, correction_inputs)
+      mean, var, count, inv_unit, correction_inputs)
   scale = scale.astype(sd)
-  a = scale * affine.inverse_std(var, epsilon)
+  a = scale * affine.inverse_std(var,
+                                 affine.epsilon_in_units(epsilon, inv_unit))
   b = offset
   if r is not None:
     a = a * r
   if d is not None:
     b = b + d * scale
-  y = affine.normalize(x, mean, a, b, activation)
-  return (y, (mean, var, count), extras), (r, d, a, b)
+  y = affine.normalize(x, mean, a, b, activation, inv_unit)
+  statistics = (mean, stats.unscaled_variance(var, inv_unit), count)
+  return (y, statistics, extras), (r, d, a, b, var, inv_unit)
+
 
 
 def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
@@ -89,11 +92,11 @@ def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
     return outputs
   # Padding enters the differentiated program as 0 (autodiff would multiply
   # a NaN there by a zero cotangent); its outputs are added as constants.
-  (y, statistics, extras), (_, _, a, b) = _forward(
+  (y, statistics, extras), (_, _, a, b, _, inv_unit) = _forward(
       stats.where_valid(weights, x), scale, offset, weights, correction_inputs, axes,
       epsilon, axis_name, groups, correction, activation, stats.platform_moments)
   padding = lax.stop_gradient(
-      affine.normalize(x, statistics[0], a, b, activation))
+      affine.normalize(x, statistics[0], a, b, activation, inv_unit))
   return jnp.where(weights != 0, y, padding), statistics, extras
 
 
@@ -130,26 +133,30 @@ def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
 
 def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
          axis_name, groups, correction, activation):
-  outputs, (r, d, a, b) = _forward(
+  outputs, (r, d, a, b, var, inv_unit) = _forward(
       x, scale, offset, weights, correction_inputs, axes, epsilon, axis_name,
       groups, correction, activation, passes.moments)
-  _, (mean, var, count), _ = outputs
+  _, (mean, _, count), _ = outputs
   relu = (a, b) if activation == "relu" else None
   return outputs, (x, scale, offset, weights, correction_inputs, mean, var,
-                   count, r, d, relu)
+                   count, r, d, relu, inv_unit)
 
 
 def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
          cotangents):
   del correction, activation
-  x, scale, offset, weights, correction_inputs, mean, var, count, r, d, relu = (
-      residuals)
+  (x, scale, offset, weights, correction_inputs, mean, var, count, r, d, relu,
+   inv_unit) = residuals
   dy, (dmean, dvar, _), _ = cotangents
   sd = mean.dtype
   total_scale = scale.astype(sd) if r is None else scale.astype(sd) * r
+  # the backward of the problem in units: x / unit, whose statistics are
+  # mean / unit and var (already in units), their cotangents scaled back
+  unit = 1 / inv_unit
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
-      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes,
-      epsilon, axis_name, groups, relu=relu)
+      dy, x, weights, mean * inv_unit, var, total_scale, dmean * unit,
+      dvar * unit * unit, count, axes, epsilon, axis_name, groups,
+      relu=relu, inv_unit=inv_unit)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a
@@ -160,7 +167,7 @@ def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
   if names and names <= shared_axes:
     sum_dy, sum_dy_xc = g_sum_dy, g_sum_dy_xc
     shared_axes = shared_axes - names
-  inv = affine.inverse_std(var, epsilon)
+  inv = affine.inverse_std(var, affine.epsilon_in_units(epsilon, inv_unit))
   dscale = sum_dy_xc * inv if r is None else sum_dy_xc * inv * r
   if d is not None:
     dscale = dscale + sum_dy * d

@@ -294,15 +294,16 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
 
 
 def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
-                 count, renorm_inputs):
-  """``(r, d, summary)`` from the normalization statistics.
+                 count, inv_unit, renorm_inputs):
+  """``(r, d, summary)`` from the normalization statistics (``var`` in
+  units of ``unit^2``, see ``stats.in_units``).
 
   Runs inside the forward of ``closed_form``: ``r``/``d`` are renorm's
   corrections (None without renorm) and ``summary`` the statistics the state
   follows.
   """
   summary = _summarize(config, resolved, group_axis, axis_name, groups, mean,
-                       var, count)
+                       var, count, inv_unit)
   if not config.renorm:
     return None, None, summary
   r, d = _renorm_corrections(config, summary, *renorm_inputs)
@@ -312,29 +313,36 @@ def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
 
 
 def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
-               count) -> Summary:
-  """The batch's statistics for the state, without gradient.
+               count, inv_unit) -> Summary:
+  """The batch's statistics for the state, without gradient, in plain units
+  (a variance beyond float32's range saturates: ``stats.unscaled_variance``).
 
   With virtual batches, the count-weighted averages of the virtual batches'
   means and variances, over every device (Keras averages them with equal
   weights; without a mask the counts are equal), with the Bessel correction
   applied per virtual batch.
   """
-  mean, var, count = (lax.stop_gradient(v) for v in (mean, var, count))
+  mean, var, count, inv_unit = (lax.stop_gradient(v)
+                                for v in (mean, var, count, inv_unit))
   bessel = config.bessel_corrected_moving_variance(resolved)
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
     update = var * stats.bessel_factor(count) if bessel else var
-    return Summary(count, mean, var, update)
+    return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
+                   stats.unscaled_variance(update, inv_unit))
   m2 = var * count
   update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
-  count, mean, m2, update_m2 = stats.merge(
-      count, mean, m2, group_axis, between=False, pooled=(update_m2,))
+  count, mean, m2, update_m2, inv_unit = stats.merge(
+      count, mean, m2, group_axis, between=False, pooled=(update_m2,),
+      inv_unit=jnp.broadcast_to(inv_unit, mean.shape))
   if axis_name is not None:
-    count, mean, m2, update_m2 = stats.merge_across_devices(
-        count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,))
-  return Summary(count, mean, stats.safe_divide(m2, count),
-                 stats.safe_divide(update_m2, count))
+    count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
+        count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
+        inv_unit=inv_unit)
+  return Summary(
+      count, mean,
+      stats.unscaled_variance(stats.safe_divide(m2, count), inv_unit),
+      stats.unscaled_variance(stats.safe_divide(update_m2, count), inv_unit))
 
 
 def _updated_state(config, resolved, state, summary: Summary) -> State:
@@ -361,7 +369,8 @@ def _updated_state(config, resolved, state, summary: Summary) -> State:
                       config.momentum, valid)
   new_state["moving_stddev"] = moving_stddev
   new_state["moving_variance"] = jnp.where(
-      valid, jnp.maximum(moving_stddev * moving_stddev - eps, 0.0),
+      valid, stats.saturated(
+          jnp.maximum(moving_stddev * moving_stddev - eps, 0.0), moving_stddev),
       state["moving_variance"])
   if "renorm_step" in state:
     new_state["renorm_step"] = state["renorm_step"] + 1

@@ -14,6 +14,15 @@ program it was compiled with.
   algorithm on every platform, CPU included, and no kernel: what a TPU run
   computes, testable here). Environment: ``JAXBN_STATISTICS``; scoped:
   ``jaxbn.modes.statistics(mode)``.
+* ``overflow_guard``: ``'on'`` (default: a channel whose spread is beyond
+  2^30 has its statistics taken again in units of a power of two, in a
+  ``lax.cond`` that ordinary batches skip; see ``stats.in_units``) or
+  ``'off'`` (no retake and no ``cond``: the program of ordinary data, which
+  the benchmark's byte counts measure; a spread beyond about 1e18 then
+  overflows). Environment: ``JAXBN_OVERFLOW_GUARD``; scoped:
+  ``jaxbn.modes.overflow_guard(mode)``. Under ``vmap`` a ``cond`` whose
+  predicate is batched runs both branches, so the guard's retake then costs
+  three more reads of x per step: turn it off there if the data are ordinary.
 """
 from __future__ import annotations
 
@@ -23,14 +32,16 @@ from jax._src import config as _config
 
 KERNEL_MODES = ("auto", "on", "off")
 STATISTICS_MODES = ("auto", "accelerator")
+GUARD_MODES = ("on", "off")
 
 
 def _state(name, values, help_text):
-  # The default comes from the environment variable NAME.upper().
-  value = os.environ.get(name.upper(), "auto")
+  # The default comes from the environment variable NAME.upper(), else the
+  # first value.
+  value = os.environ.get(name.upper(), values[0])
   if value not in values:
     raise ValueError(f"{name.upper()} must be one of {values}; got {value!r}.")
-  return _config.enum_state(name, values, "auto", help_text,
+  return _config.enum_state(name, values, values[0], help_text,
                             include_in_jit_key=True,
                             include_in_trace_context=True)
 
@@ -40,3 +51,6 @@ cpu_kernels = _state("jaxbn_cpu_kernels", KERNEL_MODES,
 statistics = _state("jaxbn_statistics", STATISTICS_MODES,
                     "jaxbn: the batch-statistics algorithm (auto, or the "
                     "GPU/TPU one on every platform: accelerator).")
+overflow_guard = _state("jaxbn_overflow_guard", GUARD_MODES,
+                        "jaxbn: retake the statistics of a channel spread "
+                        "beyond 2^30 in units of a power of two (on, off).")

@@ -50,8 +50,15 @@ def moments(x, reduction_axes, weights=None):
 
 
 def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
-             epsilon, axis_name=None, groups=None, relu=None):
+             epsilon, axis_name=None, groups=None, relu=None, inv_unit=None):
   """``(dx, (S1, S2), (global S1, global S2))``, per-channel sums keepdims.
+
+  ``inv_unit``: None, or per channel ``1 / unit`` (``stats.in_units``); the
+  per-channel ``mean``, ``var``, ``dmean``, ``dvar`` (and ``relu``'s
+  coefficients) are then those of ``x / unit`` and so are S2 and the
+  formulas, with ``epsilon / unit^2``. Where every unit is 1 (ordinary data)
+  this is the backward without units; otherwise (``lax.cond``) that of ``x /
+  unit`` runs in XLA.
 
   ``gamma`` is the total per-channel scale of the normalized values.
   ``relu``: None, or the forward's ``(a, b)`` when its output went through
@@ -64,6 +71,16 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   first pass left in cache). Elsewhere the gate is one more XLA
   elementwise op, fused into the passes on GPU/TPU.
   """
+  if inv_unit is not None:
+    unit_free = functools.partial(backward, axis_name=axis_name, groups=groups,
+                                  relu=relu)
+    return lax.cond(
+        jnp.all(inv_unit == 1),
+        lambda: unit_free(dy, x, weights, mean, var, gamma, dmean, dvar, count,
+                          axes, epsilon),
+        lambda: _backward_in_units(dy, x, weights, mean, var, gamma, dmean,
+                                   dvar, count, axes, epsilon, axis_name,
+                                   groups, relu, inv_unit))
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
@@ -79,18 +96,40 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
                                 count, axes, epsilon, axis_name, groups, relu)
 
 
-def _gate(dy, x, mean, relu):
-  """dy through the fused ReLU's gate, in dy's dtype (a select: exact)."""
+def _backward_in_units(dy, x, weights, mean, var, gamma, dmean, dvar, count,
+                       axes, epsilon, axis_name, groups, relu, inv_unit):
+  """:func:`backward` of ``x / unit``, its dx scaled back: in XLA, which
+  fuses the scaling into the passes (a kernel would need ``x / unit``
+  written out: a full-size temporary in every program)."""
+  with modes.cpu_kernels("off"):
+    return _backward_in_two_calls(
+        dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
+        affine.epsilon_in_units(epsilon, inv_unit), axis_name, groups, relu,
+        inv_unit)
+
+
+def _gate(dy, x, mean, relu, inv_unit=None):
+  """dy through the fused ReLU's gate, in dy's dtype (a select: exact);
+  with ``inv_unit``, ``mean`` is that of ``x / unit``."""
   if relu is None:
     return dy
-  return affine.relu_gate(dy, x, mean, *relu).astype(dy.dtype)
+  if inv_unit is not None:  # relu_gate scales the plain mean (exactly)
+    mean = mean / inv_unit
+  return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
+
+
+def _in_units(values, inv_unit):
+  """``values * inv_unit`` (exact), or ``values`` without units."""
+  return values if inv_unit is None else values * inv_unit
 
 
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                           count, axes, epsilon, axis_name, groups, relu=None):
-  """Two passes over dy and x, the sums combined across devices between."""
-  dy = _gate(dy, x, mean, relu)
-  sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, axes)
+                           count, axes, epsilon, axis_name, groups, relu=None,
+                           inv_unit=None):
+  """Two passes over dy and x, the sums combined across devices between
+  (with ``inv_unit``: over ``x / unit``, in XLA; see :func:`backward`)."""
+  dy = _gate(dy, x, mean, relu, inv_unit)
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, axes, inv_unit)
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
     packed = lax.psum(packed, axis_name, axis_index_groups=groups)
@@ -103,7 +142,7 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
   dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
   c = stats.safe_divide(2.0 * dl_dvar, count)
   d = stats.safe_divide(dl_dmean, count) - c * mean
-  dx = _input_gradient(dy, x, weights, a, c, d, axes)
+  dx = _input_gradient(dy, x, weights, a, c, d, axes, inv_unit)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
@@ -151,9 +190,10 @@ def _rows(weights, x, view):
           cpu_kernels.row_weights(weights, x.shape, view))
 
 
-def _gradient_sums(dy, x, weights, mean, axes):
+def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims), over
-  the valid (mask nonzero) elements.
+  the valid (mask nonzero) elements (``x / unit`` for ``x`` with
+  ``inv_unit``, in XLA).
 
   On CPU one read of ``dy`` and ``x`` through the kernel where it applies
   (no mask); otherwise two XLA reductions, each with its own copy of its
@@ -165,14 +205,14 @@ def _gradient_sums(dy, x, weights, mean, axes):
   def two_reads():  # XLA:CPU: two fast passes
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
         dy, dy, x, mean)
+    centered = _in_units(x_for_dot.astype(sd), inv_unit) - mean_for_dot
     return (_sum(valid(dy_for_sum.astype(sd)), axes),
-            _sum(valid(dy_for_dot.astype(sd)
-                       * (x_for_dot.astype(sd) - mean_for_dot)), axes))
+            _sum(valid(dy_for_dot.astype(sd) * centered), axes))
 
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
-    return stats.sibling_sums(valid(dys), valid(dys * (x.astype(sd) - mean)),
-                              axes)
+    centered = _in_units(x.astype(sd), inv_unit) - mean
+    return stats.sibling_sums(valid(dys), valid(dys * centered), axes)
 
   if modes.statistics.value == "accelerator":
     return one_read()
@@ -193,9 +233,10 @@ def _gradient_sums(dy, x, weights, mean, axes):
   return lax.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def _input_gradient(dy, x, weights, a, c, d, axes):
+def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
   """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's;
-  0 in padding (``w == 0``), whatever it holds.
+  0 in padding (``w == 0``), whatever it holds. With ``inv_unit``: that of
+  ``x / unit``, times ``1 / unit`` (the gradient with respect to x), in XLA.
 
   On CPU through the kernel where it applies (no mask), which writes big
   outputs with streaming stores; otherwise one XLA elementwise pass.
@@ -203,11 +244,11 @@ def _input_gradient(dy, x, weights, a, c, d, axes):
   sd = d.dtype
 
   def in_xla():
-    correction = c * x.astype(sd) + d
+    correction = c * _in_units(x.astype(sd), inv_unit) + d
     if weights is not None:
       correction = weights.astype(sd) * correction
     dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
-    return dx.astype(x.dtype)
+    return _in_units(dx, inv_unit).astype(x.dtype)
 
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None:

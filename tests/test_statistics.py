@@ -216,10 +216,11 @@ def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
 
 _BAD = (np.nan, np.inf, -np.inf)
 _channel = st.one_of(
-    # data: mean up to 1e37, spread 1e-15 to 1e17 (the variance of a larger
-    # spread overflows float32, of a smaller one underflows: README, Numerics)
+    # data: mean up to 1e37, spread 1e-15 to 1e38 (beyond 2^30 the overflow
+    # guard takes the statistics in units; a variance beyond float32's range
+    # saturates in the state; below about 1e-18 it underflows: README)
     st.tuples(st.just("data"), st.floats(-1e37, 1e37),
-              st.floats(1e-15, 1e17)),
+              st.floats(1e-15, 1e38)),
     st.tuples(st.just("constant"), st.floats(-3.4e38, 3.4e38), st.just(0.0)),
     st.tuples(st.just("non-finite"), st.sampled_from(_BAD), st.just(0.0)))
 
@@ -265,3 +266,108 @@ def test_every_path_agrees_at_the_extremes(channels, epsilon, seed):
         path, moving_mean, mean)
     # a non-finite value spoils its own channel only (checked above)
     assert not np.any(np.isfinite(y[:, ~finite])), path
+
+
+# ----------------------------------- the overflow guard: spreads up to 3e38
+
+_SPREADS = [(1e13, 0.0), (1e20, 3e20), (1e30, -2e30), (1e37, 5e37)]
+
+
+def _float64_gradients(x, dy, gamma, epsilon=1e-3):
+  """``(y, dx, dgamma, dbeta)`` of training batch norm in float64."""
+  x, dy = x.astype(np.float64), dy.astype(np.float64)
+  mean, var = x.mean(0), x.var(0)
+  inv = 1 / np.sqrt(var + epsilon)
+  x_hat = (x - mean) * inv
+  dx = gamma * inv * (dy - dy.mean(0) - x_hat * (dy * x_hat).mean(0))
+  return x_hat * gamma, dx, (dy * x_hat).sum(0), dy.sum(0)
+
+
+@pytest.mark.parametrize("spread,offset", _SPREADS)
+def test_gradients_at_any_spread_match_float64_on_every_path(spread, offset):
+  rng = np.random.default_rng(7)
+  x = (offset + spread * rng.normal(size=(64, 3))).astype(np.float32)
+  x[:, 2] = rng.normal(size=64)  # an ordinary channel beside them
+  dy = rng.normal(size=(64, 3)).astype(np.float32)
+  gamma = np.float32([2.0, 0.5, 1.5])
+  y_ref, dx_ref, dgamma_ref, dbeta_ref = _float64_gradients(x, dy, gamma)
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  _, state = jaxbn.init(config, x.shape)
+  params = {"gamma": jnp.asarray(gamma), "beta": jnp.zeros(3)}
+  for path in ["kernels", "xla", "accelerator", "masked"]:
+    mask = np.ones(64, bool) if path == "masked" else None
+
+    def loss(params, x):
+      y, new_state = jaxbn.apply(config, params, state, x, training=True,
+                                 mask=mask)
+      return jnp.sum(y * dy), (y, new_state)
+
+    with _path("kernels" if path == "masked" else path):
+      (_, (y, new_state)), (dparams, dx) = jax.jit(jax.value_and_grad(
+          loss, argnums=(0, 1), has_aux=True))(params, jnp.asarray(x))
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, err_msg=path)
+    # dx ~ 1/spread: float32 flushes what falls below its smallest normal
+    scale = np.abs(dx_ref).max(0)
+    assert np.all(np.abs(dx - dx_ref) <= 1e-5 * scale + 2 * np.finfo(
+        np.float32).tiny / 1e-3 * (scale < 1e-30)), path
+    np.testing.assert_allclose(dparams["gamma"], dgamma_ref, rtol=1e-4,
+                               atol=1e-4, err_msg=path)
+    np.testing.assert_allclose(dparams["beta"], dbeta_ref, rtol=1e-5,
+                               atol=1e-5, err_msg=path)
+    for name, value in new_state.items():
+      assert np.all(np.isfinite(value)), (path, name)
+    var64 = x.astype(np.float64).var(0)  # saturated, then averaged
+    expected = 0.5 + 0.5 * np.minimum(var64, np.finfo(np.float32).max)
+    np.testing.assert_allclose(new_state["moving_variance"], expected,
+                               rtol=1e-5, err_msg=path)
+
+
+def test_device_means_far_apart_merge_in_units():
+  # each device's shard is constant (its own variance 0) but the means of
+  # the 8 devices spread to 1e30: the merged variance needs units
+  rng = np.random.default_rng(8)
+  x = np.repeat(rng.normal(size=(8, 1, 2)) * 1e30, 8, axis=1).reshape(64, 2)
+  x = x.astype(np.float32)
+  y, state = _layer_on_path("devices", {}, jnp.asarray(x))
+  xd = x.astype(np.float64)
+  y_ref = (xd - xd.mean(0)) / xd.std(0) * 2 + 0.25
+  np.testing.assert_allclose(y, y_ref, atol=1e-4)
+  assert np.all(np.isfinite(state["moving_variance"]))
+  np.testing.assert_allclose(state["moving_mean"], 0.5 * xd.mean(0),
+                             rtol=1e-5)
+
+
+def test_ordinary_data_get_the_same_numbers_with_and_without_the_guard():
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(3, 2, (64, 8, 8, 16)).astype(np.float32))
+  config = jaxbn.BatchNormConfig(renorm=True, virtual_batch_size=16)
+  params, state = jaxbn.init(config, x.shape)
+  step = lambda p, x: jax.vjp(lambda p, x: jaxbn.apply(
+      config, p, state, x, training=True), p, x)
+  results = {}
+  for guard in ["on", "off"]:
+    with modes.overflow_guard(guard):
+      lowered = jax.jit(step).lower(params, x)
+      compiled = lowered.compile()
+      (y, new_state), vjp = jax.jit(step)(params, x)
+      results[guard] = (y, new_state, vjp((x, jax.tree.map(jnp.zeros_like,
+                                                           new_state))))
+    # the guard is a cond (the retake, the backward in units); none without
+    assert ("conditional" in compiled.as_text()) == (guard == "on")
+  for a, b in zip(jax.tree_util.tree_leaves(results["on"]),
+                  jax.tree_util.tree_leaves(results["off"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_inverse_unit_is_a_power_of_two_above_the_magnitude():
+  values = jnp.asarray([0.0, 1e-30, 0.75, 1.0, 3.0, 1e30, 3.4e38, np.inf,
+                        np.nan], jnp.float32)
+  inv = np.asarray(stats.inverse_unit(values), np.float64)
+  mantissa, _ = np.frexp(inv)
+  assert np.all(mantissa == 0.5)  # powers of two
+  finite = np.isfinite(np.asarray(values)) & (np.asarray(values) != 0)
+  # (within 2, and 4 at the top, where the unit stops at 2^126)
+  assert np.all(np.abs(np.asarray(values, np.float64))[finite] * inv[finite]
+                <= np.where(inv[finite] == 2.0 ** -126, 4, 2))
+  assert np.all(inv[~finite] == 1)
+  assert np.all(inv >= 2.0 ** -126)  # a normal number: never flushed
