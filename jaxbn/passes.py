@@ -72,15 +72,15 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   elementwise op, fused into the passes on GPU/TPU.
   """
   if inv_unit is not None:
-    unit_free = functools.partial(backward, axis_name=axis_name, groups=groups,
-                                  relu=relu)
-    return lax.cond(
-        jnp.all(inv_unit == 1),
-        lambda: unit_free(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                          axes, epsilon),
-        lambda: _backward_in_units(dy, x, weights, mean, var, gamma, dmean,
-                                   dvar, count, axes, epsilon, axis_name,
-                                   groups, relu, inv_unit))
+    args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, axes)
+    epsilon_in_units = affine.epsilon_in_units(epsilon, inv_unit)
+    if axis_name is None:  # all of it in one cond (no collective inside)
+      return _by_units(inv_unit, lambda inv: backward(
+          *args, epsilon, relu=relu) if inv is None else _backward_in_two_calls(
+              *args, epsilon_in_units, None, None, relu, inv))
+    # across devices only the passes go into conds, the psum between them
+    return _backward_in_two_calls(*args, epsilon_in_units, axis_name, groups,
+                                  relu, inv_unit, units_decided=False)
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
@@ -96,16 +96,15 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
                                 count, axes, epsilon, axis_name, groups, relu)
 
 
-def _backward_in_units(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                       axes, epsilon, axis_name, groups, relu, inv_unit):
-  """:func:`backward` of ``x / unit``, its dx scaled back: in XLA, which
-  fuses the scaling into the passes (a kernel would need ``x / unit``
-  written out: a full-size temporary in every program)."""
-  with modes.cpu_kernels("off"):
-    return _backward_in_two_calls(
-        dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
-        affine.epsilon_in_units(epsilon, inv_unit), axis_name, groups, relu,
-        inv_unit)
+def _by_units(inv_unit, passes_fn):
+  """``passes_fn(None)`` where every unit is 1, else ``passes_fn(inv_unit)``
+  (a ``lax.cond``). The latter runs in XLA, which fuses the scaling into the
+  passes (a kernel would need ``x / unit`` written out: a full-size
+  temporary in every program)."""
+  def in_units():
+    with modes.cpu_kernels("off"):
+      return passes_fn(inv_unit)
+  return lax.cond(jnp.all(inv_unit == 1), lambda: passes_fn(None), in_units)
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):
@@ -125,11 +124,18 @@ def _in_units(values, inv_unit):
 
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                            count, axes, epsilon, axis_name, groups, relu=None,
-                           inv_unit=None):
+                           inv_unit=None, units_decided=True):
   """Two passes over dy and x, the sums combined across devices between
-  (with ``inv_unit``: over ``x / unit``, in XLA; see :func:`backward`)."""
-  dy = _gate(dy, x, mean, relu, inv_unit)
-  sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, axes, inv_unit)
+  (with ``inv_unit``: over ``x / unit``, in XLA; see :func:`backward`; and
+  unless ``units_decided``, each pass in a cond on whether the units are
+  all 1, see :func:`_by_units`)."""
+  def each_pass(passes_fn):
+    if inv_unit is None or units_decided:
+      return passes_fn(inv_unit)
+    return _by_units(inv_unit, passes_fn)
+
+  sum_dy, sum_dy_xc = each_pass(lambda inv: _gradient_sums(
+      _gate(dy, x, mean, relu, inv), x, weights, mean, axes, inv))
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
     packed = lax.psum(packed, axis_name, axis_index_groups=groups)
@@ -142,7 +148,8 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
   dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
   c = stats.safe_divide(2.0 * dl_dvar, count)
   d = stats.safe_divide(dl_dmean, count) - c * mean
-  dx = _input_gradient(dy, x, weights, a, c, d, axes, inv_unit)
+  dx = each_pass(lambda inv: _input_gradient(
+      _gate(dy, x, mean, relu, inv), x, weights, a, c, d, axes, inv))
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 

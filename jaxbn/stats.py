@@ -168,29 +168,74 @@ def sampled_shift(x, reduction_axes, weights=None, dtype=None):
   counts = dict(zip(axes, _sample_grid([shape[a] for a in axes],
                                        SHIFT_SAMPLES)))
 
-  def grid(value):
+  def grid(value, along=counts):
     index = []
     for i, n in enumerate(value.shape):
-      if i in counts and n != 1:
-        stride = n // counts[i]
+      if i in along and n != 1:
+        stride = n // along[i]
         index.append(slice(stride // 2, n, stride))
       else:
         index.append(slice(None))
     return value[tuple(index)]
 
-  # The sample on its own (the barrier keeps the slice out of the fusions
-  # that convert and select, where XLA's cost analysis charges all of x)
-  sample = lax.optimization_barrier(grid(x)).astype(dtype)
-  valid = jnp.isfinite(sample)
+  w = None
   if weights is not None:
     w = jnp.asarray(weights)
     w = w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
-    valid = valid & (lax.optimization_barrier(grid(w)) != 0)
+  masked_axes = tuple(a for a in axes if w is not None and w.shape[a] != 1)
+  if masked_axes and all(w.shape[i] == 1 for i in range(len(shape))
+                         if i not in axes):
+    # a mask shared by the channels (rows, time steps): sample among its
+    # valid positions, so that a mask hiding nearly every row still leaves
+    # data values to shift by
+    sample, valid = _sample_valid(x, w, masked_axes, counts, grid)
+    sample = sample.astype(dtype)
+    valid = valid & jnp.isfinite(sample)
+  else:
+    # The sample on its own (the barrier keeps the slice out of the fusions
+    # that convert and select, where XLA's cost analysis charges all of x)
+    sample = lax.optimization_barrier(grid(x)).astype(dtype)
+    valid = jnp.isfinite(sample)
+    if w is not None:
+      valid = valid & (lax.optimization_barrier(grid(w)) != 0)
   sample = jnp.where(valid, sample, jnp.nan)
   sample = jnp.moveaxis(sample, axes, range(len(axes)))
   sample = sample.reshape((-1,) + sample.shape[len(axes):])
   median = _lower_median(sample)
   return lax.stop_gradient(median.reshape(kept_shape).astype(dtype))
+
+
+def _sample_valid(x, w, masked_axes, counts, grid):
+  """``(sample, valid)`` of ``x``: along ``masked_axes`` (where the mask
+  ``w`` varies; it is shared by the channels) at evenly spread *valid*
+  positions of the mask, along the other reduced axes on ``grid``; the
+  sample's masked positions come first, flattened, as ``grid`` leaves the
+  rest."""
+  others = {a: c for a, c in counts.items() if a not in masked_axes}
+  wanted = math.prod(counts[a] for a in masked_axes)
+  # the other reduced axes on the grid first (x's masked axes whole)
+  x_other = lax.optimization_barrier(grid(x, others))
+  mask = w
+  for a in sorted(set(range(w.ndim)) - set(masked_axes)):
+    mask = lax.index_in_dim(mask, 0, a, keepdims=True)
+  valid_flat = (mask != 0).reshape(-1)
+  rank = jnp.cumsum(valid_flat.astype(jnp.int32))
+  total = rank[-1]
+  # the (j + 1/2) total / wanted -th valid position, j < wanted
+  target = (2 * jnp.arange(wanted) + 1) * total // (2 * wanted)
+  position = jnp.searchsorted(rank, target + 1, method="compare_all")
+  position = jnp.minimum(position, valid_flat.size - 1)
+  moved = jnp.moveaxis(x_other, masked_axes, range(len(masked_axes)))
+  flat = moved.reshape((-1,) + moved.shape[len(masked_axes):])
+  sample = jnp.take(flat, position, axis=0)
+  valid = jnp.broadcast_to((total > 0).reshape((1,) * sample.ndim),
+                           sample.shape)
+  # back to x's rank with the masked axes first: (wanted, 1..., rest)
+  sample = sample.reshape((wanted,) + (1,) * (len(masked_axes) - 1)
+                          + sample.shape[1:])
+  valid = valid.reshape(sample.shape)
+  return (jnp.moveaxis(sample, range(len(masked_axes)), masked_axes),
+          jnp.moveaxis(valid, range(len(masked_axes)), masked_axes))
 
 
 def _lower_median(sample):

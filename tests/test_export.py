@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import cpu_kernels
+from jaxbn import cpu_kernels, modes
 
 
 class Net(nn.Module):
@@ -115,16 +115,41 @@ def test_gpu_and_tpu_statistics_read_x_once_without_custom_calls(platform):
   params, state = jaxbn.init(config, shape)
   forward = jax.jit(lambda p, s, x: jaxbn.apply(config, p, s, x,
                                                 training=True))
-  with cpu_kernels.use("on"):
-    exported = jax.export.export(forward, platforms=(platform,))(
-        params, state, jnp.ones(shape))
-  text = exported.mlir_module()
-  assert not any(t.startswith("jaxbn") for t in _custom_call_targets(text))
-  reductions = _full_size_reductions(text, shape)
+  texts = {}
+  for guard in ("off", "on"):
+    with cpu_kernels.use("on"), modes.overflow_guard(guard):
+      texts[guard] = jax.export.export(forward, platforms=(platform,))(
+          params, state, jnp.ones(shape)).mlir_module()
+  for text in texts.values():
+    assert not any(t.startswith("jaxbn") for t in _custom_call_targets(text))
+  # the program ordinary data run:
+  reductions = _full_size_reductions(texts["off"], shape)
   assert len(reductions) == 2, reductions  # S1 and S2 of the shifted sums
   # siblings: neither depends on the other (a two-pass mean would)
   (a, anc_a), (b, anc_b) = reductions.items()
   assert a not in anc_b and b not in anc_a
+  # the guard adds its retake (the magnitude, then two passes in units) in
+  # a branch of its own, which ordinary batches skip
+  regions = _reductions_by_region(texts["on"], shape)
+  assert sorted(len(r) for r in regions.values()) == [2, 3], regions
+  retake = next(r for r in regions.values() if len(r) == 3)
+  assert sum(kind == "maximum" for kind in retake) == 1
+
+
+def _reductions_by_region(module_text, shape):
+  """The kinds (add, maximum) of the reduce ops over a ``shape`` operand,
+  grouped by the top-level ``stablehlo.case`` (a cond) that holds them."""
+  full = "tensor<" + "x".join(str(d) for d in shape) + "xf32>"
+  regions, region = {}, None
+  for line in module_text.splitlines():
+    indent = len(line) - len(line.lstrip())
+    if indent <= 4 and line.lstrip().startswith("%"):  # a top-level op
+      region = (line.split("=")[0].strip() if "stablehlo.case" in line
+                else None)
+    m = re.search(r"stablehlo\.reduce\(.*applies stablehlo\.(\w+)", line)
+    if m and full in line.split(" : ")[-1]:
+      regions.setdefault(region, []).append(m.group(1))
+  return regions
 
 
 @pytest.mark.parametrize("size", [1, 3])

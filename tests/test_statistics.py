@@ -371,3 +371,27 @@ def test_inverse_unit_is_a_power_of_two_above_the_magnitude():
                 <= np.where(inv[finite] == 2.0 ** -126, 4, 2))
   assert np.all(inv[~finite] == 1)
   assert np.all(inv >= 2.0 ** -126)  # a normal number: never flushed
+
+
+@pytest.mark.parametrize("shape,mask_shape", [((100_000, 4), (100_000, 1)),
+                                              ((64, 9, 7, 4), (64, 9, 1, 1))])
+def test_shift_comes_from_valid_rows_when_a_mask_hides_nearly_all(shape,
+                                                                  mask_shape):
+  # three valid positions, none on the strided grid: the GPU/TPU sums must
+  # still shift by a data value (shift 0 loses (1e4 / 1e-2)^2 ulps)
+  rng = np.random.default_rng(10)
+  x = (1e4 + 1e-2 * rng.normal(size=shape)).astype(np.float32)
+  mask = np.zeros(mask_shape, bool)
+  flat = mask.reshape(-1)
+  flat[[1, 2, 5]] = True
+  weights = jnp.asarray(np.broadcast_to(mask, shape).astype(np.float32)
+                        if mask_shape[-1] != 1 else mask.astype(np.float32))
+  axes = tuple(range(len(shape) - 1))
+  count, mean, m2 = jax.jit(lambda x, w: stats.local_moments_shifted(
+      x, axes, w))(jnp.asarray(x), weights)
+  valid = np.broadcast_to(mask, shape)
+  xd = np.where(valid, x.astype(np.float64), np.nan).reshape(-1, shape[-1])
+  want = np.nanvar(xd, axis=0) * valid.reshape(-1, shape[-1]).sum(0)
+  np.testing.assert_allclose(np.asarray(m2).ravel(), want, rtol=1e-4)
+  shift = stats.sampled_shift(jnp.asarray(x), axes, weights)
+  assert np.all(np.abs(np.asarray(shift) - 1e4) < 1)

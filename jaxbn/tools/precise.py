@@ -41,10 +41,11 @@ def _interceptor(next_fun, args, kwargs, context):
     sd = stats_lib.stat_dtype(x.dtype)
     weights = None if mask is None else jnp.broadcast_to(
         jnp.asarray(mask, sd), x.shape)
-    count, mean, m2 = stats_lib.local_moments(
+    count, mean, m2, inv_unit = stats_lib.in_units(stats_lib.local_moments)(
         x.astype(sd), resolved.reduction_axes, weights)
     module.sow(_COLLECTION, "moments", jax.tree_util.tree_map(
-        lambda v: v.reshape(resolved.param_shape), (count, mean, m2)))
+        lambda v: v.reshape(resolved.param_shape),
+        (count, mean, m2, inv_unit)))
   return next_fun(*args, **kwargs)
 
 
@@ -105,7 +106,9 @@ def precise_statistics(model: nn.Module, variables: Mapping[str, Any],
     for name in path:
       node = node[name]
     node["moving_mean"] = mean.astype(np.float32)
-    node["moving_variance"] = var.astype(np.float32)
+    # a variance beyond float32's range saturates, as in training
+    node["moving_variance"] = np.minimum(
+        var, np.finfo(np.float32).max).astype(np.float32)
     if "moving_stddev" in node:
       node["moving_stddev"] = np.sqrt(var + config.epsilon).astype(np.float32)
   return {**variables, "batch_stats": new_stats}
@@ -114,7 +117,8 @@ def precise_statistics(model: nn.Module, variables: Mapping[str, Any],
 def _combine(history, method, bessel):
   counts = np.stack([h[0] for h in history]).astype(np.float64)
   means = np.stack([h[1] for h in history]).astype(np.float64)
-  m2s = np.stack([h[2] for h in history]).astype(np.float64)
+  # M2 in units of unit^2 (stats.in_units); float64 holds it in plain units
+  m2s = np.stack([h[2] / h[3].astype(np.float64) ** 2 for h in history])
   if method == "mean_of_batches":
     variances = m2s / np.maximum(counts, 1)
     if bessel:
