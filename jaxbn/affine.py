@@ -22,9 +22,12 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
   return jnp.where(total == 0, 0, lax.rsqrt(jnp.where(total == 0, 1, total)))
 
 
-def epsilon_in_units(epsilon, inv_unit: jax.Array) -> jax.Array:
+def epsilon_in_units(epsilon, inv_unit: jax.Array | None):
   """Keras' epsilon in the units of a variance in units of ``unit^2``
-  (``stats.in_units``): ``epsilon / unit^2``, exactly ``epsilon`` for 1."""
+  (``stats.in_units``): ``epsilon / unit^2``, exactly ``epsilon`` for 1 (or
+  None: no units)."""
+  if inv_unit is None:
+    return epsilon
   return jnp.asarray(epsilon, inv_unit.dtype) * inv_unit * inv_unit
 
 
@@ -33,7 +36,7 @@ def normalize(x, mean, a, b, activation=None, inv_unit=None):
   with ``activation='relu'``, ``max(y, 0)`` before the cast. With
   ``inv_unit`` (``1 / unit``, a power of two per channel: see
   ``stats.in_units``), ``y = (x / unit - mean / unit) * a + b``, ``a`` being
-  in the same units: exact scalings, and identical numbers for unit 1.
+  in the same units: exact scalings (by 1 for an ordinary channel).
 
   One elementwise pass with per-channel ``mean``, ``a = gamma * rsqrt(var +
   eps)`` and ``b = beta``. Subtracting the mean first (rather than folding it

@@ -61,8 +61,9 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
   sd = stats.stat_dtype(x.dtype)
   count, mean, m2, inv_unit = stats.in_units(local_moments)(x, axes, weights)
   if axis_name is not None:
-    count, mean, m2, inv_unit = stats.merge_across_devices(
+    count, mean, m2, *unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, inv_unit=inv_unit)
+    inv_unit = unit[0] if unit else None
   var = stats.safe_divide(m2, count)  # in units of unit^2
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")
@@ -152,10 +153,11 @@ def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
   total_scale = scale.astype(sd) if r is None else scale.astype(sd) * r
   # the backward of the problem in units: x / unit, whose statistics are
   # mean / unit and var (already in units), their cotangents scaled back
-  unit = 1 / inv_unit
+  if inv_unit is not None:
+    unit = 1 / inv_unit
+    mean, dmean, dvar = mean * inv_unit, dmean * unit, dvar * unit * unit
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
-      dy, x, weights, mean * inv_unit, var, total_scale, dmean * unit,
-      dvar * unit * unit, count, axes, epsilon, axis_name, groups,
+      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes, epsilon, axis_name, groups,
       relu=relu, inv_unit=inv_unit)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over

@@ -322,8 +322,7 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
   weights; without a mask the counts are equal), with the Bessel correction
   applied per virtual batch.
   """
-  mean, var, count, inv_unit = (lax.stop_gradient(v)
-                                for v in (mean, var, count, inv_unit))
+  mean, var, count, inv_unit = lax.stop_gradient((mean, var, count, inv_unit))
   bessel = config.bessel_corrected_moving_variance(resolved)
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
@@ -332,13 +331,16 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
                    stats.unscaled_variance(update, inv_unit))
   m2 = var * count
   update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
-  count, mean, m2, update_m2, inv_unit = stats.merge(
+  if inv_unit is not None:
+    inv_unit = jnp.broadcast_to(inv_unit, mean.shape)
+  count, mean, m2, update_m2, *unit = stats.merge(
       count, mean, m2, group_axis, between=False, pooled=(update_m2,),
-      inv_unit=jnp.broadcast_to(inv_unit, mean.shape))
+      inv_unit=inv_unit)
   if axis_name is not None:
-    count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
+    count, mean, m2, update_m2, *unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
-        inv_unit=inv_unit)
+        inv_unit=unit[0] if unit else None)
+  inv_unit = unit[0] if unit else None
   return Summary(
       count, mean,
       stats.unscaled_variance(stats.safe_divide(m2, count), inv_unit),

@@ -96,8 +96,8 @@ def _weighted(w, values):
 
 
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
-                  weights: jax.Array | None = None, inv_unit=None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  weights: jax.Array | None = None, inv_unit=None,
+                  shift=None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(count, mean, M2)`` of one device's data: two passes, keepdims.
 
   The corrected two-pass algorithm. Pass one sums around a data value ``s``
@@ -107,7 +107,8 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   variance at mean 1e6, std 1); ``e = S1 - n (m - s) = n delta`` is that
   residual, so ``M2 = Q - e^2 / n``. ``x`` may be 16-bit; the arithmetic is
   in ``stat_dtype(x.dtype)``. With ``inv_unit``, the moments of ``x *
-  inv_unit`` (the scaling fused into each pass).
+  inv_unit`` (the scaling fused into each pass); ``shift``, if given, is
+  ``s`` (in those units).
   """
   axes = tuple(reduction_axes)
   sd = stat_dtype(x.dtype)
@@ -119,7 +120,8 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   inv_for_mean, inv_for_m2 = (None, None) if inv_unit is None else separate(
       inv_unit, inv_unit)
   scaled = lambda v, inv: v if inv is None else v * inv
-  shift = scaled(sampled_shift(x, axes, weights, sd), inv_for_mean)
+  if shift is None:
+    shift = scaled(sampled_shift(x, axes, weights, sd), inv_for_mean)
   s1 = _sum(_weighted(w, scaled(x_for_mean.astype(sd), inv_for_mean) - shift),
             axes)
   mean = shift + safe_divide(s1, count)
@@ -312,9 +314,17 @@ def inverse_unit(magnitude: jax.Array) -> jax.Array:
   """Per element ``1 / u`` for the power of two ``u >= |magnitude|`` (within
   2^-126..2^126); 1 where ``magnitude`` is 0 or not finite."""
   magnitude = jnp.abs(magnitude)
-  _, exponent = jnp.frexp(magnitude)
-  exponent = jnp.clip(exponent, -_UNIT_EXPONENT_LIMIT, _UNIT_EXPONENT_LIMIT)
-  inverse = jnp.ldexp(jnp.ones_like(magnitude), -exponent)
+  if magnitude.dtype == jnp.float32:
+    # from the bits: |m| < 2^(E - 126) for the biased exponent E, and
+    # 1 / 2^e is the float32 whose biased exponent is 127 - e
+    biased = (lax.bitcast_convert_type(magnitude, jnp.int32) >> 23) & 0xFF
+    exponent = jnp.clip(biased - 126, -_UNIT_EXPONENT_LIMIT,
+                        _UNIT_EXPONENT_LIMIT)
+    inverse = lax.bitcast_convert_type((127 - exponent) << 23, jnp.float32)
+  else:
+    _, exponent = jnp.frexp(magnitude)
+    exponent = jnp.clip(exponent, -_UNIT_EXPONENT_LIMIT, _UNIT_EXPONENT_LIMIT)
+    inverse = jnp.ldexp(jnp.ones_like(magnitude), -exponent)
   return jnp.where(jnp.isfinite(magnitude) & (magnitude != 0), inverse, 1)
 
 
@@ -337,13 +347,14 @@ def in_units(local_moments_fn):
   results are those of ``local_moments_fn``; a non-finite channel keeps
   them too). The retake, two XLA passes plus one for the magnitude, runs
   only when some channel needs it (``lax.cond``), and not at all under
-  ``jaxbn.modes.overflow_guard('off')`` (every unit 1).
+  ``jaxbn.modes.overflow_guard('off')``, where ``inv_unit`` is None (no
+  units: every consumer then builds the program it built without them).
   """
   def moments(x, reduction_axes, weights=None):
     axes = tuple(reduction_axes)
     count, mean, m2 = local_moments_fn(x, axes, weights)
     if modes.overflow_guard.value == "off":
-      return count, mean, m2, jnp.ones_like(mean)
+      return count, mean, m2, None
 
     def retake():
       values = separate(x)[0].astype(mean.dtype)
@@ -351,7 +362,11 @@ def in_units(local_moments_fn):
                           keepdims=True, initial=0)
       retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
       inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
-      _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit)
+      # around the first estimate of the mean where it is finite (a shift
+      # near the data keeps S1's rounding small; no second sample needed)
+      shift = jnp.where(jnp.isfinite(mean), mean, 0) * inv_unit
+      _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit,
+                                                shift)
       return (jnp.where(retaken, scaled_mean / inv_unit, mean),
               jnp.where(retaken, scaled_m2, m2), inv_unit)
 
@@ -363,11 +378,14 @@ def in_units(local_moments_fn):
   return moments
 
 
-def unscaled_variance(variance: jax.Array, inv_unit: jax.Array) -> jax.Array:
+def unscaled_variance(variance: jax.Array, inv_unit: jax.Array | None
+                      ) -> jax.Array:
   """A variance in units of ``unit^2`` in plain units, saturated at the
   float32 (dtype) maximum where it overflows: a finite variance beyond the
   dtype's range (a spread beyond about 1.8e19 in float32) is stored as the
   largest finite number, never as inf. Non-finite inputs stay non-finite."""
+  if inv_unit is None:
+    return variance
   unit = 1 / inv_unit  # exact; inv_unit^2 underflows for units beyond 2^63
   return saturated(variance * unit * unit, variance)
 
@@ -512,8 +530,9 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
   count, mean, m2, inv_unit = in_units(platform_moments)(
       x, reduction_axes, weights)
   if axis_name is not None:
-    count, mean, m2, inv_unit = merge_across_devices(
+    count, mean, m2, *unit = merge_across_devices(
         count, mean, m2, axis_name, axis_index_groups, inv_unit=inv_unit)
+    inv_unit = unit[0] if unit else None
   return Moments(mean, unscaled_variance(safe_divide(m2, count), inv_unit),
                  count)
 

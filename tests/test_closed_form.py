@@ -12,6 +12,9 @@ import jaxbn
 from jaxbn import cpu_kernels, modes
 from jaxbn.bench import ordinary_path_bytes
 
+# data of ordinary range: the overflow guard stays off here (conftest.py)
+ORDINARY_DATA = True
+
 
 def _adjustment(shape, key):
   return (jax.random.uniform(key, shape[-1:], minval=0.9, maxval=1.1),
@@ -119,6 +122,52 @@ def test_closed_form_equals_autodiff(feature, layout, mask):
           err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
 
+# the features whose arithmetic the guard touches (renorm's corrections,
+# merges over virtual batches, the ReLU's gate), and a mask
+@pytest.mark.parametrize("feature,mask", [
+    ("plain", "none"), ("renorm", "none"), ("ghost", "none"),
+    ("ghost contiguous", "none"), ("relu", "none"),
+    ("ghost + renorm + relu", "rows")])
+def test_the_overflow_guard_changes_no_number_of_ordinary_data(feature, mask):
+  # This module runs with the guard off (ORDINARY_DATA): here one program
+  # per case computes every path with it on and off, which must agree to
+  # float32 rounding (outputs, state, all gradients: the guard's ops are
+  # exact for unit 1, but XLA may fuse the two programs differently), so
+  # the rest of the module tests the numbers of the default program too.
+  shape = (32, 5, 4, 6)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(3, 2, shape), jnp.float32)
+  dy = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
+  m = _mask(MASKS[mask], shape)
+  paths = {"kernels": (None, "on", "auto"), "xla": (None, "off", "auto"),
+           "accelerator": (None, "off", "accelerator"),
+           "autodiff": (False, "off", "auto")}
+  configs = {name: jaxbn.BatchNormConfig(fused=fused, momentum=0.8,
+                                         **FEATURES[feature])
+             for name, (fused, _, _) in paths.items()}
+  params, state = jaxbn.init(configs["xla"], shape, key=jax.random.PRNGKey(1))
+  state = _random_state(state)
+
+  def every_path(p, s, x, dy):
+    results = {}
+    for name, (_, kernels, statistics) in paths.items():
+      for guard in ("on", "off"):
+        with cpu_kernels.use(kernels), modes.statistics(statistics), \
+            modes.overflow_guard(guard):
+          results[name, guard] = _step(configs[name], p, s, x, dy, m)
+    return results
+
+  results = jax.jit(every_path)(params, state, x, dy)
+  for name in paths:
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(results[name, "on"]),
+        jax.tree_util.tree_leaves(results[name, "off"])):
+      scale = float(np.max(np.abs(b), initial=1.0))
+      np.testing.assert_allclose(
+          a, b, rtol=1e-6, atol=1e-6 * scale,
+          err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+
+
 def test_closed_form_equals_autodiff_across_devices():
   # every feature under shard_map over 4 devices, sharded batch, per-row mask
   from jax.sharding import Mesh, PartitionSpec as P
@@ -190,7 +239,8 @@ def test_every_feature_moves_the_plain_paths_bytes_and_saves_only_x(feature):
     return y, vjp(dy)
 
   with cpu_kernels.use("on"):
-    compiled = jax.jit(step).lower(params, x, x).compile()
+    with modes.overflow_guard("on"):  # the real program (module: off)
+      compiled = jax.jit(step).lower(params, x, x).compile()
     with modes.overflow_guard("off"):  # the program ordinary data run
       ordinary = jax.jit(step).lower(params, x, x).compile()
     moved = ordinary_path_bytes(jax.jit(step), params, x, x)

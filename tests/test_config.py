@@ -10,6 +10,9 @@ import jaxbn
 from jaxbn.linen import CONFIG_FIELDS
 from tests import keras_oracle
 
+# data of ordinary range: the overflow guard stays off here (conftest.py)
+ORDINARY_DATA = True
+
 KERAS_ONLY = {"name", "synchronized", "kwargs", "self"}
 JAXBN_ONLY = {"moving_variance_estimator", "virtual_batch_layout",
               "skip_nonfinite_updates", "activation"}

@@ -14,6 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jaxbn
 from jaxbn import cpu_kernels, stats
 
+# data of ordinary range: the overflow guard stays off here (conftest.py)
+ORDINARY_DATA = True
+
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
                                    reason="CPU kernels not built")
 

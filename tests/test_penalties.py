@@ -7,6 +7,9 @@ import jaxbn
 from jaxbn import penalties
 from tests import keras_oracle
 
+# data of ordinary range: the overflow guard stays off here (conftest.py)
+ORDINARY_DATA = True
+
 REGULARIZERS = ["l1", "l2", "l1_l2",
                 {"class_name": "L1L2", "config": {"l1": 0.3, "l2": 0.05}},
                 {"class_name": "L2", "config": {"l2": 1.5}}]

@@ -9,6 +9,9 @@ import jaxbn
 
 # every property under both statistics algorithms (see conftest)
 pytestmark = pytest.mark.usefixtures("statistics_mode")
+# data of ordinary range (the extremes are test_statistics'): the overflow
+# guard stays off here (conftest.py)
+ORDINARY_DATA = True
 
 
 @st.composite

@@ -356,7 +356,9 @@ def test_ordinary_data_get_the_same_numbers_with_and_without_the_guard():
     assert ("conditional" in compiled.as_text()) == (guard == "on")
   for a, b in zip(jax.tree_util.tree_leaves(results["on"]),
                   jax.tree_util.tree_leaves(results["off"])):
-    np.testing.assert_array_equal(a, b)
+    # to rounding: XLA may fuse the two programs differently
+    scale = float(np.max(np.abs(b), initial=1.0))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_inverse_unit_is_a_power_of_two_above_the_magnitude():

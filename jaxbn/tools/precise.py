@@ -43,6 +43,8 @@ def _interceptor(next_fun, args, kwargs, context):
         jnp.asarray(mask, sd), x.shape)
     count, mean, m2, inv_unit = stats_lib.in_units(stats_lib.local_moments)(
         x.astype(sd), resolved.reduction_axes, weights)
+    if inv_unit is None:  # the overflow guard is off: no units
+      inv_unit = jnp.ones_like(mean)
     module.sow(_COLLECTION, "moments", jax.tree_util.tree_map(
         lambda v: v.reshape(resolved.param_shape),
         (count, mean, m2, inv_unit)))
