@@ -27,7 +27,11 @@ Keras 3 and flax.linen) but their outputs are constants of the parameters
 and the input (dx = 0 there, and they add nothing to S1 and S2), so whatever
 the padding holds, NaN included, never reaches a statistic or a gradient.
 
-(dmean, dvar are cotangents of the returned statistics, usually zero.) With
+(dmean, dvar are cotangents of the returned statistics, usually zero.) A
+channel whose statistics the overflow guard took in units (``stats.in_units``:
+a spread beyond 2^30) runs all of the above for ``x / unit``, with
+``epsilon / unit^2``; its returned variance is in plain units, saturated at
+float32's maximum. With
 the ReLU, dy is first gated (0 where ``(x - mean) a + b <= 0``), recomputed
 from x inside the backward's passes. The only
 residuals are ``x`` in its own dtype and per-channel vectors; the normalized
@@ -157,8 +161,8 @@ def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
     unit = 1 / inv_unit
     mean, dmean, dvar = mean * inv_unit, dmean * unit, dvar * unit * unit
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
-      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes, epsilon, axis_name, groups,
-      relu=relu, inv_unit=inv_unit)
+      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes,
+      epsilon, axis_name, groups, relu=relu, inv_unit=inv_unit)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a

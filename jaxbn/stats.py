@@ -13,7 +13,10 @@ formula, which stays exact for data with a large mean::
   n = sum n_i,  mean = sum n_i mean_i / n,  M2 = sum M2_i + sum n_i (mean_i - mean)^2
 
 (:func:`merge`, the one merge of triples in jaxbn: devices, virtual batches
-and Precise BN use it). The triples travel in **one** all-reduce: each device writes its triple into its
+and Precise BN use it).
+
+Data spread beyond float32's range for squares are measured in units of a
+power of two (:func:`in_units`, the overflow guard), and merged in units. The triples travel in **one** all-reduce: each device writes its triple into its
 own slot of a zero buffer ``(devices, 3, ...)`` and the buffer is ``psum``-ed
 (an all-gather expressed as a sum, so the compiled program holds exactly one
 all-reduce of ``3 * devices * channels`` floats).
@@ -208,11 +211,12 @@ def sampled_shift(x, reduction_axes, weights=None, dtype=None):
 
 
 def _sample_valid(x, w, masked_axes, counts, grid):
-  """``(sample, valid)`` of ``x``: along ``masked_axes`` (where the mask
-  ``w`` varies; it is shared by the channels) at evenly spread *valid*
-  positions of the mask, along the other reduced axes on ``grid``; the
-  sample's masked positions come first, flattened, as ``grid`` leaves the
-  rest."""
+  """``(sample, valid)`` of ``x``, with x's rank: ``prod(counts)`` of the
+  masked axes' positions at evenly spread *valid* positions of the mask
+  ``w`` (which varies along ``masked_axes`` only: it is shared by the
+  channels), laid along the first masked axis (1 along the others); the
+  other reduced axes on ``grid``; the kept axes whole. Reads the mask and
+  the sampled rows, not x."""
   others = {a: c for a, c in counts.items() if a not in masked_axes}
   wanted = math.prod(counts[a] for a in masked_axes)
   # the other reduced axes on the grid first (x's masked axes whole)
@@ -340,9 +344,10 @@ def in_units(local_moments_fn):
 
   Batch norm is invariant to scaling a channel (with epsilon scaled alike),
   so a channel whose data spread beyond float32's range for squares (see
-  :func:`needs_units`) is measured in units ``u``, a power of two at least its
-  largest valid magnitude (at most 2^126): ``x / u`` lies within ``[-4, 4]``, its squares and
-  sums cannot overflow, and scaling by ``u`` is exact. ``M2`` is then in units
+  :func:`needs_units`) is measured in units ``u``, a power of two at least
+  its largest valid magnitude (at most 2^126): ``x / u`` lies within
+  ``[-4, 4]``, its squares and sums cannot overflow, and scaling by ``u`` is
+  exact. ``M2`` is then in units
   of ``u^2`` and ``inv_unit = 1 / u`` (1 for every ordinary channel, whose
   results are those of ``local_moments_fn``; a non-finite channel keeps
   them too). The retake, two XLA passes plus one for the magnitude, runs
@@ -424,8 +429,8 @@ def merge(count, mean, m2, axis: int, *, between: bool = True,
   second term is left out: ``M2 / n`` is then the count-weighted average of
   the groups' variances, which is what Keras' virtual batches average.
   ``pooled`` values are summed along. Written with array methods only, so
-  NumPy float64 arrays stay NumPy (Precise BN) and JAX arrays stay JAX.
-  Empty groups count for nothing.
+  NumPy float64 arrays stay NumPy (Precise BN) and JAX arrays stay JAX
+  (with ``inv_unit``: JAX only). Empty groups count for nothing.
 
   ``inv_unit`` (see :func:`in_units`): each group's ``1 / unit``, ``M2`` and
   the pooled sums being in units of ``unit^2``. The merge is then done in
