@@ -776,6 +776,10 @@ def main(argv=None):
   parser.add_argument("--burst", type=int, default=3,
                       help="timed back-to-back calls per implementation and "
                       "round, after one untimed call")
+  parser.add_argument("--cases", default=None,
+                      help="comma-separated case names to run (of those "
+                      "--quick or the full run selects), e.g. 'in-cache NHWC "
+                      "float32'")
   parser.add_argument("--out", default="bench_results")
   parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated subset of " + ",".join(IMPLS))
@@ -794,10 +798,18 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown --impls {sorted(unknown)}; choose from "
                  f"{list(IMPLS)}")
+  selected = [] if args.features_only else cases(args.quick)
+  if args.cases is not None:
+    wanted = [n.strip() for n in args.cases.split(",") if n.strip()]
+    known = [case.name for case in selected]
+    missing = [n for n in wanted if n not in known]
+    if missing:
+      parser.error(f"unknown --cases {missing}; choose from {known}")
+    selected = [case for case in selected if case.name in wanted]
   repeats = args.repeats or (5 if args.quick else 15)
   os.makedirs(args.out, exist_ok=True)
   results = []
-  for case in [] if args.features_only else cases(args.quick):
+  for case in selected:
     print(f"running {case.name} ...", flush=True)
     results.append(run_case(case, names, case.rounds(repeats),
                             burst=args.burst))

@@ -174,11 +174,35 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
   if not (training and config.trainable):
-    return _inference(config, resolved, params, state, x), dict(state)
+    inference = _compiled_inference if _concrete(params, state, x) else (
+        _inference)
+    return inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
     _check_virtual_batch(config, x.shape)
-  return _train(config, resolved, params, state, x, weights, key, axis_name,
-                axis_index_groups)
+  train = _train
+  if (axis_name is None and config.adjustment is None
+      and _concrete(params, state, x, weights, key)):
+    train = _compiled_train
+  return train(config, resolved, params, state, x, weights, key, axis_name,
+               axis_index_groups)
+
+
+def _concrete(*trees) -> bool:
+  """Whether no leaf is being traced: an eager call."""
+  return not any(isinstance(leaf, jax.core.Tracer)
+                 for leaf in jax.tree_util.tree_leaves(trees))
+
+
+# An eager call runs as one compiled program per configuration and shapes
+# (cached by jit) rather than op by op: the overflow guard's lax.cond alone
+# would otherwise be traced and compiled again on every eager call. Calls under
+# a transformation (their leaves are tracers) are traced inline as before;
+# eager calls with axis_name (which only a transformation binds) or with an
+# adjustment callable (which may draw from Python state on every call) stay
+# op by op.
+_compiled_inference = jax.jit(lambda *a: _inference(*a), static_argnums=(0, 1))
+_compiled_train = jax.jit(lambda *a: _train(*a),
+                          static_argnums=(0, 1, 7, 8))
 
 
 def _broadcast_params(config, resolved, params, dtype):

@@ -106,14 +106,17 @@ def statistics_mode(request):
 def overflow_guard(request):
   """The overflow guard (``jaxbn.modes.overflow_guard``) for each test: on,
   as in the product, except in modules that declare ``ORDINARY_DATA =
-  True``: their data never reach the guard's retake, so its ``lax.cond``
-  only doubles the compile time of their programs. There
+  True`` and tests marked ``ordinary_data``: their data never reach the
+  guard's retake, so its ``lax.cond`` only doubles the compile time of their
+  programs. There
   ``test_closed_form::test_the_overflow_guard_changes_no_number_of_ordinary_data``
   checks, feature by feature on every path, that the guard changes no
-  number of ordinary data (beyond float32 rounding), so those modules test
-  the default program's numbers too; the numerics, distributed, export, reliability
-  and property modules, the README, examples and benchmark run with it on."""
+  number of ordinary data (beyond float32 rounding), so those tests check
+  the default program's numbers too. The numerics (``test_statistics``),
+  distributed, export and reliability modules, the README, examples and
+  benchmark run with it on."""
   from jaxbn import modes
-  ordinary = getattr(request.module, "ORDINARY_DATA", False)
+  ordinary = (getattr(request.module, "ORDINARY_DATA", False)
+              or request.node.get_closest_marker("ordinary_data") is not None)
   with modes.overflow_guard("off" if ordinary else "on"):
     yield

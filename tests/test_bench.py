@@ -11,6 +11,7 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "jaxbn.bench", "--quick", "--repeats", "1",
        "--burst", "1", "--skip-features", "--impls", "jaxbn,flax.linen",
+       "--cases", "in-cache NHWC float32",
        "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=600, env=default_level_env())
   assert result.returncode == 0, result.stderr[-3000:]
@@ -21,6 +22,8 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path):
   assert set(first["modes"]["fwd+bwd"]) == {"elementwise", "jaxbn",
                                             "flax.linen"}
   assert first["xla"]["jaxbn"]["fwd+bwd"]["bytes_accessed_x_input"] <= 10.2
+  assert [r["case"]["name"] for r in report["results"]] == [
+      "in-cache NHWC float32"]
   assert "| jaxbn |" in (tmp_path / "bench.md").read_text()
   assert (tmp_path / "bench.png").stat().st_size > 1000
 

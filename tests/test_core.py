@@ -453,3 +453,46 @@ def test_fused_relu_equals_a_relu_after_the_layer(kwargs):
       jax.tree_util.tree_leaves(results[None])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_an_eager_call_runs_as_one_compiled_program_per_configuration():
+  # Eagerly, apply compiles its whole computation once per configuration
+  # and shapes (a second call reuses it), with the numbers of a jitted call;
+  # an adjustment callable stays eager, called on every call.
+  from jaxbn import core
+  config = jaxbn.BatchNormConfig(momentum=0.7, renorm=True,
+                                 virtual_batch_size=4)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(2, 3, (16, 3)), jnp.float32)
+  params, state = _random_state(config, x.shape, rng)
+  core._compiled_train.clear_cache()
+  core._compiled_inference.clear_cache()
+  y, new_state = jaxbn.apply(config, params, state, x, training=True)
+  assert core._compiled_train._cache_size() == 1
+  y2, _ = jaxbn.apply(config, params, new_state, x + 1, training=True)
+  assert core._compiled_train._cache_size() == 1  # reused
+  y_jit, state_jit = jax.jit(lambda p, s, x: jaxbn.apply(
+      config, p, s, x, training=True))(params, state, x)
+  np.testing.assert_allclose(y, y_jit, rtol=1e-6, atol=1e-6)
+  for k in state_jit:
+    np.testing.assert_allclose(new_state[k], state_jit[k], rtol=1e-6)
+  y_inf, same = jaxbn.apply(config, params, new_state, x, training=False)
+  assert core._compiled_inference._cache_size() == 1
+  assert same["moving_mean"] is new_state["moving_mean"]
+  calls = []
+
+  def adjustment(shape):
+    calls.append(shape)
+    return jnp.full(shape[-1:], 1.0 + 0.5 * len(calls)), jnp.zeros(shape[-1:])
+
+  adjusted = jaxbn.BatchNormConfig(adjustment=adjustment)
+  p, s = jaxbn.init(adjusted, x.shape)
+  first, _ = jaxbn.apply(adjusted, p, s, x, training=True)
+  second, _ = jaxbn.apply(adjusted, p, s, x, training=True)
+  assert len(calls) == 2
+  np.testing.assert_allclose(second, first * 2.0 / 1.5, rtol=1e-5, atol=1e-6)
+  # under a transformation apply is traced inline, as any JAX function
+  core._compiled_train.clear_cache()
+  jax.grad(lambda x: jnp.sum(jaxbn.apply(config, params, state, x,
+                                         training=True)[0] ** 2))(x)
+  assert core._compiled_train._cache_size() == 0

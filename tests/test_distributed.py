@@ -308,6 +308,9 @@ def test_local_statistics_in_shard_map_sum_parameter_gradients():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
+# Ordinary data: the guard's ordinary program on devices is checked by the
+# tests above; here its cond would only double twenty compiles.
+@pytest.mark.ordinary_data
 @settings(max_examples=10, deadline=None)
 @given(rows_per_device=st.integers(1, 4), channels=st.integers(1, 5),
        keep=st.floats(0.0, 1.0), seed=st.integers(0, 1000),
