@@ -104,7 +104,8 @@ def _by_units(inv_unit, passes_fn):
   def in_units():
     with modes.cpu_kernels("off"):
       return passes_fn(inv_unit)
-  return lax.cond(jnp.all(inv_unit == 1), lambda: passes_fn(None), in_units)
+  return stats.guard_cond(jnp.all(inv_unit == 1), lambda: passes_fn(None),
+                          in_units)
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):

@@ -375,12 +375,25 @@ def in_units(local_moments_fn):
       return (jnp.where(retaken, scaled_mean / inv_unit, mean),
               jnp.where(retaken, scaled_m2, m2), inv_unit)
 
-    mean, m2, inv_unit = lax.cond(
+    mean, m2, inv_unit = guard_cond(
         jnp.any(needs_units(count, mean, m2)), retake,
         lambda: (mean, m2, jnp.ones_like(mean)))
     return count, mean, m2, inv_unit
 
   return moments
+
+
+def guard_cond(predicate: jax.Array, if_true, if_false):
+  """``lax.cond(predicate, if_true, if_false)``, or only the branch it
+  picks where the predicate is already known: in an eager call (eager
+  ``grad`` included) ``lax.cond`` traces and compiles both branches again on
+  every call, as they are new closures each time (140 ms for a small
+  training call)."""
+  try:
+    known = bool(predicate)
+  except jax.errors.ConcretizationTypeError:  # traced: jit, vmap, remat...
+    return lax.cond(predicate, if_true, if_false)
+  return if_true() if known else if_false()
 
 
 def unscaled_variance(variance: jax.Array, inv_unit: jax.Array | None

@@ -292,7 +292,7 @@ def test_grad_of_grad_through_every_feature(feature):
     loss = lambda x: jnp.sum(jnp.sin(jaxbn.apply(
         config, params, state, x, training=True,
         key=jax.random.PRNGKey(0))[0]))
-    outs[fused] = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)
+    outs[fused] = jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2)))(x)
   np.testing.assert_allclose(outs[None], outs[False], rtol=2e-4, atol=2e-5)
 
 
@@ -306,5 +306,5 @@ def test_features_combine_under_vmap_with_kernels():
       params, state = jaxbn.init(config, shape[1:])
       f = lambda x: jaxbn.apply(config, params, state, x, training=True)[0]
       with cpu_kernels.use(kernels):
-        outs[fused] = jax.vmap(jax.grad(lambda x: jnp.sum(f(x) ** 3)))(x)
+        outs[fused] = jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(f(x) ** 3))))(x)
     np.testing.assert_allclose(outs[None], outs[False], rtol=1e-4, atol=1e-5)

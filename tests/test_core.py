@@ -106,8 +106,9 @@ def test_gradients_match_finite_differences_in_float64(kwargs, use_mask):
       return jnp.sum(jnp.where(valid, jnp.sin(y) * weights, 0)) + jnp.sum(
           new_state["moving_mean"] * 0)
 
-    check_grads(loss, (params, x), order=2, modes=["rev"], atol=1e-5,
-                rtol=1e-5)
+    # jitted: one compiled program per derivative instead of op by op
+    check_grads(jax.jit(loss), (params, x), order=2, modes=["rev"],
+                atol=1e-5, rtol=1e-5)
 
 
 def test_fused_path_gradients_equal_autodiff_path():
@@ -122,7 +123,7 @@ def test_fused_path_gradients_equal_autodiff_path():
     params = {"gamma": params["gamma"] * 1.5, "beta": params["beta"] + 0.3}
     f = lambda p, x: jaxbn.apply(config, p, state, x, training=True,
                                  mask=mask)[0]
-    y, vjp = jax.vjp(f, params, x)
+    y, vjp = jax.vjp(jax.jit(f), params, x)
     out[fused] = (y, vjp(dy))
   for a, b in zip(jax.tree_util.tree_leaves(out[None]),
                   jax.tree_util.tree_leaves(out[False])):
@@ -145,7 +146,8 @@ def test_custom_vjp_differentiates_every_output():
       return (jnp.sum(jnp.where(w > 0, jnp.sin(y), 0)) + jnp.sum(mean * c)
               + jnp.sum(var ** 2))
 
-    check_grads(f, (x, jnp.ones((1, 3)) * 1.3, jnp.zeros((1, 3)) + 0.2),
+    check_grads(jax.jit(f),
+                (x, jnp.ones((1, 3)) * 1.3, jnp.zeros((1, 3)) + 0.2),
                 order=2, modes=["rev"])
 
 
@@ -214,7 +216,8 @@ def test_forward_mode_works_with_fused_false_and_agrees_with_the_fast_path():
   plain = jaxbn.BatchNormConfig(fused=False)
   params, state = jaxbn.init(fast, x.shape)
   f = lambda c: (lambda x: jaxbn.apply(c, params, state, x, training=True)[0])
-  np.testing.assert_allclose(jax.jacfwd(f(plain))(x), jax.jacrev(f(fast))(x),
+  np.testing.assert_allclose(jax.jit(jax.jacfwd(f(plain)))(x),
+                             jax.jit(jax.jacrev(f(fast)))(x),
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jacfwd(f(fast))(x)
@@ -310,8 +313,8 @@ def test_masked_gradients_are_the_valid_elements_gradients():
 
     for fused in (None, False):
       config = jaxbn.BatchNormConfig(fused=fused)
-      gm = jax.grad(masked, argnums=(0, 1))(params, x)
-      gv = jax.grad(valid_only, argnums=(0, 1))(params, x)
+      gm = jax.jit(jax.grad(masked, argnums=(0, 1)))(params, x)
+      gv = jax.jit(jax.grad(valid_only, argnums=(0, 1)))(params, x)
       for a, b in zip(jax.tree.leaves(gm), jax.tree.leaves(gv)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 

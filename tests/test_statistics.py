@@ -322,6 +322,34 @@ def test_gradients_at_any_spread_match_float64_on_every_path(spread, offset):
                                rtol=1e-5, err_msg=path)
 
 
+def test_the_guard_picks_its_branch_in_python_when_the_data_are_known():
+  # Eagerly (eager grad included) the guard's predicate is known, so only
+  # the branch it picks runs (an eager lax.cond would compile both on every
+  # call); traced, it is a lax.cond. Both give the numbers of the jit.
+  calls = []
+  branch = lambda name: (lambda: calls.append(name) or jnp.float32(len(name)))
+  assert stats.guard_cond(jnp.bool_(True), branch("yes"), branch("no")) == 3
+  assert calls == ["yes"]
+  jaxpr = jax.make_jaxpr(lambda p: stats.guard_cond(
+      p, branch("yes"), branch("no")))(True)
+  assert "cond[" in str(jaxpr)
+  rng = np.random.default_rng(8)
+  x = (rng.normal(size=(32, 2)) * np.float32([1e25, 1])).astype(np.float32)
+  dy = rng.normal(size=(32, 2)).astype(np.float32)
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, x.shape)
+  loss = lambda p, x: jnp.sum(jaxbn.apply(config, p, state, x,
+                                          training=True)[0] * dy)
+  grad = jax.grad(loss, argnums=(0, 1))
+  for path in ["kernels", "xla"]:
+    with _path(path):
+      eager, jitted = grad(params, x), jax.jit(grad)(params, x)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+  _, dx_ref, _, _ = _float64_gradients(x, dy, np.ones(2, np.float32))
+  assert np.all(np.abs(eager[1] - dx_ref) <= 1e-5 * np.abs(dx_ref).max(0))
+
+
 def test_device_means_far_apart_merge_in_units():
   # each device's shard is constant (its own variance 0) but the means of
   # the 8 devices spread to 1e30: the merged variance needs units
