@@ -20,9 +20,9 @@ program it was compiled with.
   ``'off'`` (no retake and no ``cond``: the program of ordinary data, which
   the benchmark's byte counts measure; a spread beyond about 1e18 then
   overflows). Environment: ``JAXBN_OVERFLOW_GUARD``; scoped:
-  ``jaxbn.modes.overflow_guard(mode)``. Under ``vmap`` a ``cond`` whose
-  predicate is batched runs both branches, so the guard's retake then costs
-  three more reads of x per step: turn it off there if the data are ordinary.
+  ``jaxbn.modes.overflow_guard(mode)``. Under ``vmap`` its conds stay
+  conds (``stats.guard_cond``): the retake runs for every member when any
+  member needs it.
 """
 from __future__ import annotations
 

@@ -104,8 +104,8 @@ def _by_units(inv_unit, passes_fn):
   def in_units():
     with modes.cpu_kernels("off"):
       return passes_fn(inv_unit)
-  return stats.guard_cond(jnp.all(inv_unit == 1), lambda: passes_fn(None),
-                          in_units)
+  return stats.guard_cond(jnp.any(inv_unit != 1), in_units,
+                          lambda: passes_fn(None))
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):

@@ -383,17 +383,35 @@ def in_units(local_moments_fn):
   return moments
 
 
-def guard_cond(predicate: jax.Array, if_true, if_false):
-  """``lax.cond(predicate, if_true, if_false)``, or only the branch it
-  picks where the predicate is already known: in an eager call (eager
-  ``grad`` included) ``lax.cond`` traces and compiles both branches again on
-  every call, as they are new closures each time (140 ms for a small
+def guard_cond(needed: jax.Array, general, ordinary):
+  """``general()`` where ``needed`` (a scalar bool), else ``ordinary()``: the
+  overflow guard's ``lax.cond``. ``general`` must give every channel (and
+  every ``vmap`` member) its right numbers whatever they need, selecting per
+  channel itself, so under ``vmap`` the predicate is reduced over the
+  members (:func:`_any_member`) and the cond stays a cond: an ensemble
+  whose members are all ordinary runs ``ordinary`` alone, where a batched
+  predicate would run both branches for every member. Where ``needed`` is
+  already known (an eager call, eager ``grad`` included) only the branch it
+  picks runs: an eager ``lax.cond`` traces and compiles both branches again
+  on every call, as they are new closures each time (140 ms for a small
   training call)."""
   try:
-    known = bool(predicate)
+    known = bool(needed)
   except jax.errors.ConcretizationTypeError:  # traced: jit, vmap, remat...
-    return lax.cond(predicate, if_true, if_false)
-  return if_true() if known else if_false()
+    return lax.cond(_any_member(needed), general, ordinary)
+  return general() if known else ordinary()
+
+
+@jax.custom_batching.custom_vmap
+def _any_member(needed: jax.Array) -> jax.Array:
+  """``needed``; under ``vmap``, whether any member needs it (unbatched)."""
+  return needed
+
+
+@_any_member.def_vmap
+def _any_member_vmap(axis_size, in_batched, needed):
+  del axis_size
+  return (jnp.any(needed) if in_batched[0] else needed), False
 
 
 def unscaled_variance(variance: jax.Array, inv_unit: jax.Array | None

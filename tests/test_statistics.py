@@ -350,6 +350,39 @@ def test_the_guard_picks_its_branch_in_python_when_the_data_are_known():
   assert np.all(np.abs(eager[1] - dx_ref) <= 1e-5 * np.abs(dx_ref).max(0))
 
 
+def test_under_vmap_the_guard_stays_a_cond_and_each_member_gets_its_numbers():
+  # An ensemble (vmap over members): the guard's conds stay conds (a batched
+  # predicate would run both branches for every member), and a member spread
+  # beyond float32's squares gets the numbers it gets alone.
+  rng = np.random.default_rng(9)
+  xs = rng.normal(size=(3, 32, 2)).astype(np.float32)
+  xs[1, :, 0] *= 1e25
+  dys = rng.normal(size=(3, 32, 2)).astype(np.float32)
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, xs.shape[1:])
+
+  def grads(x, dy):
+    loss = lambda p, x: jnp.sum(jaxbn.apply(config, p, state, x,
+                                            training=True)[0] * dy)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  for path in ["kernels", "xla"]:
+    with _path(path):
+      conds = str(jax.make_jaxpr(grads)(xs[0], dys[0])).count("cond[")
+      assert conds >= 2
+      assert str(jax.make_jaxpr(jax.vmap(grads))(xs, dys)).count(
+          "cond[") == conds
+      together = jax.jit(jax.vmap(grads))(xs, dys)
+      for member in range(3):
+        alone = jax.jit(grads)(xs[member], dys[member])
+        for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+          np.testing.assert_allclose(a[member], b, rtol=1e-5, atol=1e-6,
+                                     err_msg=f"{path} {member}")
+  _, dx_ref, _, _ = _float64_gradients(xs[1], dys[1], np.ones(2, np.float32))
+  assert np.all(np.abs(together[1][1] - dx_ref)
+                <= 1e-5 * np.abs(dx_ref).max(0))
+
+
 def test_device_means_far_apart_merge_in_units():
   # each device's shard is constant (its own variance 0) but the means of
   # the 8 devices spread to 1e30: the merged variance needs units
