@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -94,6 +94,11 @@ def train(synced: bool, epochs: int, seed: int = 0, progress: bool = True):
     logits = model.apply({"params": params, "batch_stats": stats}, x_te)
     return jnp.mean(jnp.argmax(logits, -1) == y_te)
 
+  # Replicated on the mesh from the start, as the step returns them: the
+  # first step then compiles the program every later step runs.
+  replicated = NamedSharding(mesh, P())
+  params, stats, opt_state = jax.device_put((params, stats, opt_state),
+                                            replicated)
   rng = np.random.RandomState(seed)
   history = []
   label = "synced" if synced else "local"
