@@ -249,8 +249,10 @@ def test_every_feature_moves_the_plain_paths_bytes_and_saves_only_x(feature):
   mask_rows = 0 if m is None else 4 * x.nbytes // (4 * shape[-1])
   assert moved <= 8.1 * x.nbytes + 4 * mask_rows
   assert ordinary.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
-  # the guard's branches may write out one float32 copy of x (masks, ReLU)
-  assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * x.nbytes
+  # the guard's branches may write out one float32 copy of x (masks, ReLU),
+  # and its cond that passes the kernel's results through reserves one more
+  # (passes._by_units)
+  assert compiled.memory_analysis().temp_size_in_bytes <= 2.1 * x.nbytes
   saved = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_fn)
               if hasattr(leaf, "nbytes"))
   assert saved - x.nbytes <= 0.05 * x.nbytes

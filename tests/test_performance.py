@@ -13,7 +13,8 @@ Inference is one multiply-add pass: read x, write y. Bytes are XLA's
 ``lax.cond`` branch that runs only for a channel spread beyond 2^30). The
 temporary memory is that program's too; the real program's may add one
 float32 copy of x, which XLA:CPU writes out inside the guard's branches for
-some inputs (bfloat16, masks, the fused ReLU): :func:`guard_temp_bound`.
+some inputs (bfloat16, masks, the fused ReLU), or reserves for the cond that
+passes the backward kernel's results through: :func:`guard_temp_bound`.
 """
 import flax.linen as nn
 import jax
