@@ -174,21 +174,26 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
   if not (training and config.trainable):
-    inference = _compiled_inference if _concrete(params, state, x) else (
-        _inference)
+    inference = (_compiled_inference if _concrete(config, params, state, x)
+                 else _inference)
     return inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
     _check_virtual_batch(config, x.shape)
   train = _train
   if (axis_name is None and config.adjustment is None
-      and _concrete(params, state, x, weights, key)):
+      and _concrete(config, params, state, x, weights, key)):
     train = _compiled_train
   return train(config, resolved, params, state, x, weights, key, axis_name,
                axis_index_groups)
 
 
-def _concrete(*trees) -> bool:
-  """Whether no leaf is being traced: an eager call."""
+def _concrete(config, *trees) -> bool:
+  """Whether no leaf is being traced (an eager call) and ``config`` can be
+  jit's static argument."""
+  try:
+    hash(config)
+  except TypeError:  # a field a user made unhashable: stay op by op
+    return False
   return not any(isinstance(leaf, jax.core.Tracer)
                  for leaf in jax.tree_util.tree_leaves(trees))
 
