@@ -54,9 +54,8 @@ def normalize(x, mean, a, b, activation=None, inv_unit=None):
 def _normalized(x, mean, a, b, inv_unit=None):
   """``(x - mean) * a + b`` in the statistics dtype (before any cast)."""
   sd = stats.stat_dtype(x.dtype)
-  x, mean = x.astype(sd), mean.astype(sd)
-  if inv_unit is not None:
-    x, mean = x * inv_unit, mean * inv_unit
+  x = stats.to_units(x.astype(sd), inv_unit)
+  mean = stats.to_units(mean.astype(sd), inv_unit)
   y = (x - mean) * a.astype(sd)
   if b is not None:
     y = y + b.astype(sd)

@@ -65,9 +65,8 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
   sd = stats.stat_dtype(x.dtype)
   count, mean, m2, inv_unit = stats.in_units(local_moments)(x, axes, weights)
   if axis_name is not None:
-    count, mean, m2, *unit = stats.merge_across_devices(
+    count, mean, m2, inv_unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, inv_unit=inv_unit)
-    inv_unit = unit[0] if unit else None
   var = stats.safe_divide(m2, count)  # in units of unit^2
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")

@@ -198,18 +198,6 @@ def _concrete(config, *trees) -> bool:
                  for leaf in jax.tree_util.tree_leaves(trees))
 
 
-# An eager call runs as one compiled program per configuration and shapes
-# (cached by jit) rather than op by op: the overflow guard's lax.cond alone
-# would otherwise be traced and compiled again on every eager call. Calls under
-# a transformation (their leaves are tracers) are traced inline as before;
-# eager calls with axis_name (which only a transformation binds) or with an
-# adjustment callable (which may draw from Python state on every call) stay
-# op by op.
-_compiled_inference = jax.jit(lambda *a: _inference(*a), static_argnums=(0, 1))
-_compiled_train = jax.jit(lambda *a: _train(*a),
-                          static_argnums=(0, 1, 7, 8))
-
-
 def _broadcast_params(config, resolved, params, dtype):
   """gamma and beta (None when absent) shaped to broadcast against x."""
   shape = resolved.broadcast_shape
@@ -288,6 +276,17 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
   return y.reshape(x.shape), _updated_state(config, resolved, state, summary)
 
 
+# An eager call runs as one compiled program per configuration and shapes
+# (cached by jit) rather than op by op: the overflow guard's lax.cond alone
+# would otherwise be traced and compiled again on every eager call. Calls under
+# a transformation (their leaves are tracers) are traced inline as before;
+# eager calls with axis_name (which only a transformation binds) or with an
+# adjustment callable (which may draw from Python state on every call) stay
+# op by op.
+_compiled_inference = jax.jit(_inference, static_argnums=(0, 1))
+_compiled_train = jax.jit(_train, static_argnums=(0, 1, 7, 8))
+
+
 def _broadcasts_per_channel(value_shape, channel_shape):
   """Whether a value of ``value_shape`` varies only over the channel axes."""
   if len(value_shape) > len(channel_shape):
@@ -362,14 +361,13 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
   update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
   if inv_unit is not None:
     inv_unit = jnp.broadcast_to(inv_unit, mean.shape)
-  count, mean, m2, update_m2, *unit = stats.merge(
+  count, mean, m2, update_m2, inv_unit = stats.merge(
       count, mean, m2, group_axis, between=False, pooled=(update_m2,),
       inv_unit=inv_unit)
   if axis_name is not None:
-    count, mean, m2, update_m2, *unit = stats.merge_across_devices(
+    count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
-        inv_unit=unit[0] if unit else None)
-  inv_unit = unit[0] if unit else None
+        inv_unit=inv_unit)
   return Summary(
       count, mean,
       stats.unscaled_variance(stats.safe_divide(m2, count), inv_unit),

@@ -140,11 +140,6 @@ def _gate(dy, x, mean, relu, inv_unit=None):
   return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
 
 
-def _in_units(values, inv_unit):
-  """``values * inv_unit`` (exact), or ``values`` without units."""
-  return values if inv_unit is None else values * inv_unit
-
-
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                            count, axes, epsilon, axis_name, groups, relu=None,
                            inv_unit=None, units_decided=True):
@@ -235,13 +230,14 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   def two_reads():  # XLA:CPU: two fast passes
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
         dy, dy, x, mean)
-    centered = _in_units(x_for_dot.astype(sd), inv_unit) - mean_for_dot
+    centered = (stats.to_units(x_for_dot.astype(sd), inv_unit)
+                - mean_for_dot)
     return (_sum(valid(dy_for_sum.astype(sd)), axes),
             _sum(valid(dy_for_dot.astype(sd) * centered), axes))
 
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
-    centered = _in_units(x.astype(sd), inv_unit) - mean
+    centered = stats.to_units(x.astype(sd), inv_unit) - mean
     return stats.sibling_sums(valid(dys), valid(dys * centered), axes)
 
   if modes.statistics.value == "accelerator":
@@ -274,11 +270,11 @@ def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
   sd = d.dtype
 
   def in_xla():
-    correction = c * _in_units(x.astype(sd), inv_unit) + d
+    correction = c * stats.to_units(x.astype(sd), inv_unit) + d
     if weights is not None:
       correction = weights.astype(sd) * correction
     dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
-    return _in_units(dx, inv_unit).astype(x.dtype)
+    return stats.to_units(dx, inv_unit).astype(x.dtype)
 
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None:

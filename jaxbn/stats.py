@@ -16,10 +16,13 @@ formula, which stays exact for data with a large mean::
 and Precise BN use it).
 
 Data spread beyond float32's range for squares are measured in units of a
-power of two (:func:`in_units`, the overflow guard), and merged in units. The triples travel in **one** all-reduce: each device writes its triple into its
-own slot of a zero buffer ``(devices, 3, ...)`` and the buffer is ``psum``-ed
-(an all-gather expressed as a sum, so the compiled program holds exactly one
-all-reduce of ``3 * devices * channels`` floats).
+power of two (:func:`in_units`, the overflow guard), and merged in units.
+
+The triples travel in **one** all-reduce: each device writes its triple into
+its own slot of a zero buffer ``(devices, 3, ...)`` and the buffer is
+``psum``-ed (an all-gather expressed as a sum, so the compiled program holds
+exactly one all-reduce of ``3 * devices * channels`` floats; with units, one
+more row for ``inv_unit``).
 """
 from __future__ import annotations
 
@@ -122,13 +125,12 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   # that two fusions share)
   inv_for_mean, inv_for_m2 = (None, None) if inv_unit is None else separate(
       inv_unit, inv_unit)
-  scaled = lambda v, inv: v if inv is None else v * inv
   if shift is None:
-    shift = scaled(sampled_shift(x, axes, weights, sd), inv_for_mean)
-  s1 = _sum(_weighted(w, scaled(x_for_mean.astype(sd), inv_for_mean) - shift),
-            axes)
+    shift = to_units(sampled_shift(x, axes, weights, sd), inv_for_mean)
+  s1 = _sum(_weighted(w, to_units(x_for_mean.astype(sd), inv_for_mean)
+                      - shift), axes)
   mean = shift + safe_divide(s1, count)
-  squares = jnp.square(scaled(x_for_m2.astype(sd), inv_for_m2)
+  squares = jnp.square(to_units(x_for_m2.astype(sd), inv_for_m2)
                        - separate(mean)[0])
   q = _sum(_weighted(w, squares), axes)
   residual = s1 - count * (mean - shift)
@@ -314,6 +316,12 @@ UNIT_FREE_VARIANCE_LIMIT = 2.0 ** 60
 _UNIT_EXPONENT_LIMIT = 126
 
 
+def to_units(values, inv_unit):
+  """``values`` in units: ``values * inv_unit`` (exact, a power of two per
+  channel), or ``values`` where there are no units (``inv_unit`` None)."""
+  return values if inv_unit is None else values * inv_unit
+
+
 def inverse_unit(magnitude: jax.Array) -> jax.Array:
   """Per element ``1 / u`` for the power of two ``u >= |magnitude|`` (within
   2^-126..2^126); 1 where ``magnitude`` is 0 or not finite."""
@@ -453,7 +461,8 @@ def device_slot(axis_name, axis_index_groups) -> tuple[jax.Array, int]:
 
 def merge(count, mean, m2, axis: int, *, between: bool = True,
           pooled: tuple = (), inv_unit=None):
-  """``(count, mean, M2, *pooled sums)`` of the groups stacked along ``axis``.
+  """``(count, mean, M2, *pooled sums, inv_unit)`` of the groups stacked
+  along ``axis``.
 
   Chan's formula: ``n = sum n_i``, ``mean = sum n_i mean_i / n`` and
   ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``. With ``between=False`` the
@@ -466,33 +475,31 @@ def merge(count, mean, m2, axis: int, *, between: bool = True,
   ``inv_unit`` (see :func:`in_units`): each group's ``1 / unit``, ``M2`` and
   the pooled sums being in units of ``unit^2``. The merge is then done in
   the largest unit, or in one above every mean where the means are spread
-  beyond 2^30 (their squared differences would leave float32), and that
-  ``inv_unit`` is returned last.
+  beyond 2^30 (their squared differences would leave float32). That
+  ``inv_unit`` is returned last (None without units).
   """
   total = count.sum(axis, keepdims=True)
   # around a reference, the first non-empty group's mean: equal means then
   # merge exactly, and n_i * mean_i cannot round at large means
   first = (count > 0).argmax(axis)
   reference = _take(mean, first, axis)
-  in_units_of = lambda v: v
+  common = None
   if inv_unit is not None:
     common = _common_inverse_unit(count, mean, reference, inv_unit, axis)
     ratio = (common / inv_unit) ** 2
     m2, pooled = m2 * ratio, tuple(v * ratio for v in pooled)
-    in_units_of = lambda v: v * common
-  offset = (count * (in_units_of(mean) - in_units_of(reference))).sum(
-      axis, keepdims=True) / (total + (total == 0))
-  merged_mean = reference + (offset if inv_unit is None else offset / common)
+  deviation = to_units(mean, common) - to_units(reference, common)
+  offset = (count * deviation).sum(axis, keepdims=True) / (
+      total + (total == 0))
+  merged_mean = reference + (offset if common is None else offset / common)
   merged_m2 = m2.sum(axis, keepdims=True)
   if between:
-    merged_m2 = merged_m2 + (count * (
-        in_units_of(mean) - in_units_of(reference) - offset) ** 2).sum(
-            axis, keepdims=True)
+    merged_m2 = merged_m2 + (count * (deviation - offset) ** 2).sum(
+        axis, keepdims=True)
   merged = (total, merged_mean, merged_m2) + tuple(
       v.sum(axis, keepdims=True) for v in pooled)
-  if inv_unit is not None:
-    merged = merged + (common,)
-  return tuple(v.squeeze(axis) for v in merged)
+  return tuple(v.squeeze(axis) for v in merged) + (
+      None if common is None else common.squeeze(axis),)
 
 
 def _common_inverse_unit(count, mean, reference, inv_unit, axis):
@@ -566,9 +573,8 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
   count, mean, m2, inv_unit = in_units(platform_moments)(
       x, reduction_axes, weights)
   if axis_name is not None:
-    count, mean, m2, *unit = merge_across_devices(
+    count, mean, m2, inv_unit = merge_across_devices(
         count, mean, m2, axis_name, axis_index_groups, inv_unit=inv_unit)
-    inv_unit = unit[0] if unit else None
   return Moments(mean, unscaled_variance(safe_divide(m2, count), inv_unit),
                  count)
 

@@ -126,7 +126,7 @@ def _combine(history, method, bessel):
     if bessel:
       variances = variances * counts / np.maximum(counts - 1, 1)
     return means.mean(0), variances.mean(0)
-  total, mean, m2 = stats_lib.merge(counts, means, m2s, axis=0)
+  total, mean, m2, _ = stats_lib.merge(counts, means, m2s, axis=0)
   denominator = np.maximum(total - 1, 1) if bessel else np.maximum(total, 1)
   return mean, m2 / denominator
 
