@@ -52,7 +52,8 @@ VIEWS = [
     ((16, 24, 9, 9), (0, 2, 3)),     # NCHW
     ((300, 3), (0,)),                # (N, C), C not a multiple of 8
     ((7, 5, 17), (0, 1)),            # 17 channels
-    ((40, 2050), (0,)),              # wide: 16-row blocks, a row per step
+    ((40, 2050), (0,)),              # wide: 64-row blocks, a row per step
+    ((527, 3077), (0,)),             # wider: 4 rows per step, 2 parts
     ((1003, 40), (0,)),              # 4 rows per step, rows left over
     ((70, 96), (0,)),                # 2 rows per step (moments)
     ((3, 2, 9000), (0, 2)),          # channel runs longer than a block
