@@ -53,7 +53,7 @@ VIEWS = [
     ((300, 3), (0,)),                # (N, C), C not a multiple of 8
     ((7, 5, 17), (0, 1)),            # 17 channels
     ((40, 2050), (0,)),              # wide: 64-row blocks, a row per step
-    ((527, 3077), (0,)),             # wider: 4 rows per step, 2 parts
+    ((527, 3076), (0,)),             # wider: 4 rows per step, 2 parts
     ((1003, 40), (0,)),              # 4 rows per step, rows left over
     ((70, 96), (0,)),                # 2 rows per step (moments)
     ((3, 2, 9000), (0, 2)),          # channel runs longer than a block
@@ -143,8 +143,10 @@ def test_input_gradient_matches_float64(shape, axes, dtype, stream):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streaming_stores_write_the_same_bits(dtype):
   # Large enough to stream by default, with 17 channels so that rows start
-  # at every alignment (unaligned rows take plain stores), and NCHW runs.
-  for shape, axes in [((8192, 17), (0,)), ((8, 16, 96, 100), (0, 2, 3))]:
+  # at every alignment (unaligned rows take plain stores), NCHW runs, and
+  # wide rows (four at a time; 203 rows leave three over).
+  for shape, axes in [((8192, 17), (0,)), ((8, 16, 96, 100), (0, 2, 3)),
+                      ((203, 3080), (0,))]:
     dy, x, coefficients, view = _input_grad_inputs(shape, axes, dtype)
     plain = cpu_kernels.input_grad(dy, x, coefficients, view, stream=False)
     streamed = cpu_kernels.input_grad(dy, x, coefficients, view, stream=True)
