@@ -61,8 +61,11 @@ from jaxbn import affine, manual_axes, passes, stats
 
 
 def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
-             axis_name, groups, correction, activation, local_moments):
+             axis_name, groups, correction, activation, fast):
+  """The forward; ``fast``: its passes over x through ``jaxbn.passes`` (a
+  CPU kernel where one applies), else in XLA alone (the reference)."""
   sd = stats.stat_dtype(x.dtype)
+  local_moments = passes.moments if fast else stats.platform_moments
   count, mean, m2, inv_unit = stats.in_units(local_moments)(x, axes, weights)
   if axis_name is not None:
     count, mean, m2, inv_unit = stats.merge_across_devices(
@@ -80,7 +83,10 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
     a = a * r
   if d is not None:
     b = b + d * scale
-  y = affine.normalize(x, mean, a, b, activation, inv_unit)
+  if fast:
+    y = passes.normalize(x, mean, a, b, axes, activation, inv_unit)
+  else:
+    y = affine.normalize(x, mean, a, b, activation, inv_unit)
   statistics = (mean, stats.unscaled_variance(var, inv_unit), count)
   return (y, statistics, extras), (r, d, a, b, var, inv_unit)
 
@@ -92,13 +98,13 @@ def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
   if weights is None:
     outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
                           epsilon, axis_name, groups, correction, activation,
-                          stats.platform_moments)
+                          fast=False)
     return outputs
   # Padding enters the differentiated program as 0 (autodiff would multiply
   # a NaN there by a zero cotangent); its outputs are added as constants.
   (y, statistics, extras), (_, _, a, b, _, inv_unit) = _forward(
       stats.where_valid(weights, x), scale, offset, weights, correction_inputs, axes,
-      epsilon, axis_name, groups, correction, activation, stats.platform_moments)
+      epsilon, axis_name, groups, correction, activation, fast=False)
   padding = lax.stop_gradient(
       affine.normalize(x, statistics[0], a, b, activation, inv_unit))
   return jnp.where(weights != 0, y, padding), statistics, extras
@@ -131,7 +137,7 @@ def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
   """
   outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
                         epsilon, axis_name, groups, correction, activation,
-                        passes.moments)
+                        fast=True)
   return outputs
 
 
@@ -139,7 +145,7 @@ def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
          axis_name, groups, correction, activation):
   outputs, (r, d, a, b, var, inv_unit) = _forward(
       x, scale, offset, weights, correction_inputs, axes, epsilon, axis_name,
-      groups, correction, activation, passes.moments)
+      groups, correction, activation, fast=True)
   _, (mean, _, count), _ = outputs
   relu = (a, b) if activation == "relu" else None
   return outputs, (x, scale, offset, weights, correction_inputs, mean, var,

@@ -6,8 +6,8 @@ whether a kernel applies and otherwise runs the same math in XLA.
 On CPU, XLA runs every reduction as its own pass and evaluates an elementwise
 producer inside a reduction (``x - mean``, ``dy * (x - mean)``) at about half
 the speed of a plain sum. Two small C++ kernels (``jaxbn/csrc``) read the data
-once instead, a third writes the input gradient, and a fourth runs the whole
-backward:
+once instead, a third writes the input gradient, a fourth the forward's
+output for wide rows, and a fifth runs the whole backward:
 
 * ``moments``: ``x -> (mean, M2)`` per channel, exact (two passes over each
   cache-resident block, blocks added in float64 as sums shifted by one data
@@ -20,7 +20,11 @@ backward:
   The input gradient feeds a convolution's or matmul's backward in the
   networks batch norm lives in, which fuse nothing, so nothing is lost by
   taking the pass out of XLA.
-* ``backward``: the two above and the coefficients between them in one
+* ``normalize``: the forward's output pass ``y = (x - mean) a + b`` (and
+  its ReLU), for rows of at least ``WIDE_ROW_CHANNELS`` channels only (see
+  there); elsewhere the pass stays in XLA, where it fuses with its
+  neighbours (an add, a ReLU).
+* ``backward``: ``grad_sums``, the coefficients and ``input_grad`` in one
   call (gating dy by a fused ReLU in both passes where the layer has one),
   for a backward with no statistics to combine across devices: the
   second pass then follows the first at once and finds in cache what it left
@@ -28,9 +32,9 @@ backward:
   same depth between two separate calls.
 
 The statistics are bit-deterministic (a fixed, shape-only split of the work;
-partial results merged in order). The forward's output pass stays in XLA,
-where it fuses with its neighbours (an add, a ReLU). Each kernel but
-``backward`` carries a ``custom_jvp`` written in plain JAX (``jaxbn.passes``
+partial results merged in order). Each kernel but ``backward`` and
+``normalize`` (the closed-form batch norm's forward, under its own VJP)
+carries a ``custom_jvp`` written in plain JAX (``jaxbn.passes``
 differentiates ``backward`` as the two-call backward it equals), so ``jvp``,
 ``grad`` and ``grad`` of ``grad`` differentiate through them; ``ffi_call``'s
 ``broadcast_all`` batching makes ``vmap`` one kernel call.
@@ -527,6 +531,59 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
   return out, tangent.astype(out.dtype).reshape(out.shape)
 
 
+# From this many channels in a row (channels last) the forward's output
+# pass runs in the kernel. XLA fuses the arithmetic of y's per-channel
+# coefficients into its pass and reads, per element, every vector they come
+# from (seven: 100 KB a row at 3584 channels, far past L1); with the kernel's
+# pass the axis list [2, 3] of (128, 56, 56, 64) took 1.10-1.14x plain
+# jaxbn's forward+backward, with XLA's 1.30-1.35x. Narrower rows keep XLA's
+# pass, which fuses with its neighbours: the residual add after the
+# 2048-channel layers of ResNets would take a pass of its own after a kernel.
+WIDE_ROW_CHANNELS = 3072
+
+
+def normalize(x: jax.Array, view: ChannelView, terms: jax.Array, relu: bool,
+              stream: bool | None = None) -> jax.Array:
+  """``(x * u - m) * a + b`` per channel in float32, then ``max(., 0)`` with
+  ``relu``, in ``x``'s shape and dtype: ``affine.normalize``, each step
+  rounded once (XLA:CPU may fuse the last multiply-add into one FMA: the two
+  then differ by an ulp; the backward's ReLU gate computes z as this does).
+
+  ``terms`` is ``(4, G * C)`` float32: the rows u (``1 / unit``), m (the mean
+  in units), a and b. ``stream`` as for :func:`input_grad`.
+  """
+  if stream is None:
+    stream = x.nbytes >= streaming_threshold_bytes()
+  return _normalize(x, terms, view, bool(relu), bool(stream))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _normalize(x, terms, view, relu, stream):
+  per_problem = jnp.swapaxes(terms.reshape(4, view.g, view.c), 0, 1)
+  (y,) = _call("jaxbn_normalize", (jax.ShapeDtypeStruct(x.shape, x.dtype),),
+               functools.partial(_xla_normalize, view=view, relu=relu),
+               x, per_problem, stream=stream, relu=relu,
+               **_view_attributes(x, view))
+  return manual_axes.like_inputs((y,), x, terms)[0]
+
+
+@_normalize.defjvp
+def _normalize_jvp(view, relu, stream, primals, tangents):
+  # the closed-form batch norm's forward is differentiated by grad of grad
+  (x, terms), (dx, dterms) = primals, tangents
+  y = _normalize(x, terms, view, relu, stream)
+  u, m, a, b = (_per_channel(row, view)
+                for row in terms.reshape(4, view.channels))
+  du, dm, da, db = (_per_channel(row, view)
+                    for row in dterms.reshape(4, view.channels))
+  t = _in_view(x, view) * u - m
+  tangent = (_in_view(dx, view) * u + _in_view(x, view) * du - dm) * a \
+      + t * da + db
+  if relu:  # jax.nn.relu's rule: the tangent where the output is > 0
+    tangent = jnp.where(t * a + b > 0, tangent, 0)
+  return y, tangent.astype(y.dtype).reshape(y.shape)
+
+
 def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
              view: ChannelView, epsilon: float, stream: bool | None = None,
              rows: jax.Array | None = None,
@@ -610,6 +667,14 @@ def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
   w = _xla_rows(rows, view, masked)
   dx = jnp.where(w != 0, a * dyv + w * (c * xv + d), 0)
   return (dx.astype(x.dtype).reshape(x.shape),)
+
+
+def _xla_normalize(x, per_problem, *, view, relu):
+  u, m, a, b = (_per_channel(per_problem[:, i], view) for i in range(4))
+  y = (_xla_view(x, view) * u - m) * a + b
+  if relu:
+    y = jax.nn.relu(y)
+  return (y.astype(x.dtype).reshape(x.shape),)
 
 
 def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, relu_a,

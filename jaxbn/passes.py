@@ -4,7 +4,8 @@ otherwise.
 This is the one door to jaxbn's optional CPU kernels (``jaxbn.cpu_kernels``):
 the closed-form batch norm (``jaxbn.closed_form``) asks for
 
-* :func:`moments`: one device's ``(count, mean, M2)`` (keepdims), and
+* :func:`moments`: one device's ``(count, mean, M2)`` (keepdims),
+* :func:`normalize`: the forward's output pass, and
 * :func:`backward`: the closed-form backward's passes (formula in
   ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
   mean)`` over the valid elements, combined across devices between the
@@ -47,6 +48,28 @@ def moments(x, reduction_axes, weights=None):
   return lax.platform_dependent(
       cpu=in_kernel,
       default=lambda: stats.local_moments_shifted(x, axes, weights))
+
+
+def normalize(x, mean, a, b, axes, activation=None, inv_unit=None):
+  """``affine.normalize(x, mean, a, b, activation, inv_unit)`` (per-channel
+  values keepdims), through the kernel on CPU for rows of
+  ``cpu_kernels.WIDE_ROW_CHANNELS`` channels or more; in XLA otherwise."""
+  view = cpu_kernels.applicable(x, axes, per_channel=mean)
+  in_xla = functools.partial(affine.normalize, x, mean, a, b, activation,
+                             inv_unit)
+  if view is None or view.b != 1 or view.c < cpu_kernels.WIDE_ROW_CHANNELS:
+    return in_xla()
+
+  def in_kernel():
+    sd = mean.dtype
+    u = jnp.ones_like(mean) if inv_unit is None else inv_unit
+    b_or_0 = jnp.zeros_like(mean) if b is None else b
+    terms = jnp.stack([
+        jnp.broadcast_to(v.astype(sd), mean.shape).reshape(view.channels)
+        for v in (u, stats.to_units(mean, inv_unit), a, b_or_0)])
+    return cpu_kernels.normalize(x, view, terms, relu=activation == "relu")
+
+  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
 def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,

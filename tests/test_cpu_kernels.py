@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxbn
-from jaxbn import cpu_kernels, stats
+from jaxbn import affine, cpu_kernels, stats
 
 # data of ordinary range: the overflow guard stays off here (conftest.py)
 ORDINARY_DATA = True
@@ -154,6 +154,82 @@ def test_streaming_stores_write_the_same_bits(dtype):
                                   np.asarray(streamed, np.float32))
   threshold = cpu_kernels.streaming_threshold_bytes()
   assert 1 << 20 <= threshold <= cpu_kernels.last_level_cache_bytes()
+
+
+def _output_pass_inputs(shape, axes, dtype, seed=6):
+  """x with specials, per-channel u (powers of two), mean, a, b (keepdims)."""
+  rng = np.random.default_rng(seed)
+  view = cpu_kernels.channel_view(shape, axes)
+  kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+  x = rng.normal(size=shape).astype(np.float32) * 4 + 1
+  x.flat[:7] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 3e38, -3e38]
+  u = (2.0 ** rng.integers(-3, 1, size=kept)).astype(np.float32)
+  mean, a, b = (rng.normal(size=kept).astype(np.float32) for _ in range(3))
+  return jnp.asarray(x, dtype), u, mean, a, b, view
+
+
+OUTPUT_VIEWS = [
+    ((203, 3080), (0,)),             # wide rows, four a step, three left over
+    ((3, 5, 3077), (0, 1)),          # rows not a multiple of 8 channels
+    ((4, 6, 3, 50), (0, 2, 3)),      # channel runs (NCHW)
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,axes", OUTPUT_VIEWS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_pass_matches_float64(shape, axes, dtype, relu, stream):
+  x, u, mean, a, b, view = _output_pass_inputs(shape, axes, dtype)
+  terms = jnp.stack([jnp.asarray(v).reshape(view.channels)
+                     for v in (u, mean * u, a, b)])
+  y = jax.jit(cpu_kernels.normalize, static_argnums=(1, 3, 4))(
+      x, view, terms, relu, stream)
+  assert y.shape == x.shape and y.dtype == x.dtype
+  x64 = np.asarray(x, np.float64)
+  want = (x64 * u - mean * u) * a + b
+  if relu:
+    want = np.where(np.isnan(want), want, np.maximum(want, 0))
+  got = np.asarray(y, np.float64)
+  finite = np.isfinite(want) & (np.abs(want) < 1e38)
+  # float32 steps: x u - m, (.) a and + b each round once (bfloat16 once more)
+  scale = (np.abs(x64 * u) + np.abs(mean * u)) * np.abs(a) + np.abs(b)
+  rtol = 2 ** -7 if dtype == "bfloat16" else 1e-6
+
+  def assert_close(value, reference):
+    with np.errstate(invalid="ignore"):  # inf - inf where both overflowed
+      error = np.abs(value - reference)
+    np.testing.assert_array_less(error[finite], (rtol * scale + 1e-30)[finite])
+    np.testing.assert_array_equal(np.isnan(value), np.isnan(reference))
+
+  assert_close(got, want)
+  if relu:
+    assert (got[~np.isnan(got)] >= 0).all()
+  # XLA's pass to float32 rounding (XLA:CPU fuses the last multiply-add into
+  # one FMA where the CPU has one), and the kernel under vmap bit for bit
+  xla = affine.normalize(x, mean, a, b, "relu" if relu else None, u)
+  assert_close(got, np.asarray(xla, np.float64))
+  batched = jax.vmap(lambda x: cpu_kernels.normalize(x, view, terms, relu,
+                                                     stream))(
+      jnp.stack([x, x]))
+  np.testing.assert_array_equal(np.asarray(batched[1], np.float32),
+                                np.asarray(y, np.float32))
+
+
+@needs_kernels
+def test_output_pass_runs_in_the_kernel_for_wide_rows_only():
+  # 3584 channels: the kernel; 64 channels: XLA, whose pass fuses with its
+  # neighbours (an add after the layer)
+  def lowered(shape, axis):
+    config = jaxbn.BatchNormConfig(axis=axis, activation="relu")
+    params, state = jaxbn.init(config, shape)
+    x = jnp.ones(shape, jnp.float32)
+    with cpu_kernels.use("on"):
+      return jax.jit(lambda p, x: jaxbn.apply(
+          config, p, state, x, training=True)[0] + x).lower(params, x).as_text()
+  assert "jaxbn_normalize" in lowered((2, 3, 56, 64), [2, 3])
+  assert "jaxbn_normalize" not in lowered((2, 3, 56, 64), -1)
 
 
 @needs_kernels
@@ -332,11 +408,13 @@ def test_backward_in_one_call_under_vmap():
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape,axis", [((8, 3, 3, 6), -1), ((8, 6, 3, 3), 1)])
-def test_grad_of_grad_through_the_one_call_backward(shape, axis):
+@pytest.mark.parametrize("shape,axis,activation", [
+    ((8, 3, 3, 6), -1, None), ((8, 6, 3, 3), 1, None),
+    ((5, 3, 3100), -1, "relu")])  # wide rows: the forward's output kernel
+def test_grad_of_grad_through_the_one_call_backward(shape, axis, activation):
   rng = np.random.default_rng(9)
   x = jnp.asarray(rng.normal(size=shape).astype(np.float32) + 2)
-  config = jaxbn.BatchNormConfig(axis=axis)
+  config = jaxbn.BatchNormConfig(axis=axis, activation=activation)
   params, state = jaxbn.init(config, x.shape)
   params = jax.tree.map(lambda p: p + 0.3, params)
 
@@ -356,7 +434,7 @@ def test_grad_of_grad_through_the_one_call_backward(shape, axis):
           config, p, state, x, training=True)[0] * x), argnums=1))
       assert ("jaxbn_backward" in inner.lower(params, x).as_text()) == (
           mode == "on")
-  plain = jaxbn.BatchNormConfig(axis=axis, fused=False)
+  plain = jaxbn.BatchNormConfig(axis=axis, activation=activation, fused=False)
 
   def outer_reference(params, x):
     loss = lambda p, x: jnp.sum(jnp.sin(jaxbn.apply(plain, p, state, x,

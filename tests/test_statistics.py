@@ -322,6 +322,36 @@ def test_gradients_at_any_spread_match_float64_on_every_path(spread, offset):
                                rtol=1e-5, err_msg=path)
 
 
+@pytest.mark.parametrize("spread,offset", [(1.0, 0.0), _SPREADS[2]])
+def test_wide_rows_in_the_output_kernel_match_float64(spread, offset):
+  # 3080 channels: the forward's output pass is a CPU kernel there
+  # (cpu_kernels.WIDE_ROW_CHANNELS), in units for the first two channels
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(16, 3080)).astype(np.float32)
+  x[:, :2] = offset + spread * rng.normal(size=(16, 2))
+  dy = rng.normal(size=x.shape).astype(np.float32)
+  gamma = rng.uniform(0.5, 2.0, size=3080).astype(np.float32)
+  y_ref, dx_ref, dgamma_ref, _ = _float64_gradients(x, dy, gamma)
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  _, state = jaxbn.init(config, x.shape)
+  params = {"gamma": jnp.asarray(gamma), "beta": jnp.zeros(3080)}
+
+  def loss(params, x):
+    y, _ = jaxbn.apply(config, params, state, x, training=True)
+    return jnp.sum(y * dy), y
+
+  with _path("kernels"):
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    assert cpu_kernels.available() == (
+        "jaxbn_normalize" in step.lower(params, jnp.asarray(x)).as_text())
+    (_, y), (dparams, dx) = step(params, jnp.asarray(x))
+  np.testing.assert_allclose(y, y_ref, atol=3e-5)
+  scale = np.abs(dx_ref).max(0)
+  assert np.all(np.abs(dx - dx_ref) <= 1e-5 * scale)
+  np.testing.assert_allclose(dparams["gamma"], dgamma_ref, rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_the_guard_picks_its_branch_in_python_when_the_data_are_known():
   # Eagerly (eager grad included) the guard's predicate is known, so only
   # the branch it picks runs (an eager lax.cond would compile both on every
