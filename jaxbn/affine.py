@@ -2,8 +2,9 @@
 the corrections applied to the normalized values.
 
 ``normalize`` is the one elementwise pass of inference and of the training
-forward; ``compose`` folds renorm's ``(r, d)`` and ``adjustment``'s
-``(scale, bias)`` into gamma and beta, as Keras' ``_compose_transforms``.
+forward (which ``jaxbn.passes.normalize`` runs as a CPU kernel for wide
+rows); ``compose`` folds renorm's ``(r, d)`` and ``adjustment``'s ``(scale,
+bias)`` into gamma and beta, as Keras' ``_compose_transforms``.
 """
 from __future__ import annotations
 
