@@ -206,6 +206,11 @@ def test_output_pass_matches_float64(shape, axes, dtype, relu, stream):
   assert_close(got, want)
   if relu:
     assert (got[~np.isnan(got)] >= 0).all()
+  if dtype == "float32":  # each step rounded once: the backward's gate's z
+    with np.errstate(invalid="ignore", over="ignore"):
+      z = (np.asarray(x) * u - mean * u) * a + b
+    z = np.where(z <= 0, np.float32(0), z) if relu else z
+    np.testing.assert_array_equal(np.asarray(y), z)
   # XLA's pass to float32 rounding (XLA:CPU fuses the last multiply-add into
   # one FMA where the CPU has one), and the kernel under vmap bit for bit
   xla = affine.normalize(x, mean, a, b, "relu" if relu else None, u)
@@ -362,9 +367,10 @@ def test_backward_in_one_call_matches_float64(shape, axes, dtype, stream):
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_relu_gates_dy_as_the_forward_decided(shape, axes, dtype,
                                                      masked):
-  # The gate recomputes z = (x - mean) a + b from x in float32, in the
-  # forward's order: the kernel with the ReLU equals, bit for bit, the kernel
-  # without it on dy zeroed where z <= 0 (computed here by NumPy in float32).
+  # The gate recomputes z = (x - mean) a + b from x in float32, each step
+  # rounded once (as the output kernel computes y): the kernel with the ReLU
+  # equals, bit for bit, the kernel without it on dy zeroed where z <= 0
+  # (computed here by NumPy in float32).
   dy, x, per_channel, view = _backward_inputs(shape, axes, dtype)
   rng = np.random.default_rng(3)
   relu = [rng.normal(0, 1, view.channels).astype(np.float32)

@@ -601,8 +601,11 @@ ffi::Error MomentsKernel(ffi::ThreadPool pool, ffi::AnyBuffer x_buf, ffi::AnyBuf
 // A fused ReLU after the normalization: the output was max(z, 0) with z =
 // (x - mean) a + b, so dy reaches z only where z > 0 (0 at z = 0 and for a
 // NaN z, as XLA's select). z is recomputed from x with the forward's float32
-// a and b, in the forward's order of operations (no FMA contraction: see
-// setup.py), so the gate is the forward's own decision.
+// a and b, each step rounded once (no FMA contraction: see setup.py): the
+// forward's own decision where its output pass was the kernel's (wide rows).
+// XLA:CPU's pass fuses the last multiply-add into one FMA where the CPU has
+// it, so there the two may disagree for a z within an ulp of 0 (an output
+// that is 0 to rounding, whose dy then passes or not).
 struct ReluGate {
   const float* a;  // per problem and channel; nullptr: no activation
   const float* b;
