@@ -178,8 +178,7 @@ OUTPUT_VIEWS = [
 @needs_kernels
 @pytest.mark.parametrize("shape,axes", OUTPUT_VIEWS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("relu,stream", [(False, True), (True, False)])
 def test_output_pass_matches_float64(shape, axes, dtype, relu, stream):
   x, u, mean, a, b, view = _output_pass_inputs(shape, axes, dtype)
   terms = jnp.stack([jnp.asarray(v).reshape(view.channels)
@@ -416,7 +415,7 @@ def test_backward_in_one_call_under_vmap():
 @needs_kernels
 @pytest.mark.parametrize("shape,axis,activation", [
     ((8, 3, 3, 6), -1, None), ((8, 6, 3, 3), 1, None),
-    ((5, 3, 3100), -1, "relu")])  # wide rows: the forward's output kernel
+    ((12, 3072), -1, "relu")])  # wide rows: the forward's output kernel
 def test_grad_of_grad_through_the_one_call_backward(shape, axis, activation):
   rng = np.random.default_rng(9)
   x = jnp.asarray(rng.normal(size=shape).astype(np.float32) + 2)
