@@ -387,6 +387,19 @@ def _per_channel(vector, view: ChannelView):
   return vector.reshape(1, view.g, 1, view.c, 1)
 
 
+def _rows_per_channel(rows, view: ChannelView):
+  """Each row of ``(n, G * C)`` per-channel values, shaped to broadcast
+  against ``x`` in the view."""
+  return tuple(_per_channel(row, view)
+               for row in rows.reshape(rows.shape[0], view.channels))
+
+
+def _per_problem(rows, view: ChannelView):
+  """``(n, G * C)`` per-channel rows as the kernels take them: ``(G, n, C)``,
+  the n rows of each problem together."""
+  return jnp.swapaxes(rows.reshape(rows.shape[0], view.g, view.c), 0, 1)
+
+
 def _per_row(rows, view: ChannelView):
   return rows.reshape(view.a1, view.g, view.a, 1, 1)
 
@@ -505,8 +518,7 @@ def input_grad(dy: jax.Array, x: jax.Array, coefficients: jax.Array,
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
 def _input_grad(dy, x, coefficients, rows, view, stream, masked):
-  # the kernel takes (a, c, d) per problem: (G, 3, C)
-  per_problem = jnp.swapaxes(coefficients.reshape(3, view.g, view.c), 0, 1)
+  per_problem = _per_problem(coefficients, view)
   (result,) = _call("jaxbn_input_grad",
                      (jax.ShapeDtypeStruct(x.shape, x.dtype),),
                      functools.partial(_xla_input_grad, view=view,
@@ -522,10 +534,8 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
   out = _input_grad(dy, x, coefficients, rows, view, stream, masked)
   f32 = lambda v: _in_view(v, view)
   w = _per_row(rows, view) if masked else jnp.ones((), jnp.float32)
-  a, c, _ = (_per_channel(row, view)
-             for row in coefficients.reshape(3, view.channels))
-  da, dc, dd = (_per_channel(row, view)
-                for row in dcoefficients.reshape(3, view.channels))
+  a, c, _ = _rows_per_channel(coefficients, view)
+  da, dc, dd = _rows_per_channel(dcoefficients, view)
   tangent = jnp.where(w > 0, a * f32(ddy) + da * f32(dy)
                       + w * (c * f32(dx) + dc * f32(x) + dd), 0)
   return out, tangent.astype(out.dtype).reshape(out.shape)
@@ -559,7 +569,7 @@ def normalize(x: jax.Array, view: ChannelView, terms: jax.Array, relu: bool,
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _normalize(x, terms, view, relu, stream):
-  per_problem = jnp.swapaxes(terms.reshape(4, view.g, view.c), 0, 1)
+  per_problem = _per_problem(terms, view)
   (y,) = _call("jaxbn_normalize", (jax.ShapeDtypeStruct(x.shape, x.dtype),),
                functools.partial(_xla_normalize, view=view, relu=relu),
                x, per_problem, stream=stream, relu=relu,
@@ -572,10 +582,8 @@ def _normalize_jvp(view, relu, stream, primals, tangents):
   # the closed-form batch norm's forward is differentiated by grad of grad
   (x, terms), (dx, dterms) = primals, tangents
   y = _normalize(x, terms, view, relu, stream)
-  u, m, a, b = (_per_channel(row, view)
-                for row in terms.reshape(4, view.channels))
-  du, dm, da, db = (_per_channel(row, view)
-                    for row in dterms.reshape(4, view.channels))
+  u, m, a, b = _rows_per_channel(terms, view)
+  du, dm, da, db = _rows_per_channel(dterms, view)
   t = _in_view(x, view) * u - m
   tangent = (_in_view(dx, view) * u + _in_view(x, view) * du - dm) * a \
       + t * da + db

@@ -61,12 +61,10 @@ def normalize(x, mean, a, b, axes, activation=None, inv_unit=None):
     return in_xla()
 
   def in_kernel():
-    sd = mean.dtype
     u = jnp.ones_like(mean) if inv_unit is None else inv_unit
     b_or_0 = jnp.zeros_like(mean) if b is None else b
-    terms = jnp.stack([
-        jnp.broadcast_to(v.astype(sd), mean.shape).reshape(view.channels)
-        for v in (u, stats.to_units(mean, inv_unit), a, b_or_0)])
+    terms = _channel_rows((u, stats.to_units(mean, inv_unit), a, b_or_0),
+                          mean, view)
     return cpu_kernels.normalize(x, view, terms, relu=activation == "relu")
 
   return lax.platform_dependent(cpu=in_kernel, default=in_xla)
@@ -233,6 +231,13 @@ def _sum(x, axes):
   return jnp.sum(x, axis=axes, keepdims=True)
 
 
+def _channel_rows(values, like, view):
+  """Per-channel ``values`` (broadcastable to ``like``, keepdims) as the
+  kernels' ``(len(values), G * C)`` rows in ``like``'s dtype."""
+  return jnp.stack([jnp.broadcast_to(v.astype(like.dtype), like.shape).reshape(
+      view.channels) for v in values])
+
+
 def _rows(weights, x, view):
   return (None if weights is None else
           cpu_kernels.row_weights(weights, x.shape, view))
@@ -304,8 +309,7 @@ def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
     return in_xla()
 
   def in_kernel():
-    coefficients = jnp.stack([
-        jnp.broadcast_to(v, d.shape).reshape(view.channels) for v in (a, c, d)])
+    coefficients = _channel_rows((a, c, d), d, view)
     return cpu_kernels.input_grad(dy, x, coefficients, view,
                                   rows=_rows(weights, x, view))
 

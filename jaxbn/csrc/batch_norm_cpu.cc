@@ -930,6 +930,14 @@ template <class F>
   }
 }
 
+// The same for a block of rows of `channels` elements from `out` on: all of
+// them streamed (every row aligned as the first) or none, decided once.
+template <class Out, class F>
+[[gnu::always_inline]] inline void WithRowStores(bool stream, const Out* out, int64_t channels,
+                                                 const F& f) {
+  WithStores(stream && (channels * sizeof(Out)) % 16 == 0, out, f);
+}
+
 // The fused ReLU's gate for the input gradient: its a and b, and the mean
 // it centres x with (`relu.a` nullptr: no activation).
 struct InputGate {
@@ -940,21 +948,32 @@ struct InputGate {
   }
 };
 
-template <bool kStream, bool kGate, class In>
-[[gnu::always_inline]] inline void RowInputGrad(const In* __restrict dy, const In* __restrict x,
-                                                const float* __restrict a,
-                                                const float* __restrict c,
-                                                const float* __restrict d, InputGate gate,
-                                                int64_t channels, In* __restrict dx) {
+// dx of R rows of `channels` elements each (the coefficients loaded once
+// for all R).
+template <bool kStream, bool kGate, int R, class In>
+[[gnu::always_inline]] inline void RowStepInputGrad(const In* __restrict dy,
+                                                    const In* __restrict x,
+                                                    const float* __restrict a,
+                                                    const float* __restrict c,
+                                                    const float* __restrict d,
+                                                    InputGate gate, int64_t channels,
+                                                    In* __restrict dx) {
   ForEachLanes(channels, [&](auto t, int64_t ch) JAXBN_INLINE {
-    auto g = LoadLanes(dy + ch, t);
-    const auto xv = LoadLanes(x + ch, t);
+    const auto av = LoadLanes(a + ch, t), cv = LoadLanes(c + ch, t), dv = LoadLanes(d + ch, t);
+    std::remove_const_t<decltype(av)> m{}, ga{}, gb{};
     if constexpr (kGate) {
-      g = Gated(g, xv - LoadLanes(gate.mean + ch, t), LoadLanes(gate.relu.a + ch, t),
-                LoadLanes(gate.relu.b + ch, t));
+      m = LoadLanes(gate.mean + ch, t);
+      ga = LoadLanes(gate.relu.a + ch, t);
+      gb = LoadLanes(gate.relu.b + ch, t);
     }
-    PutLanes<kStream>(dx + ch, LoadLanes(a + ch, t) * g +
-                                   (LoadLanes(c + ch, t) * xv + LoadLanes(d + ch, t)));
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+      const int64_t o = k * channels + ch;
+      auto g = LoadLanes(dy + o, t);
+      const auto xv = LoadLanes(x + o, t);
+      if constexpr (kGate) g = Gated(g, xv - m, ga, gb);
+      PutLanes<kStream>(dx + o, av * g + (cv * xv + dv));
+    }
   });
 }
 
@@ -994,38 +1013,6 @@ template <bool kStream, bool kGate, class In>
   }
 }
 
-// Rows from kWideRowChannels channels on, four at a time: the coefficients
-// (3 floats a channel: 43 KB for 3584 channels) no longer stay in L1 beside
-// the rows streaming through it, and each is loaded once for four rows
-// instead of once a row (at 103 MB, 3584 channels: 6.6-6.8 -> 6.1-6.3 ms in
-// three interleaved runs, against 5.1-5.3 for 64 channels).
-template <bool kStream, bool kGate, int R, class In>
-[[gnu::always_inline]] inline void RowStepInputGrad(const In* __restrict dy,
-                                                    const In* __restrict x,
-                                                    const float* __restrict a,
-                                                    const float* __restrict c,
-                                                    const float* __restrict d,
-                                                    InputGate gate, int64_t channels,
-                                                    In* __restrict dx) {
-  ForEachLanes(channels, [&](auto t, int64_t ch) JAXBN_INLINE {
-    const auto av = LoadLanes(a + ch, t), cv = LoadLanes(c + ch, t), dv = LoadLanes(d + ch, t);
-    std::remove_const_t<decltype(av)> m{}, ga{}, gb{};
-    if constexpr (kGate) {
-      m = LoadLanes(gate.mean + ch, t);
-      ga = LoadLanes(gate.relu.a + ch, t);
-      gb = LoadLanes(gate.relu.b + ch, t);
-    }
-#pragma GCC unroll 4
-    for (int k = 0; k < R; ++k) {
-      const int64_t o = k * channels + ch;
-      auto g = LoadLanes(dy + o, t);
-      const auto xv = LoadLanes(x + o, t);
-      if constexpr (kGate) g = Gated(g, xv - m, ga, gb);
-      PutLanes<kStream>(dx + o, av * g + (cv * xv + dv));
-    }
-  });
-}
-
 template <class In>
 [[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
                                                      const float* c, const float* d,
@@ -1036,15 +1023,19 @@ template <class In>
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t o = i * channels;
         WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
-          RowInputGrad<decltype(kind)::value, decltype(gated)::value>(
+          RowStepInputGrad<decltype(kind)::value, decltype(gated)::value, 1>(
               dy + o, x + o, a, c, d, gate, channels, dx + o);
         });
       }
       return;
     }
-    // streamed only if every row is aligned as the first (one check a block)
-    const bool rows_stream = stream && (channels * sizeof(In)) % 16 == 0;
-    WithStores(rows_stream, dx, [&](auto kind) JAXBN_INLINE {
+    // From kWideRowChannels channels on, four rows at a time: the
+    // coefficients (3 floats a channel: 43 KB for 3584 channels) no longer
+    // stay in L1 beside the rows streaming through it, and each is loaded
+    // once for four rows instead of once a row (at 103 MB, 3584 channels:
+    // 6.6-6.8 -> 6.1-6.3 ms in three interleaved runs, against 5.1-5.3 for 64
+    // channels).
+    WithRowStores(stream, dx, channels, [&](auto kind) JAXBN_INLINE {
       ForEachRowStep<4>(rows, [&](int64_t i, auto step) JAXBN_INLINE {
         const int64_t o = i * channels;
         RowStepInputGrad<decltype(kind)::value, decltype(gated)::value,
@@ -1082,7 +1073,7 @@ template <class In>
     }
     WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
       WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
-        RowInputGrad<decltype(kind)::value, decltype(gated)::value>(
+        RowStepInputGrad<decltype(kind)::value, decltype(gated)::value, 1>(
             dy + o, x + o, a, ci, di, gate, channels, dx + o);
       });
     });
@@ -1229,10 +1220,10 @@ ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::Any
 // step rounded once (no FMA contraction: see setup.py; XLA:CPU may fuse the
 // last multiply-add, an ulp apart), z as the backward's ReLU gate computes
 // it; the ReLU keeps a NaN and turns -0 into 0, as XLA's maximum. `u` is
-// 1 / unit (1 for an ordinary channel) and `m` the mean in those units. jaxbn calls
-// it for wide rows only: there XLA's fused pass reads, for every element,
-// each per-channel vector y's coefficients derive from (seven of 14 KB at
-// 3584 channels), where four rows per step here load four once.
+// 1 / unit (1 for an ordinary channel) and `m` the mean in those units.
+// jaxbn calls it for wide rows only: there XLA's fused pass reads, for every
+// element, each per-channel vector y's coefficients derive from (seven of
+// 14 KB at 3584 channels), where four rows per step here load four once.
 struct OutputTerms {
   const float *u, *m, *a, *b;  // C floats each
 };
@@ -1277,10 +1268,8 @@ template <class In>
 [[gnu::always_inline]] inline void RowBlockOutput(const In* x, OutputTerms t, int64_t rows,
                                                   int64_t channels, bool relu, bool stream,
                                                   In* y) {
-  // streamed only if every row is aligned as the first (one check a block)
-  const bool rows_stream = stream && (channels * sizeof(In)) % 16 == 0;
   WithGate(relu, [&](auto gated) JAXBN_INLINE {
-    WithStores(rows_stream, y, [&](auto kind) JAXBN_INLINE {
+    WithRowStores(stream, y, channels, [&](auto kind) JAXBN_INLINE {
       ForEachRowStep<4>(rows, [&](int64_t i, auto step) JAXBN_INLINE {
         RowStepOutput<decltype(kind)::value, decltype(gated)::value, decltype(step)::value>(
             x + i * channels, t, channels, y + i * channels);
