@@ -39,6 +39,10 @@ flax.linen.BatchNorm and without batch norm.
 
   python -m jaxbn.bench [--quick] [--out bench_results] [--repeats 15]
                         [--burst 3] [--skip-features | --features-only]
+
+On a GPU or TPU (or with ``--accelerator``) it runs ``jaxbn.bench_accelerator``
+instead: jaxbn against flax.linen (and PyTorch's CUDA batch norm) at ResNet-50
+layer shapes and in a whole ResNet-style training step.
 """
 from __future__ import annotations
 
@@ -794,11 +798,21 @@ def main(argv=None):
                             help="leave out the Keras-feature and MLP cases")
   features_arg.add_argument("--features-only", action="store_true",
                             help="only the Keras-feature and MLP cases")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="the GPU/TPU suite (jaxbn.bench_accelerator): "
+                      "the default where JAX's device is a GPU or TPU; with "
+                      "--quick, tiny sizes that run anywhere")
   parser.add_argument("--no-malloc-tuning", action="store_true",
                       help="do not re-execute with GLIBC_TUNABLES that keep "
                       "freed memory in the process")
   args = parser.parse_args(argv)
   _maybe_reexec(args)
+  import jax
+  if args.accelerator or jax.default_backend() != "cpu":
+    from jaxbn import bench_accelerator
+    bench_accelerator.run(quick=args.quick, repeats=args.repeats,
+                          burst=args.burst, out=args.out)
+    return
   names = [n.strip() for n in args.impls.split(",") if n.strip()]
   unknown = set(names) - set(IMPLS)
   if unknown:

@@ -95,15 +95,23 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   if inv_unit is not None:
     args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, axes)
     epsilon_in_units = affine.epsilon_in_units(epsilon, inv_unit)
-    if axis_name is None:  # all of it in one cond (no collective inside)
+    if axis_name is not None:  # the psum between the passes, outside any cond
+      return _backward_in_two_calls(*args, epsilon_in_units, axis_name,
+                                    groups, relu, inv_unit,
+                                    units_decided=False)
+
+    def in_units():  # GPU/TPU: in units (1 for ordinary channels), no cond
+      return _backward_in_two_calls(*args, epsilon_in_units, None, None, relu,
+                                    inv_unit)
+
+    def guarded():  # CPU: the passes without units unless a unit is not 1
       kernel = cpu_kernels.applicable(x, axes, weights, dy=dy,
                                       per_channel=mean) is not None
       return _by_units(inv_unit, lambda inv: backward(
           *args, epsilon, relu=relu) if inv is None else _backward_in_two_calls(
               *args, epsilon_in_units, None, None, relu, inv), kernel)
-    # across devices only the passes go into conds, the psum between them
-    return _backward_in_two_calls(*args, epsilon_in_units, axis_name, groups,
-                                  relu, inv_unit, units_decided=False)
+
+    return _where_a_cond_is_cheap(guarded, in_units)
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
@@ -117,6 +125,16 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
       return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
   return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                                 count, axes, epsilon, axis_name, groups, relu)
+
+
+def _where_a_cond_is_cheap(guarded, in_units):
+  """``guarded()`` on CPU, where a ``lax.cond`` branches on the host for
+  free; ``in_units()`` on GPU/TPU and under ``JAXBN_STATISTICS=accelerator``:
+  there the statistics come in units without a conditional
+  (``stats.in_units``), and so does the backward."""
+  if modes.statistics.value == "accelerator":
+    return in_units()
+  return lax.platform_dependent(cpu=guarded, default=in_units)
 
 
 def _by_units(inv_unit, passes_fn, kernel=False):
@@ -171,7 +189,8 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
   def each_pass(passes_fn):
     if inv_unit is None or units_decided:
       return passes_fn(inv_unit)
-    return _by_units(inv_unit, passes_fn)
+    return _where_a_cond_is_cheap(lambda: _by_units(inv_unit, passes_fn),
+                                  lambda: passes_fn(inv_unit))
 
   sum_dy, sum_dy_xc = each_pass(lambda inv: _gradient_sums(
       _gate(dy, x, mean, relu, inv), x, weights, mean, axes, inv))
@@ -266,7 +285,7 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)
     centered = stats.to_units(x.astype(sd), inv_unit) - mean
-    return stats.sibling_sums(valid(dys), valid(dys * centered), axes)
+    return stats.sibling_sums((valid(dys), valid(dys * centered)), axes)
 
   if modes.statistics.value == "accelerator":
     return one_read()

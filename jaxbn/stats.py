@@ -270,15 +270,14 @@ def _lower_median(sample):
   return jnp.where(count > 0, median, 0)
 
 
-def sibling_sums(a, b, reduction_axes):
-  """``(sum a, sum b)`` over ``reduction_axes`` (keepdims): sibling
-  reductions of one producer, which XLA:GPU/TPU fuse into one read of their
-  common input (multi-output fusion). (One variadic reduction would say so
-  explicitly, but XLA:CPU runs that as a sequential loop whose float32 error
-  grows with the count: 1e-3 at a million rows.)"""
+def sibling_sums(values, reduction_axes):
+  """``sum v`` over ``reduction_axes`` (keepdims) for each of ``values``:
+  sibling reductions of one producer, which XLA:GPU/TPU fuse into one read
+  of their common input (multi-output fusion). (One variadic reduction would
+  say so explicitly, but XLA:CPU runs that as a sequential loop whose
+  float32 error grows with the count: 1e-3 at a million rows.)"""
   axes = tuple(reduction_axes)
-  return (jnp.sum(a, axis=axes, keepdims=True),
-          jnp.sum(b, axis=axes, keepdims=True))
+  return tuple(jnp.sum(v, axis=axes, keepdims=True) for v in values)
 
 
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
@@ -299,8 +298,8 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   shift = sampled_shift(x, axes, weights, sd)
   centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
-  s1, s2 = sibling_sums(_weighted(w, centered),
-                        _weighted(w, jnp.square(centered)), axes)
+  s1, s2 = sibling_sums((_weighted(w, centered),
+                         _weighted(w, jnp.square(centered))), axes)
   mean_shifted = safe_divide(s1, count)
   m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
@@ -352,43 +351,184 @@ def in_units(local_moments_fn):
 
   Batch norm is invariant to scaling a channel (with epsilon scaled alike),
   so a channel whose data spread beyond float32's range for squares (see
-  :func:`needs_units`) is measured in units ``u``, a power of two at least
-  its largest valid magnitude (at most 2^126): ``x / u`` lies within
-  ``[-4, 4]``, its squares and sums cannot overflow, and scaling by ``u`` is
-  exact. ``M2`` is then in units
-  of ``u^2`` and ``inv_unit = 1 / u`` (1 for every ordinary channel, whose
-  results are those of ``local_moments_fn``; a non-finite channel keeps
-  them too). The retake, two XLA passes plus one for the magnitude, runs
-  only when some channel needs it (``lax.cond``), and not at all under
-  ``jaxbn.modes.overflow_guard('off')``, where ``inv_unit`` is None (no
-  units: every consumer then builds the program it built without them).
+  :func:`needs_units`) is measured in units ``u``, a power of two (at most
+  2^126): its scaled values, squares and sums stay in range, and scaling
+  by ``u`` is exact. ``M2`` is then in units of ``u^2`` and ``inv_unit = 1 /
+  u`` (1 for every ordinary channel, whose results are those of the unit-free
+  algorithm; a non-finite channel keeps them too).
+
+  How the units are found depends on where a conditional is cheap:
+
+  * **CPU** (XLA:CPU branches on the host, for free): ``local_moments_fn``
+    runs, and a channel that needs units has its statistics taken again
+    (:func:`retaken_in_units`: two XLA passes plus one for the magnitude, ``u
+    >= max |x|``) in a ``lax.cond`` that ordinary batches skip.
+  * **GPU, TPU and** ``JAXBN_STATISTICS=accelerator``: no conditional (XLA:GPU
+    copies a conditional's predicate to the host and drains the stream):
+    :func:`scaled_moments` reads x once, with its sums split by magnitude so
+    that none can overflow, and picks the units from the sums (``u >= std``).
+
+  Under ``jaxbn.modes.overflow_guard('off')`` neither runs: ``inv_unit`` is
+  None (no units: every consumer then builds the program it built without
+  them) and a spread beyond about 1e18 overflows.
   """
   def moments(x, reduction_axes, weights=None):
     axes = tuple(reduction_axes)
-    count, mean, m2 = local_moments_fn(x, axes, weights)
     if modes.overflow_guard.value == "off":
-      return count, mean, m2, None
-
-    def retake():
-      values = separate(x)[0].astype(mean.dtype)
-      magnitude = jnp.max(where_valid(weights, jnp.abs(values)), axis=axes,
-                          keepdims=True, initial=0)
-      retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
-      inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
-      # around the first estimate of the mean where it is finite (a shift
-      # near the data keeps S1's rounding small; no second sample needed)
-      shift = jnp.where(jnp.isfinite(mean), mean, 0) * inv_unit
-      _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit,
-                                                shift)
-      return (jnp.where(retaken, scaled_mean / inv_unit, mean),
-              jnp.where(retaken, scaled_m2, m2), inv_unit)
-
-    mean, m2, inv_unit = guard_cond(
-        jnp.any(needs_units(count, mean, m2)), retake,
-        lambda: (mean, m2, jnp.ones_like(mean)))
-    return count, mean, m2, inv_unit
+      return (*local_moments_fn(x, axes, weights), None)
+    if modes.statistics.value == "accelerator":
+      return scaled_moments(x, axes, weights)
+    return lax.platform_dependent(
+        cpu=lambda: retaken_in_units(local_moments_fn, x, axes, weights),
+        default=lambda: scaled_moments(x, axes, weights))
 
   return moments
+
+
+def retaken_in_units(local_moments_fn, x, axes, weights=None):
+  """``(count, mean, M2, inv_unit)``: ``local_moments_fn``'s statistics,
+  taken again in units (``u`` a power of two ``>= max |x|``, within
+  2^-126..2^126) for the channels that need them (:func:`needs_units`), in
+  a ``lax.cond`` that runs only when one does (:func:`guard_cond`)."""
+  count, mean, m2 = local_moments_fn(x, axes, weights)
+
+  def retake():
+    values = separate(x)[0].astype(mean.dtype)
+    magnitude = jnp.max(where_valid(weights, jnp.abs(values)), axis=axes,
+                        keepdims=True, initial=0)
+    retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
+    inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
+    # around the first estimate of the mean where it is finite (a shift
+    # near the data keeps S1's rounding small; no second sample needed)
+    shift = jnp.where(jnp.isfinite(mean), mean, 0) * inv_unit
+    _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit,
+                                              shift)
+    return (jnp.where(retaken, scaled_mean / inv_unit, mean),
+            jnp.where(retaken, scaled_m2, m2), inv_unit)
+
+  mean, m2, inv_unit = guard_cond(
+      jnp.any(needs_units(count, mean, m2)), retake,
+      lambda: (mean, m2, jnp.ones_like(mean)))
+  return count, mean, m2, inv_unit
+
+
+# The scaled sums' split (:func:`scaled_sums`): a centred value ``z`` beyond
+# 2^SPLIT_EXPONENT is summed in units of B = 2^BIG_EXPONENT. No term nor sum
+# leaves float32's normal range: below the split ``z^2 <= 2^80`` (sums of
+# fewer than 2^47 elements), above it ``(z / B)^2`` lies within 2^-112..2^64.
+SPLIT_EXPONENT = 40
+BIG_EXPONENT = 96
+
+
+class ScaledSums(NamedTuple):
+  """Per-channel sums of ``z = x - shift`` split by magnitude: ``|z| <=
+  2^40`` as is, larger ones in units of ``B = 2^96`` (keepdims)."""
+
+  small: jax.Array          # sum w z           over |z| <= 2^40
+  big: jax.Array            # sum w z / B       over |z| >  2^40
+  small_squares: jax.Array  # sum w z^2
+  big_squares: jax.Array    # sum w (z / B)^2
+
+
+def scaled_sums(x, reduction_axes, weights, shift, dtype) -> ScaledSums:
+  """:class:`ScaledSums` of ``x`` around ``shift``: four sibling reductions
+  of one read of x (:func:`sibling_sums`). A NaN lands among the small
+  values, an infinity among the big ones: either way it reaches the sums."""
+  axes = tuple(reduction_axes)
+
+  def terms(x, weights):
+    w = None if weights is None else weights.astype(dtype)
+    x = x.astype(dtype)
+    z = x - shift
+    big = jnp.abs(z) > 2.0 ** SPLIT_EXPONENT
+    small_z = jnp.where(big, 0, z)
+    # scaled before the difference, which may be beyond float32's range
+    unit = 2.0 ** -BIG_EXPONENT
+    big_z = jnp.where(big, x * unit - shift * unit, 0)
+    return (_weighted(w, small_z), _weighted(w, big_z),
+            _weighted(w, jnp.square(small_z)), _weighted(w, jnp.square(big_z)))
+
+  return ScaledSums(*sibling_sums(terms(x, weights), axes))
+
+
+def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
+                   weights: jax.Array | None = None):
+  """``(count, mean, M2, inv_unit)`` from one read of x, with no conditional
+  (GPU/TPU; any spread within float32's range).
+
+  :func:`scaled_sums` around the sampled shift ``s`` (:func:`sampled_shift`),
+  with ``B = 2^96``: ``mean = s + (small + big B) / n``. A channel with no
+  value beyond the split has ``M2 = S2 - S1^2 / n`` from its small sums, as
+  :func:`local_moments_shifted`; it is in units (``u``, the power of two
+  ``>= std``: its variance in units lies in (1/4, 1]) where that variance
+  is beyond ``UNIT_FREE_VARIANCE_LIMIT``, and unit-free (``inv_unit = 1``,
+  the shifted sums' numbers) otherwise. A channel with values beyond the
+  split is always in units, its ``M2`` formed in units of ``B`` first
+  (``big_squares + small_squares / B^2 - n (S1 / B n)^2``), which cannot
+  overflow. Non-finite channels keep non-finite statistics and unit 1.
+  Every choice is per channel (``jnp.where``), and every factor out of
+  float32's range is applied in steps (:func:`_times_power_of_two`), so
+  that autodiff through the side not taken stays finite.
+  """
+  axes = tuple(reduction_axes)
+  sd = stat_dtype(x.dtype)
+  count = reduce_count(x.shape, axes, weights, sd)
+  if manual_axes.sharded_along(x, axes):
+    # no local sample to shift by: around a first pass's mean instead
+    first = scaled_sums(x, axes, weights, 0, sd)
+    shift = lax.stop_gradient(_scaled_offset(first, count))
+  else:
+    shift = sampled_shift(x, axes, weights, sd)
+  sums = scaled_sums(x, axes, weights, shift, sd)
+  n = jnp.broadcast_to(count, sums.small.shape)
+  mean = shift + _scaled_offset(sums, n)
+  has_big = sums.big_squares != 0
+  # no value beyond the split: the shifted sums, in units where the
+  # variance is beyond the limit
+  m2_small = sums.small_squares - sums.small * safe_divide(sums.small, n)
+  m2_small = jnp.where(m2_small < 0, 0, m2_small)  # rounding; NaN stays
+  in_units = needs_units(n, mean, m2_small)
+  inv_small = inverse_unit(lax.stop_gradient(_root(safe_divide(m2_small, n))))
+  inv_small = jnp.where(in_units & jnp.isfinite(mean) & jnp.isfinite(m2_small),
+                        inv_small, 1)
+  # values beyond it: M2 in units of B, then in units of u (B / u = b_over_u)
+  offset_in_b = safe_divide(sums.big, n) + _times_power_of_two(
+      safe_divide(sums.small, n), -BIG_EXPONENT)
+  m2_in_b = (sums.big_squares
+             + _times_power_of_two(sums.small_squares, -2 * BIG_EXPONENT)
+             - n * offset_in_b * offset_in_b)
+  m2_in_b = jnp.where(m2_in_b < 0, 0, m2_in_b)
+  inv_big = jnp.maximum(_times_power_of_two(inverse_unit(
+      _root(safe_divide(m2_in_b, n))), -BIG_EXPONENT),
+                        2.0 ** -_UNIT_EXPONENT_LIMIT)  # a normal number
+  b_over_u = jnp.where(has_big, _times_power_of_two(inv_big, BIG_EXPONENT), 0)
+  inv_unit = jnp.where(has_big, jnp.where(
+      jnp.isfinite(mean) & jnp.isfinite(m2_in_b), inv_big, 1), inv_small)
+  m2 = jnp.where(has_big, m2_in_b * b_over_u * b_over_u,
+                 m2_small * inv_small * inv_small)
+  return n, mean, m2, inv_unit
+
+
+def _root(value):
+  """``sqrt(value)`` with no gradient (the magnitude a unit is chosen by)."""
+  return lax.stop_gradient(jnp.sqrt(value))
+
+
+def _scaled_offset(sums: ScaledSums, count):
+  """``S1 / n`` of :class:`ScaledSums`."""
+  return safe_divide(sums.small, count) + _times_power_of_two(
+      safe_divide(sums.big, count), BIG_EXPONENT)
+
+
+def _times_power_of_two(value, exponent: int):
+  """``value * 2^exponent``, in factors of at most 2^64 that XLA may not
+  fold into one (it folds a chain of constant factors into their product,
+  which for 2^192 is inf: 0 * inf = NaN)."""
+  while exponent:
+    step = max(-64, min(64, exponent))
+    factor = lax.optimization_barrier(jnp.asarray(2.0 ** step, value.dtype))
+    value, exponent = value * factor, exponent - step
+  return value
 
 
 def guard_cond(needed: jax.Array, general, ordinary):

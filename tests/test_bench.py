@@ -54,3 +54,20 @@ def test_feature_and_mlp_cases_report_ratios_and_bytes():
                                         "jaxbn, then nn.relu"}
   table = bench.format_features([features], mlp)
   assert "| adjustment |" in table and "| jaxbn, then nn.relu |" in table
+
+
+def test_accelerator_suite_runs_layers_and_networks(tmp_path):
+  # the GPU/TPU suite (the default on those devices), at its tiny sizes
+  from jaxbn import bench_accelerator
+  report = bench_accelerator.run(quick=True, repeats=1, burst=1,
+                                 out=str(tmp_path))
+  assert {r["dtype"] for r in report["layers"]} == {"float32", "bfloat16"}
+  for row in report["layers"] + report["networks"]:
+    assert set(row["median_ms"]) >= {"jaxbn", "flax.linen"}
+    assert row["jaxbn_over_flax"] == (row["median_ms"]["jaxbn"]
+                                      / row["median_ms"]["flax.linen"])
+  assert all(r["batch_norms"] >= 20 for r in report["networks"])
+  assert "jaxbn / flax" in (tmp_path / "bench_accelerator.md").read_text()
+  assert (tmp_path / "bench_accelerator.png").stat().st_size > 1000
+  assert json.loads((tmp_path / "bench_accelerator.json").read_text())[
+      "platform"] == "cpu"
