@@ -15,8 +15,9 @@ program it was compiled with.
   computes, testable here). Environment: ``JAXBN_STATISTICS``; scoped:
   ``jaxbn.modes.statistics(mode)``.
 * ``overflow_guard``: ``'on'`` (default: a channel whose spread is beyond
-  2^30 has its statistics taken again in units of a power of two, in a
-  ``lax.cond`` that ordinary batches skip; see ``stats.in_units``) or
+  2^30 is measured in units of a power of two; on CPU its statistics are
+  taken again in a ``lax.cond`` that ordinary batches skip, on GPU/TPU the
+  units come from the one read with no conditional; see ``stats.in_units``) or
   ``'off'`` (no retake and no ``cond``: the program of ordinary data, which
   the benchmark's byte counts measure; a spread beyond about 1e18 then
   overflows). Environment: ``JAXBN_OVERFLOW_GUARD``; scoped:

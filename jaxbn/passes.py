@@ -77,9 +77,10 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   ``inv_unit``: None, or per channel ``1 / unit`` (``stats.in_units``); the
   per-channel ``mean``, ``var``, ``dmean``, ``dvar`` (and ``relu``'s
   coefficients) are then those of ``x / unit`` and so are S2 and the
-  formulas, with ``epsilon / unit^2``. Where every unit is 1 (ordinary data)
-  this is the backward without units; otherwise (``lax.cond``) that of ``x /
-  unit`` runs in XLA.
+  formulas, with ``epsilon / unit^2``. On GPU/TPU the passes always run in
+  units (1 for ordinary channels: the same numbers), with no conditional; on
+  CPU, where every unit is 1 (ordinary data) this is the backward without
+  units, otherwise (``lax.cond``) that of ``x / unit`` runs in XLA.
 
   ``gamma`` is the total per-channel scale of the normalized values.
   ``relu``: None, or the forward's ``(a, b)`` when its output went through
