@@ -3,8 +3,8 @@ flax.linen.BatchNorm (and PyTorch's CUDA batch norm where torch sees a GPU)
 on the device JAX runs on.
 
 * **Layers**: forward+backward (a jitted ``jax.vjp`` with a given cotangent:
-  outputs, parameter and input gradients, updated statistics) at ResNet-50's
-  batch-norm shapes (NHWC), float32 and bfloat16.
+  outputs, parameter and input gradients; the CPU benchmark's ``fwd+bwd``)
+  at ResNet-50's batch-norm shapes (NHWC), float32 and bfloat16.
 * **Network**: a whole training step (``value_and_grad`` and an SGD update)
   of a ResNet-style network, Conv-BN-ReLU blocks with a residual every two,
   20 batch norms and more, at a launch-bound size (small images and
@@ -46,38 +46,19 @@ QUICK_NETWORKS = [Network("quick (batch 4, 16x16, widths 4-8)", 4, 16,
 
 
 def _layer_runners(shape, dtype, seed=0):
-  import flax.linen as nn
+  """Forward+backward runners of the CPU benchmark's implementations
+  (``jaxbn.bench.jaxbn_impl``, ``flax_impl``), and of torch where it has a
+  GPU."""
   import jax
   import jax.numpy as jnp
-  import jaxbn
+  from jaxbn import bench
   key = jax.random.PRNGKey(seed)
   x = (jax.random.normal(key, shape, jnp.float32) * 2 + 1).astype(dtype)
   dy = jax.random.normal(jax.random.fold_in(key, 1), shape,
                          jnp.float32).astype(dtype)
-  runners = {}
-  config = jaxbn.BatchNormConfig(momentum=0.9)
-  params, state = jaxbn.init(config, shape)
-
-  @jax.jit
-  def ours(params, state, x, dy):
-    (y, new_state), vjp = jax.vjp(lambda p, x: jaxbn.apply(
-        config, p, state, x, training=True), params, x)
-    return y, new_state, vjp((dy, jax.tree.map(jnp.zeros_like, new_state)))
-
-  runners["jaxbn"] = functools.partial(ours, params, state, x, dy)
-  bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3,
-                    dtype=dtype)
-  variables = bn.init(key, x)
-
-  @jax.jit
-  def flax(params, stats, x, dy):
-    (y, updates), vjp = jax.vjp(lambda p, x: bn.apply(
-        {"params": p, "batch_stats": stats}, x, mutable=["batch_stats"]),
-                                params, x)
-    return y, updates, vjp((dy, jax.tree.map(jnp.zeros_like, updates)))
-
-  runners["flax.linen"] = functools.partial(
-      flax, variables["params"], variables["batch_stats"], x, dy)
+  case = bench.Case(f"{shape}", shape, "NHWC", jnp.dtype(dtype).name)
+  runners = {"jaxbn": bench.jaxbn_impl(case, x, dy).fwdbwd,
+             "flax.linen": bench.flax_impl(case, x, dy).fwdbwd}
   torch_runner = _torch_runner(shape, dtype)
   if torch_runner is not None:
     runners["torch (cuda)"] = torch_runner

@@ -112,7 +112,7 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
           *args, epsilon, relu=relu) if inv is None else _backward_in_two_calls(
               *args, epsilon_in_units, None, None, relu, inv), kernel)
 
-    return _where_a_cond_is_cheap(guarded, in_units)
+    return stats.where_a_cond_is_cheap(guarded, in_units)
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
@@ -128,29 +128,19 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
                                 count, axes, epsilon, axis_name, groups, relu)
 
 
-def _where_a_cond_is_cheap(guarded, in_units):
-  """``guarded()`` on CPU, where a ``lax.cond`` branches on the host for
-  free; ``in_units()`` on GPU/TPU and under ``JAXBN_STATISTICS=accelerator``:
-  there the statistics come in units without a conditional
-  (``stats.in_units``), and so does the backward."""
-  if modes.statistics.value == "accelerator":
-    return in_units()
-  return lax.platform_dependent(cpu=guarded, default=in_units)
-
-
 def _by_units(inv_unit, passes_fn, kernel=False):
   """``passes_fn(None)`` where every unit is 1, else ``passes_fn(inv_unit)``
-  (a ``lax.cond``). The latter runs in XLA, which fuses the scaling into the
-  passes (a kernel would need ``x / unit`` written out: a full-size
-  temporary in every program).
+  (a ``lax.cond``: the CPU's side of ``stats.where_a_cond_is_cheap``). The
+  latter runs in XLA, which fuses the scaling into the passes (a kernel
+  would need ``x / unit`` written out: a full-size temporary in every
+  program).
 
-  With ``kernel`` (``passes_fn(None)`` calls a CPU kernel), on CPU the
-  passes without units run outside the cond, which passes their results
-  through where no unit is needed (on data that need units they run too,
-  and their results are discarded): the kernel called inside the cond's
-  branch made the 4-layer MLP step 5-7% slower than without the guard. The
-  price is one more input-sized buffer that XLA:CPU reserves for the cond's
-  result. Elsewhere the passes stay in the branch.
+  With ``kernel`` (``passes_fn(None)`` calls a CPU kernel), the passes
+  without units run outside the cond, which passes their results through
+  where no unit is needed (on data that need units they run too, and their
+  results are discarded): the kernel called inside the cond's branch made
+  the 4-layer MLP step 5-7% slower than without the guard. The price is one
+  more input-sized buffer that XLA:CPU reserves for the cond's result.
   """
   needed = jnp.any(inv_unit != 1)
 
@@ -158,16 +148,10 @@ def _by_units(inv_unit, passes_fn, kernel=False):
     with modes.cpu_kernels("off"):
       return passes_fn(inv_unit)
 
-  def passed_through():
+  if kernel:
     ordinary = passes_fn(None)
     return stats.guard_cond(needed, in_units, lambda: ordinary)
-
-  def in_the_branch():
-    return stats.guard_cond(needed, in_units, lambda: passes_fn(None))
-
-  if not kernel:
-    return in_the_branch()
-  return lax.platform_dependent(cpu=passed_through, default=in_the_branch)
+  return stats.guard_cond(needed, in_units, lambda: passes_fn(None))
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):
@@ -185,13 +169,13 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                            inv_unit=None, units_decided=True):
   """Two passes over dy and x, the sums combined across devices between
   (with ``inv_unit``: over ``x / unit``, in XLA; see :func:`backward`; and
-  unless ``units_decided``, each pass in a cond on whether the units are
-  all 1, see :func:`_by_units`)."""
+  unless ``units_decided``, on CPU each pass in a cond on whether the units
+  are all 1, see :func:`_by_units`)."""
   def each_pass(passes_fn):
     if inv_unit is None or units_decided:
       return passes_fn(inv_unit)
-    return _where_a_cond_is_cheap(lambda: _by_units(inv_unit, passes_fn),
-                                  lambda: passes_fn(inv_unit))
+    return stats.where_a_cond_is_cheap(
+        lambda: _by_units(inv_unit, passes_fn), lambda: passes_fn(inv_unit))
 
   sum_dy, sum_dy_xc = each_pass(lambda inv: _gradient_sums(
       _gate(dy, x, mean, relu, inv), x, weights, mean, axes, inv))

@@ -376,13 +376,23 @@ def in_units(local_moments_fn):
     axes = tuple(reduction_axes)
     if modes.overflow_guard.value == "off":
       return (*local_moments_fn(x, axes, weights), None)
-    if modes.statistics.value == "accelerator":
-      return scaled_moments(x, axes, weights)
-    return lax.platform_dependent(
-        cpu=lambda: retaken_in_units(local_moments_fn, x, axes, weights),
-        default=lambda: scaled_moments(x, axes, weights))
+    return where_a_cond_is_cheap(
+        lambda: retaken_in_units(local_moments_fn, x, axes, weights),
+        lambda: scaled_moments(x, axes, weights))
 
   return moments
+
+
+def where_a_cond_is_cheap(guarded, branch_free):
+  """``guarded()`` on CPU, where the overflow guard's ``lax.cond`` branches on
+  the host for free; ``branch_free()`` on GPU/TPU (XLA:GPU copies a
+  conditional's predicate to the host and drains the stream) and under
+  ``JAXBN_STATISTICS=accelerator``. The one place that decides it: the
+  statistics (:func:`in_units`) and the backward (``passes.backward``) follow
+  it alike."""
+  if modes.statistics.value == "accelerator":
+    return branch_free()
+  return lax.platform_dependent(cpu=guarded, default=branch_free)
 
 
 def retaken_in_units(local_moments_fn, x, axes, weights=None):
@@ -434,21 +444,18 @@ def scaled_sums(x, reduction_axes, weights, shift, dtype) -> ScaledSums:
   """:class:`ScaledSums` of ``x`` around ``shift``: four sibling reductions
   of one read of x (:func:`sibling_sums`). A NaN lands among the small
   values, an infinity among the big ones: either way it reaches the sums."""
-  axes = tuple(reduction_axes)
-
-  def terms(x, weights):
-    w = None if weights is None else weights.astype(dtype)
-    x = x.astype(dtype)
-    z = x - shift
-    big = jnp.abs(z) > 2.0 ** SPLIT_EXPONENT
-    small_z = jnp.where(big, 0, z)
-    # scaled before the difference, which may be beyond float32's range
-    unit = 2.0 ** -BIG_EXPONENT
-    big_z = jnp.where(big, x * unit - shift * unit, 0)
-    return (_weighted(w, small_z), _weighted(w, big_z),
-            _weighted(w, jnp.square(small_z)), _weighted(w, jnp.square(big_z)))
-
-  return ScaledSums(*sibling_sums(terms(x, weights), axes))
+  w = None if weights is None else weights.astype(dtype)
+  x = x.astype(dtype)
+  z = x - shift
+  big = jnp.abs(z) > 2.0 ** SPLIT_EXPONENT
+  small_z = jnp.where(big, 0, z)
+  # scaled before the difference, which may be beyond float32's range
+  unit = 2.0 ** -BIG_EXPONENT
+  big_z = jnp.where(big, x * unit - shift * unit, 0)
+  return ScaledSums(*sibling_sums(
+      (_weighted(w, small_z), _weighted(w, big_z),
+       _weighted(w, jnp.square(small_z)), _weighted(w, jnp.square(big_z))),
+      reduction_axes))
 
 
 def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
@@ -487,10 +494,10 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   # variance is beyond the limit
   m2_small = sums.small_squares - sums.small * safe_divide(sums.small, n)
   m2_small = jnp.where(m2_small < 0, 0, m2_small)  # rounding; NaN stays
-  in_units = needs_units(n, mean, m2_small)
-  inv_small = inverse_unit(lax.stop_gradient(_root(safe_divide(m2_small, n))))
-  inv_small = jnp.where(in_units & jnp.isfinite(mean) & jnp.isfinite(m2_small),
-                        inv_small, 1)
+  beyond_limit = needs_units(n, mean, m2_small)
+  inv_small = jnp.where(
+      beyond_limit & jnp.isfinite(mean) & jnp.isfinite(m2_small),
+      inverse_unit(_root(safe_divide(m2_small, n))), 1)
   # values beyond it: M2 in units of B, then in units of u (B / u = b_over_u)
   offset_in_b = safe_divide(sums.big, n) + _times_power_of_two(
       safe_divide(sums.small, n), -BIG_EXPONENT)
