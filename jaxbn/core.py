@@ -399,7 +399,7 @@ def _updated_state(config, resolved, state, summary: Summary) -> State:
   new_state["moving_stddev"] = moving_stddev
   new_state["moving_variance"] = jnp.where(
       valid, stats.saturated(
-          jnp.maximum(moving_stddev * moving_stddev - eps, 0.0), moving_stddev),
+          stats.nonnegative(moving_stddev * moving_stddev - eps), moving_stddev),
       state["moving_variance"])
   if "renorm_step" in state:
     new_state["renorm_step"] = state["renorm_step"] + 1
@@ -472,15 +472,12 @@ def _renorm_corrections(config, summary, renorm_mean, renorm_stddev, rmin,
   """
   eps = config.epsilon
   shape = summary.mean.shape
-  sigma = jnp.maximum(renorm_stddev, jnp.sqrt(eps)).reshape(shape)
+  sigma = stats.clamp(renorm_stddev, low=jnp.sqrt(eps)).reshape(shape)
   r = jnp.sqrt(summary.variance + eps) / sigma
   d = (summary.mean - renorm_mean.reshape(shape)) / sigma
-  if rmin is not None:
-    r = jnp.maximum(r, rmin)
-  if rmax is not None:
-    r = jnp.minimum(r, rmax)
+  r = stats.clamp(r, rmin, rmax)  # a NaN stays NaN
   if dmax is not None:
-    d = jnp.clip(d, -dmax, dmax)
+    d = stats.clamp(d, -dmax, dmax)
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 

@@ -96,6 +96,24 @@ def where_valid(w, values):
   return values if w is None else jnp.where(w != 0, values, 0)
 
 
+def clamp(value, low=None, high=None):
+  """``value`` within ``[low, high]`` (either may be None), a NaN kept.
+
+  Not ``jnp.maximum``/``jnp.minimum``: fused into a reduction, XLA:CPU's
+  max maps NaN to 0, and an overflowed M2 (inf - inf) would pass as a
+  constant channel."""
+  if low is not None:
+    value = jnp.where(value < low, low, value)
+  if high is not None:
+    value = jnp.where(value > high, high, value)
+  return value
+
+
+def nonnegative(value):
+  """``value`` with a negative rounding residue set to 0, a NaN kept."""
+  return clamp(value, low=0)
+
+
 def _weighted(w, values):
   """``w * values``, 0 in padding (see :func:`where_valid`)."""
   return values if w is None else where_valid(w, w * values)
@@ -134,7 +152,7 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                        - separate(mean)[0])
   q = _sum(_weighted(w, squares), axes)
   residual = s1 - count * (mean - shift)
-  m2 = jnp.maximum(q - safe_divide(residual * residual, count), 0)
+  m2 = nonnegative(q - safe_divide(residual * residual, count))
   return jnp.broadcast_to(count, mean.shape), mean, m2
 
 
@@ -301,7 +319,7 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   s1, s2 = sibling_sums((_weighted(w, centered),
                          _weighted(w, jnp.square(centered))), axes)
   mean_shifted = safe_divide(s1, count)
-  m2 = jnp.maximum(s2 - s1 * mean_shifted, 0)
+  m2 = nonnegative(s2 - s1 * mean_shifted)
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
 
 
@@ -493,7 +511,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   # no value beyond the split: the shifted sums, in units where the
   # variance is beyond the limit
   m2_small = sums.small_squares - sums.small * safe_divide(sums.small, n)
-  m2_small = jnp.where(m2_small < 0, 0, m2_small)  # rounding; NaN stays
+  m2_small = nonnegative(m2_small)
   beyond_limit = needs_units(n, mean, m2_small)
   inv_small = jnp.where(
       beyond_limit & jnp.isfinite(mean) & jnp.isfinite(m2_small),
@@ -504,7 +522,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   m2_in_b = (sums.big_squares
              + _times_power_of_two(sums.small_squares, -2 * BIG_EXPONENT)
              - n * offset_in_b * offset_in_b)
-  m2_in_b = jnp.where(m2_in_b < 0, 0, m2_in_b)
+  m2_in_b = nonnegative(m2_in_b)
   inv_big = jnp.maximum(_times_power_of_two(inverse_unit(
       _root(safe_divide(m2_in_b, n))), -BIG_EXPONENT),
                         2.0 ** -_UNIT_EXPONENT_LIMIT)  # a normal number

@@ -214,6 +214,50 @@ def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
                                  err_msg=(path, name))
 
 
+# Wide enough (groups x channels beyond about 4096) that XLA:CPU fuses the
+# M2 clamp into the reduction, where a max would map NaN to 0.
+@pytest.mark.parametrize("shape, config_args", [
+    ((12, 3, 3, 768), {"virtual_batch_size": 3}),
+    ((6, 5120), {}),
+    ((12, 3, 3, 768), {"virtual_batch_size": 3, "fused": False}),
+    ((6, 5120), {"renorm": True, "renorm_clipping": {"rmax": 3.0,
+                                                      "dmax": 5.0}}),
+])
+@pytest.mark.parametrize("path", ["kernels", "xla", "accelerator"])
+def test_no_fused_clamp_loses_a_nan_or_an_overflow(shape, config_args, path):
+  rng = np.random.default_rng(11)
+  clean = rng.normal(0.5, 3, shape).astype(np.float32)
+  x = clean.copy()
+  x[..., 1] *= 2.0 ** 98  # squares overflow: taken in units, not a constant
+  x[2, ..., 2] = np.nan
+  x[4, ..., 3] = -np.inf
+  config = jaxbn.BatchNormConfig(**config_args)
+  params, state = jaxbn.init(config, shape)
+  step = jax.jit(lambda p, s, x: jaxbn.apply(config, p, s, x, training=True))
+  with _path(path):
+    y, new_state = step(params, state, jnp.asarray(x))
+  # batch norm is invariant to scaling a channel by a power of two (epsilon
+  # aside, negligible here): channel 1 must come out as the clean data's
+  with _path("kernels"):
+    expected, _ = step(params, state, jnp.asarray(clean))
+  y = np.asarray(y).reshape(-1, shape[-1])
+  expected = np.asarray(expected).reshape(-1, shape[-1])
+  # renorm's first r, d compare the batch with averages in plain units: the
+  # spread channel's differ from the clean one's (finite all the same)
+  finite = np.r_[0, 4:shape[-1]] if "renorm" in config_args else np.r_[
+      0, 1, 4:shape[-1]]
+  np.testing.assert_allclose(y[:, finite], expected[:, finite], rtol=1e-4,
+                             atol=1e-4)
+  assert np.all(np.isfinite(y[:, 1]))
+  for channel in (2, 3):  # spoiled: in the ghost batch holding the value
+    spoiled = np.isfinite(y[:, channel])
+    assert (not np.all(spoiled) if "virtual_batch_size" in config_args
+            else not np.any(spoiled)), channel
+    for name in ("moving_variance", "moving_mean"):
+      value = np.asarray(new_state[name]).reshape(-1)[channel]
+      assert not np.isfinite(value), (name, channel)
+
+
 _BAD = (np.nan, np.inf, -np.inf)
 _channel = st.one_of(
     # data: mean up to 1e37, spread 1e-15 to 1e38 (beyond 2^30 the overflow
