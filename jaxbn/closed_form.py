@@ -45,8 +45,9 @@ plain autodiff differentiates it (``fused=False``, forward mode included), and
 tests compare the two.
 
 Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
-custom VJP: use ``fused=False`` for it. Reverse-over-reverse (``grad`` of
-``grad``) works, since the backward pass is itself differentiable.
+custom VJP: ``jaxbn.core`` runs :func:`reference` under it. Reverse-over-reverse
+(``grad`` of ``grad``) works, since the backward pass is itself
+differentiable.
 """
 from __future__ import annotations
 

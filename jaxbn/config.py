@@ -257,6 +257,12 @@ class BatchNormConfig:
   def get_config(self) -> dict:
     """Keras' ``get_config()`` keys and value formats."""
     axis = self.axis if isinstance(self.axis, int) else list(self.axis)
+    if (self.virtual_batch_size is not None and isinstance(axis, list)
+        and all(a >= 2 for a in axis)):
+      # from_config reads such a list as a built Keras layer's, whose axes
+      # count the virtual-batch axis Keras inserts: one axis is written as
+      # the int (the same for Keras and jaxbn), several in that built form
+      axis = axis[0] if len(axis) == 1 else [a + 1 for a in axis]
     config = {
         "trainable": self.trainable,
         "axis": axis,

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import ad
 
 from jaxbn import affine, closed_form, stats
 from jaxbn.config import BatchNormConfig
@@ -79,7 +80,14 @@ def init_params(config: BatchNormConfig, param_shape, *, key=None,
 
 def init_state(config: BatchNormConfig, param_shape, *, key=None,
                dtype=jnp.float32) -> State:
-  """Moving statistics (and renorm statistics) from the config."""
+  """Moving statistics (and renorm statistics) from the config.
+
+  The statistics are float32 at least (``dtype`` float64 keeps float64): in
+  float16 or bfloat16 an update ``(1 - momentum) * (mean - moving_mean)``
+  smaller than half an ulp of the average rounds away and the average
+  stalls.
+  """
+  dtype = state_dtype(dtype)
   keys = _split(key, 2)
   mean = config.moving_mean_initializer(keys[0], param_shape, dtype)
   variance = config.moving_variance_initializer(keys[1], param_shape, dtype)
@@ -92,6 +100,12 @@ def init_state(config: BatchNormConfig, param_shape, *, key=None,
         config.renorm_clipping.is_scheduled:
       state["renorm_step"] = jnp.zeros((), jnp.int32)
   return state
+
+
+def state_dtype(dtype) -> jnp.dtype:
+  """The dtype of the moving statistics for variables of ``dtype``: float32,
+  or float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def state_names(config: BatchNormConfig) -> tuple:
@@ -118,7 +132,8 @@ def init(config: BatchNormConfig, input_shape, *, key=None,
     input_shape: shape of an input batch (only the rank and channel sizes
       matter).
     key: PRNG key, needed only by random initializers.
-    dtype: dtype of the variables (float32 unless you need float64).
+    dtype: dtype of the variables (float32 unless you need float64); the
+      moving statistics are float32 at least (``init_state``).
   """
   _check_param_dtype(dtype)
   param_shape = variable_shape(config, input_shape)
@@ -167,6 +182,7 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   """
   x = _check_input(x)
   resolved = config.resolve(x.shape)
+  params, state = _check_trees(params, state)
   _check_variables(config, resolved, params, state, x.shape)
   training = check_training(training)
   weights = _check_mask(mask, x.shape)
@@ -179,6 +195,11 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     return inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
     _check_virtual_batch(config, x.shape)
+  if x.size == 0:
+    # nothing to normalize, and no element for the statistics: the state
+    # stays (as for a channel without a valid element); every device of a
+    # mapped axis has the same empty shape, so no collective is skipped
+    return jnp.zeros_like(x), dict(state)
   train = _train
   if (axis_name is None and config.adjustment is None
       and _concrete(config, params, state, x, weights, key)):
@@ -269,11 +290,26 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
   args = (batch.x, scale, offset, batch.weights, correction_inputs,
           batch.reduction_axes, config.epsilon, norm_axis_name, groups,
           correction, config.activation)
-  if config.fused is False or not per_channel_adjustment:
+  if (config.fused is False or not per_channel_adjustment
+      or _carries_tangents(x, params, state, weights)):
     y, _, summary = closed_form.reference(*args)
   else:
     y, _, summary = closed_form.batch_norm_train(*args)
   return y.reshape(x.shape), _updated_state(config, resolved, state, summary)
+
+
+def _carries_tangents(*trees) -> bool:
+  """Whether forward-mode autodiff (``jax.jvp``, ``jacfwd``, the outer
+  ``jacfwd`` of ``hessian``) traces this call: the closed-form backward is a
+  custom VJP, which has no forward mode, so such a call differentiates the
+  same forward by plain autodiff (exact, every order). Reverse mode
+  (``grad``, ``vjp``) linearizes without a JVP tracer."""
+  for leaf in jax.tree_util.tree_leaves(trees):
+    while isinstance(leaf, jax.core.Tracer):
+      if isinstance(leaf, ad.JVPTracer):
+        return True
+      leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
+  return False
 
 
 # An eager call runs as one compiled program per configuration and shapes
@@ -419,6 +455,15 @@ def _updatable(config, count, mean, var):
   return valid
 
 
+_NO_ADJUSTMENT_KEY = (
+    "`adjustment(shape, key)` failed with key=None: no key was given. Pass "
+    "key=jax.random.key(...) to jaxbn.apply (a new key each step); give "
+    "the Linen layer an 'adjustment' stream (model.apply(..., "
+    "rngs={'adjustment': key})) and the NNX layer one in its rngs "
+    "(nnx.Rngs(params=0, adjustment=1)). An adjustment without randomness "
+    "can take (shape) alone.")
+
+
 def _call_adjustment(adjustment, shape, key):
   try:
     nparams = len([
@@ -427,7 +472,15 @@ def _call_adjustment(adjustment, shape, key):
         and p.default is p.empty])
   except (TypeError, ValueError):
     nparams = 2
-  result = adjustment(shape) if nparams == 1 else adjustment(shape, key)
+  if nparams == 1:
+    result = adjustment(shape)
+  else:
+    try:
+      result = adjustment(shape, key)
+    except Exception as error:  # most likely drawing from the missing key
+      if key is not None:
+        raise
+      raise ValueError(_NO_ADJUSTMENT_KEY) from error
   if not (isinstance(result, (tuple, list)) and len(result) == 2):
     raise TypeError(
         "`adjustment(shape, key)` must return a pair (scale, bias) of arrays "
@@ -562,6 +615,26 @@ def _check_mask(mask, shape):
   return (mask.reshape(aligned) != 0).astype(jnp.float32)
 
 
+def _check_trees(params, state):
+  """``params`` and ``state`` as dicts of arrays, or a TypeError naming the
+  argument and the fix."""
+  checked = []
+  for name, tree in (("params", params), ("state", state)):
+    if not isinstance(tree, Mapping):
+      raise TypeError(
+          f"`{name}` must be a dict of arrays; got {type(tree).__name__}. "
+          f"Create it with `params, state = jaxbn.init(config, x.shape)` (a "
+          "layer without scale and center has params {}).")
+    for key, value in tree.items():
+      if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(
+            f"`{name}['{key}']` must be an array; got "
+            f"{type(value).__name__}. Convert it, e.g. `{name} = "
+            f"{{k: jnp.asarray(v) for k, v in {name}.items()}}`.")
+    checked.append(dict(tree))
+  return tuple(checked)
+
+
 def _check_variables(config, resolved, params, state, input_shape):
   expected = resolved.param_shape
   missing = [k for k in ("moving_mean", "moving_variance") if k not in state]
@@ -576,8 +649,8 @@ def _check_variables(config, resolved, params, state, input_shape):
           f"`{kind}` has no '{name}', but the config has "
           f"{'scale' if name == 'gamma' else 'center'}=True. Create params "
           "with jaxbn.init(config, x.shape).")
-  for tree, names in ((params, ("gamma", "beta")),
-                      (state, ("moving_mean", "moving_variance"))):
+  statistics = tuple(n for n in state_names(config) if n != "renorm_step")
+  for tree, names in ((params, ("gamma", "beta")), (state, statistics)):
     for name in names:
       if name in tree and tuple(tree[name].shape) != tuple(expected):
         raise ValueError(
@@ -587,6 +660,10 @@ def _check_variables(config, resolved, params, state, input_shape):
             f"(resolved channel axes {resolved.axes}). The input's channel "
             "count does not match the layer's variables: check `axis` and the "
             "input layout.")
+  for tree, kind in ((params, "params"), (state, "state")):
+    for name in ("gamma", "beta") if kind == "params" else statistics:
+      if name in tree:
+        _check_variable_dtype(kind, name, tree[name].dtype)
   if config.renorm:
     missing = [k for k in ("moving_stddev", "renorm_mean", "renorm_stddev")
                if k not in state]
@@ -601,6 +678,26 @@ def _check_variables(config, resolved, params, state, input_shape):
           "`renorm_clipping` has a scheduled bound, which needs "
           "state['renorm_step']; create the state with jaxbn.init using the "
           "same config.")
+
+
+def _check_variable_dtype(kind, name, dtype):
+  """Parameters: any float dtype. Statistics: float32 or wider, since in a
+  narrower float an EMA step below half an ulp of the average rounds away (a
+  float16 moving mean at 1000 never moves by less than 0.25 per step), and
+  an integer average never moves at all."""
+  floating = jnp.issubdtype(dtype, jnp.floating)
+  if kind == "params" and floating:
+    return
+  if floating and jnp.finfo(dtype).bits >= 32:
+    return
+  need = "a float dtype" if kind == "params" else "float32 (or float64)"
+  raise TypeError(
+      f"`{kind}['{name}']` has dtype {dtype}; it must be {need}"
+      + ("" if kind == "params" else
+         ": the moving averages stall in a narrower dtype, whatever the "
+         "input's dtype (statistics are float32 for bfloat16/float16 input)")
+      + f". Convert it, e.g. `{kind} = jax.tree.map(lambda v: "
+      "v.astype(jnp.float32), " + kind + ")`.")
 
 
 def _check_virtual_batch(config, shape):

@@ -105,6 +105,16 @@ def available() -> bool:
 def _check(mode):
   if mode not in MODES:
     raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+  if mode != "off" and _SWITCHED_OFF is not None:
+    _register_now()
+
+
+def _register_now():
+  """Registers the kernels that ``JAXBN_CPU_KERNELS=off`` left unregistered
+  at import, once a mode that may use them is set."""
+  global _cpu_kernels, _SWITCHED_OFF, NOT_REGISTERED
+  _register(_SWITCHED_OFF)
+  _cpu_kernels, _SWITCHED_OFF, NOT_REGISTERED = _SWITCHED_OFF, None, None
 
 
 def set_mode(mode: str) -> None:
@@ -170,15 +180,21 @@ def _why_not_registered():
   return None
 
 
+def _register(built) -> None:
+  for name, handler in built.handlers().items():
+    jax.ffi.register_ffi_target(name, handler, platform="cpu")
+
+
 NOT_REGISTERED = None  # why the built kernels are not in use, if they are not
+_SWITCHED_OFF = None  # the built kernels, left unregistered by the environment
 if _cpu_kernels is not None:
   if os.environ.get("JAXBN_CPU_KERNELS") == "off":
     NOT_REGISTERED = "JAXBN_CPU_KERNELS=off"
+    _SWITCHED_OFF = _cpu_kernels if _why_not_registered() is None else None
   else:
     NOT_REGISTERED = _why_not_registered()
   if NOT_REGISTERED is None:
-    for _name, _handler in _cpu_kernels.handlers().items():
-      jax.ffi.register_ffi_target(_name, _handler, platform="cpu")
+    _register(_cpu_kernels)
   elif NOT_REGISTERED != "JAXBN_CPU_KERNELS=off":
     import warnings
     warnings.warn(

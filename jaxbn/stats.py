@@ -158,13 +158,23 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
 
 # Enough that one outlier (or a few) cannot move their median far from the
 # data's middle; few enough that choosing it is cheap (see _lower_median).
+# The two-pass statistics need no more: their second pass, around the mean,
+# corrects a poor shift.
 SHIFT_SAMPLES = 16
+# The one-read statistics (GPU/TPU) live with the shift: M2 = S2 - S1^2 / n
+# loses (mean - s)^2 / var ulps, about rows / k for a shift taken from k
+# outlier rows. Their shift is the lower median of this many distinct rows
+# (of the first reduced axis, where it has them), so that no placement of up
+# to ONE_READ_SHIFT_ROWS // 2 outlier rows can reach it; with fewer rows,
+# such outliers are a large share of the batch, which keeps the loss small.
+ONE_READ_SHIFT_ROWS = 33
 
 
-def _sample_grid(sizes, target):
-  """Samples per reduced axis: doubled on the least sampled axis (relative
-  to its size) until there are ``target`` of them or every position."""
-  counts = [1] * len(sizes)
+def _sample_grid(sizes, target, first=1):
+  """Samples per reduced axis: ``first`` (at most its size) on the first,
+  then doubled on the least sampled axis (relative to its size) until there
+  are ``target`` of them or every position."""
+  counts = [min(first, sizes[0])] + [1] * (len(sizes) - 1) if sizes else []
   while math.prod(counts) < target:
     growable = [i for i, (c, n) in enumerate(zip(counts, sizes)) if c < n]
     if not growable:
@@ -174,24 +184,25 @@ def _sample_grid(sizes, target):
   return counts
 
 
-def sampled_shift(x, reduction_axes, weights=None, dtype=None):
+def sampled_shift(x, reduction_axes, weights=None, dtype=None, rows=1):
   """Per channel (keepdims): the lower median of about ``SHIFT_SAMPLES``
-  values of ``x`` on an evenly spaced grid over the reduced positions,
+  values of ``x`` on an evenly spaced grid over the reduced positions, at
+  least ``rows`` of them along the first reduced axis (if it has them),
   counting only valid, finite ones (0 where there is none). No gradient.
 
-  A data value near the middle of the batch: one outlier among the samples
-  cannot move it, so ``(mean - shift)^2 / var``, the cancellation factor of
-  shifted sums, stays of order 1. The grid is strided slices, which read
-  only the samples.
+  A data value near the middle of the batch: outliers on fewer than half the
+  samples cannot move it, so ``(mean - shift)^2 / var``, the cancellation
+  factor of shifted sums, stays of order 1. The grid is strided slices,
+  which read only the samples.
   """
-  axes = tuple(reduction_axes)
+  axes = tuple(sorted(reduction_axes))
   dtype = dtype or stat_dtype(x.dtype)
   shape = x.shape
   kept_shape = tuple(1 if i in axes else n for i, n in enumerate(shape))
   if any(shape[a] == 0 for a in axes):
     return jnp.zeros(kept_shape, dtype)
   counts = dict(zip(axes, _sample_grid([shape[a] for a in axes],
-                                       SHIFT_SAMPLES)))
+                                       SHIFT_SAMPLES, rows)))
 
   def grid(value, along=counts):
     index = []
@@ -313,7 +324,7 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
     return local_moments(x, axes, weights)
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
-  shift = sampled_shift(x, axes, weights, sd)
+  shift = sampled_shift(x, axes, weights, sd, ONE_READ_SHIFT_ROWS)
   centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
   s1, s2 = sibling_sums((_weighted(w, centered),
@@ -503,7 +514,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
     first = scaled_sums(x, axes, weights, 0, sd)
     shift = lax.stop_gradient(_scaled_offset(first, count))
   else:
-    shift = sampled_shift(x, axes, weights, sd)
+    shift = sampled_shift(x, axes, weights, sd, ONE_READ_SHIFT_ROWS)
   sums = scaled_sums(x, axes, weights, shift, sd)
   n = jnp.broadcast_to(count, sums.small.shape)
   mean = shift + _scaled_offset(sums, n)

@@ -11,6 +11,7 @@ import pytest
 import jaxbn
 from jaxbn import cpu_kernels, modes
 from jaxbn.bench import bytes_moved
+from tests.combinations import pairwise
 
 # data of ordinary range: the overflow guard stays off here (conftest.py)
 ORDINARY_DATA = True
@@ -75,9 +76,8 @@ def _random_state(state, seed=5):
           for k, v in state.items()}
 
 
-@pytest.mark.parametrize("mask", list(MASKS))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("feature,layout,mask",
+                         pairwise(FEATURES, LAYOUTS, MASKS))
 def test_closed_form_equals_autodiff(feature, layout, mask):
   # One program computes the autodiff reference (fused=False, XLA only) and
   # the closed form with the kernels on and off (one compilation per case).

@@ -746,17 +746,35 @@ def test_kernels_register_only_with_a_compatible_ffi(monkeypatch):
       assert f"{major}.{minor}" in reason and "jaxlib" in reason
 
 
-def test_kernels_off_in_the_environment_registers_nothing():
+def test_kernels_off_in_the_environment_registers_them_only_when_asked():
+  # JAXBN_CPU_KERNELS=off registers nothing at import; a later 'on' (a
+  # scope or the global mode) registers them and they run
   import subprocess
   import sys
-  code = ("import jaxbn, jax.numpy as jnp; from jaxbn import cpu_kernels; "
-          "print(cpu_kernels.available(), cpu_kernels.NOT_REGISTERED, "
-          "float(jnp.ones(3).sum()))")
+  code = """if True:
+    import jax, jax.numpy as jnp, numpy as np, jaxbn
+    from jaxbn import cpu_kernels
+    print(cpu_kernels.available(), cpu_kernels.NOT_REGISTERED,
+          float(jnp.ones(3).sum()))
+    config = jaxbn.BatchNormConfig()
+    x = jnp.asarray(np.random.RandomState(0).randn(8, 4, 4, 16), jnp.float32)
+    params, state = jaxbn.init(config, x.shape)
+    step = lambda x: jaxbn.apply(config, params, state, x, training=True)[0]
+    off = jax.jit(step)(x)
+    with cpu_kernels.use("on"):
+      text = jax.jit(step).lower(x).as_text()
+      on = jax.jit(step)(x)
+    print(cpu_kernels.available(), "jaxbn_moments" in text,
+          float(jnp.max(jnp.abs(on - off))))
+  """
+  if not cpu_kernels.available():
+    pytest.skip("the kernels are not built")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=120, check=True,
                        env={"JAXBN_CPU_KERNELS": "off", "JAX_PLATFORMS": "cpu",
-                            "PATH": ""}).stdout
-  assert out.split()[0] == "False" and "3.0" in out
+                            "PATH": ""}).stdout.split()
+  assert out[:2] == ["False", "JAXBN_CPU_KERNELS=off"] and out[2] == "3.0"
+  assert out[3:5] == ["True", "True"] and float(out[5]) < 1e-5
 
 
 def test_info_explains_the_kernels():

@@ -115,6 +115,30 @@ def test_from_config_of_built_and_unbuilt_layers(kwargs, shape):
     np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
 
 
+def test_a_ghost_layer_from_keras_round_trips_through_its_config():
+  # a built tf_keras ghost layer's module has axis=(3,); its config must not
+  # come back as axis 2, which on (N, H, W, C) with W == C normalizes W
+  k = keras_oracle.keras()
+  layer = k.layers.BatchNormalization(virtual_batch_size=2, momentum=0.5)
+  x = _data((4, 3, 5, 5), 2)
+  y_keras = layer(x, training=True).numpy()
+  module, variables = jaxbn.from_keras(layer)
+  again = jaxbn.BatchNormalization.from_config(module.get_config())
+  assert again.config.resolve(x.shape).axes == (3,)
+  keras_again = k.layers.BatchNormalization.from_config(
+      jaxbn.keras_config(module, x.shape))
+  np.testing.assert_allclose(keras_again(x, training=True), y_keras,
+                             rtol=1e-5, atol=1e-5)
+  for m in (module, again):
+    y, _ = m.apply(variables, x, training=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_keras, rtol=1e-4, atol=1e-4)
+  for axis in ((2, 3), (1, 3), (-1,), 2):
+    config = jaxbn.BatchNormConfig(axis=axis, virtual_batch_size=2)
+    assert jaxbn.BatchNormConfig.from_config(
+        config.get_config()).resolve(x.shape).axes == config.resolve(
+            x.shape).axes
+
+
 def test_from_config_reads_list_axes_of_ghost_layers_as_built_unless_told():
   unbuilt = {"axis": [2], "virtual_batch_size": 2}
   assert jaxbn.BatchNormConfig.from_config(unbuilt).axis == (1,)
@@ -354,6 +378,64 @@ def test_from_torch_keeps_dtype_and_takes_axis_and_name():
                              atol=1e-5)
   with pytest.raises(TypeError, match="`axis` must be one int"):
     jaxbn.from_torch(bn, axis=(1, 2))
+
+
+def test_from_torch_of_a_half_module_keeps_float32_statistics():
+  # a .half() module's float16 running averages would stall: moving toward
+  # 1010 from 1000 by 0.01 * 10 per step is below float16's half ulp there
+  import torch
+  bn = torch.nn.BatchNorm1d(2, momentum=0.01).half()
+  with torch.no_grad():
+    bn.running_mean.fill_(1000.0)
+  module, variables = jaxbn.from_torch(bn)
+  assert {v.dtype for v in jax.tree.leaves(variables["params"])} == {
+      np.dtype(np.float16)}
+  assert {v.dtype for v in jax.tree.leaves(variables["batch_stats"])} == {
+      np.dtype(np.float32)}
+  x = _data((64, 2), 3)
+  x = x - x.mean(0) + 1010.0
+  expected = np.full(2, 1000.0)
+  step = jax.jit(lambda v: module.apply(v, x, training=True,
+                                        mutable=["batch_stats"])[1])
+  for _ in range(230):
+    variables = {**variables, **step(variables)}
+    expected = 0.99 * expected + 0.01 * x.astype(np.float64).mean(0)
+  np.testing.assert_allclose(variables["batch_stats"]["moving_mean"],
+                             expected, rtol=1e-6)
+  assert expected[0] > 1009.0
+
+
+def test_from_torch_ports_sync_batch_norm_across_the_named_axis():
+  # SyncBatchNorm normalizes over its whole process group: the same numbers
+  # as a BatchNorm over the concatenated batch, here 8 devices of shard_map
+  import torch
+  from jax.sharding import Mesh, PartitionSpec as P
+  sync = torch.nn.SyncBatchNorm(3, momentum=0.2)
+  with pytest.raises(ValueError, match="process group.*axis_name="):
+    jaxbn.from_torch(sync)
+  with pytest.raises(ValueError, match="axis_name='data' is for a Sync"):
+    jaxbn.from_torch(torch.nn.BatchNorm2d(3), axis_name="data")
+  with torch.no_grad():
+    sync.weight.uniform_(0.5, 1.5)
+    sync.bias.uniform_(-0.5, 0.5)
+  module, variables = jaxbn.from_torch(sync, axis_name="data")
+  whole = torch.nn.BatchNorm2d(3, momentum=0.2)
+  whole.load_state_dict(sync.state_dict())
+  x = _data((16, 3, 4, 4), 5)
+  with torch.no_grad():
+    expected = whole.train()(torch.from_numpy(x)).numpy()
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  step = jax.jit(jax.shard_map(
+      lambda v, x: module.apply(v, x, training=True, mutable=["batch_stats"]),
+      mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())))
+  y, updates = step(variables, x)
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(updates["batch_stats"]["moving_variance"],
+                             whole.running_var.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["moving_mean"],
+                             whole.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  assert jaxbn.torch_model_variables(torch.nn.Sequential(sync))[
+      "batch_stats"]["0"]["moving_mean"].dtype == np.float32
 
 
 def test_torch_model_variables_feed_a_flax_mirror():

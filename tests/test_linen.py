@@ -80,6 +80,8 @@ def test_adjustment_uses_the_adjustment_rng_stream():
       jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, a2)
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+  with pytest.raises(ValueError, match=r"no key was given.*rngs=\{'adjustment"):
+    layer.apply(variables, x, training=True, mutable=["batch_stats"])
 
 
 class MLP(nn.Module):

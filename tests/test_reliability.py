@@ -66,9 +66,9 @@ def test_half_precision_inputs_on_every_path(path, dtype):
   assert float(jnp.min(new_state["moving_variance"])) > 1.0  # never 0
   y_inf, _ = jaxbn.apply(config, params, new_state, x, training=False)
   assert y_inf.dtype == dtype
-  grads = jax.grad(lambda p, x: jnp.sum(jaxbn.apply(
+  grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jaxbn.apply(
       config, p, state, x, training=True)[0].astype(jnp.float32) ** 2),
-                   argnums=(0, 1))(params, x)
+                           argnums=(0, 1)))(params, x)
   assert grads[1].dtype == dtype
   for g in jax.tree_util.tree_leaves(grads):
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
@@ -102,9 +102,9 @@ def test_no_valid_element_keeps_the_state(path):
   assert np.all(np.isfinite(np.asarray(y)))
   for k in state:
     np.testing.assert_array_equal(new_state[k], state[k])
-  g = jax.grad(lambda x: jnp.sum(jaxbn.apply(
+  g = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.apply(
       config, params, state, x, training=True,
-      mask=jnp.zeros((8, 1), bool))[0] ** 2))(x)
+      mask=jnp.zeros((8, 1), bool))[0] ** 2)))(x)
   assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -132,8 +132,8 @@ def test_constant_channels_and_extreme_magnitudes_stay_finite(path,
                   <= 1.0 + 1e-5 * abs(expected))
   for v in new_state.values():
     assert np.all(np.isfinite(np.asarray(v)))
-  g = jax.grad(lambda x: jnp.sum(jnp.tanh(jaxbn.apply(
-      config, params, state, x, training=True)[0])))(jnp.asarray(x))
+  g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(jaxbn.apply(
+      config, params, state, x, training=True)[0]))))(jnp.asarray(x))
   assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -264,8 +264,94 @@ def test_functional_core_under_lax_scan_over_batches():
         jaxbn.BatchNormConfig(adjustment=lambda shape, key: (
             jnp.ones((7,)), jnp.zeros((3,)))),
         *jaxbn.init(jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)),
-        training=True), ValueError, r"`adjustment` returned a scale of shape"),
+        training=True, key=jax.random.key(0)),
+     ValueError, r"`adjustment` returned a scale of shape"),
+    (lambda: jaxbn.apply(
+        jaxbn.BatchNormConfig(adjustment=lambda shape, key: (
+            jax.random.uniform(key, shape[-1:]), jnp.zeros(shape[-1:]))),
+        *jaxbn.init(jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)),
+        training=True),
+     ValueError, r"failed with key=None: no key was given. Pass key="),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), None, jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3))[1], jnp.ones((4, 3)), training=True),
+     TypeError, r"`params` must be a dict of arrays; got NoneType"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), jaxbn.init(
+        jaxbn.BatchNormConfig(), (4, 3))[0], None, jnp.ones((4, 3)),
+                         training=False),
+     TypeError, r"`state` must be a dict of arrays; got NoneType"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), {
+        "gamma": [1.0, 1.0, 1.0], "beta": [0.0, 0.0, 0.0]}, jaxbn.init(
+            jaxbn.BatchNormConfig(), (4, 3))[1], jnp.ones((4, 3)),
+                         training=True),
+     TypeError, r"`params\['gamma'\]` must be an array; got list.*"
+     r"jnp.asarray"),
 ])
 def test_more_bad_inputs_raise_clear_errors(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+@pytest.mark.parametrize("name", ["moving_stddev", "renorm_mean",
+                                  "renorm_stddev"])
+def test_a_wrongly_shaped_renorm_statistic_is_named(name):
+  config = jaxbn.BatchNormConfig(renorm=True)
+  params, state = jaxbn.init(config, (4, 3))
+  state[name] = jnp.ones((5,))
+  for training in (True, False):
+    with pytest.raises(ValueError, match=f"'{name}' has shape \\(5,\\) but "
+                       r"an input of shape \(4, 3\).* needs \(3,\)"):
+      jaxbn.apply(config, params, state, jnp.ones((4, 3)), training=training)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["moving_mean", "moving_variance",
+                                  "renorm_stddev"])
+def test_state_narrower_than_float32_is_refused_by_name(dtype, name):
+  config = jaxbn.BatchNormConfig(renorm=True)
+  params, state = jaxbn.init(config, (4, 3))
+  state[name] = state[name].astype(dtype)
+  with pytest.raises(TypeError, match=f"`state\\['{name}'\\]` has dtype "
+                     f"{jnp.dtype(dtype).name}; it must be float32 .*astype"):
+    jaxbn.apply(config, params, state, jnp.ones((4, 3)), training=True)
+
+
+def test_state_is_float32_at_least_and_its_average_does_not_stall():
+  config = jaxbn.BatchNormConfig(momentum=0.99)
+  for dtype, expected in ((jnp.bfloat16, jnp.float32),
+                          (jnp.float16, jnp.float32),
+                          (jnp.float32, jnp.float32)):
+    params, state = jax.eval_shape(
+        lambda: jaxbn.init(config, (4, 3), dtype=dtype))
+    assert {v.dtype for v in params.values()} == {jnp.dtype(dtype)}
+    assert {v.dtype for v in state.values()} == {jnp.dtype(expected)}
+  # float16 parameters are fine; the average moves by (1 - momentum) * 10
+  # per step toward 1010 from 1000, below float16's half ulp there (0.25)
+  params, state = jaxbn.init(config, (64, 2), dtype=jnp.float16)
+  state = jax.tree.map(lambda v: v + 1000.0, state)
+  x = np.random.RandomState(0).randn(64, 2).astype(np.float32)
+  x = x - x.mean(0) + 1010.0
+  expected = np.full(2, 1000.0)
+  for _ in range(230):
+    _, state = jaxbn.apply(config, params, state, x, training=True)
+    expected = 0.99 * expected + 0.01 * np.float64(x.mean(0))
+  np.testing.assert_allclose(state["moving_mean"], expected, rtol=1e-6)
+  assert expected[0] > 1009.0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(0, 4, 4, 3), (8, 0), (8, 2, 0)])
+def test_empty_inputs_give_empty_outputs_and_keep_the_state(path, shape):
+  config = jaxbn.BatchNormConfig(**PATHS[path], momentum=0.5)
+  params, state = jaxbn.init(config, shape)
+  state = jax.tree.map(lambda v: v + 0.5, state)
+  x = jnp.zeros(shape)
+  for training in (True, False):
+    y, new_state = jax.jit(lambda p, x: jaxbn.apply(
+        config, p, state, x, training=training))(params, x)
+    assert y.shape == shape and y.dtype == x.dtype
+    for k in state:
+      np.testing.assert_array_equal(new_state[k], state[k])
+  grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jaxbn.apply(
+      config, p, state, x, training=True)[0]), argnums=(0, 1)))(params, x)
+  assert grads[1].shape == shape
+  assert all(not np.any(g) for g in jax.tree.leaves(grads[0]))

@@ -108,6 +108,55 @@ def test_the_shift_is_a_robust_data_value():
       jnp.asarray(x), (0,), jnp.zeros((1000, 1)))) == 0)
 
 
+def _outlier_rows(rows, placement, rng):
+  """16 row indices of ``rows``: on a sampling grid of k rows (the positions
+  ``st // 2 :: st``, st = rows // k), at the evenly spread valid rows of a
+  mask keeping every other row, in blocks, or at random."""
+  grid = lambda k, n=rows: (n // k // 2 + (n // k) * np.arange(16)) % n
+  return {"grid 16": grid(16), "grid 32": grid(32),
+          "grid 33": grid(stats.ONE_READ_SHIFT_ROWS), "grid 64": grid(64),
+          "grid 33 of the mask's valid rows": 2 * (
+              (2 * np.arange(16) + 1) * (rows // 2)
+              // (2 * stats.ONE_READ_SHIFT_ROWS)),
+          "first": np.arange(16), "last": rows - 1 - np.arange(16),
+          "middle": rows // 2 + np.arange(16),
+          "random": rng.choice(rows, 16, replace=False)}[placement]
+
+
+@pytest.mark.parametrize("layout", ["rows", "images"])
+def test_one_read_statistics_survive_16_outlier_rows_anywhere(layout):
+  # the one-read (GPU/TPU) statistics lose (mean - shift)^2 / var ulps: a
+  # shift taken from one of 16 rows of 1000 among 2^18 rows of N(0, 1)
+  # loses 1e-3 of the variance; no placement may reach the shift (the
+  # layer's statistics, and the shifted sums of platform_moments)
+  rows = 2 ** 18
+  rng = np.random.default_rng(0)
+  shape = (rows, 2) if layout == "rows" else (rows // 64, 8, 8, 2)
+  axes = tuple(range(len(shape) - 1))
+  clean = rng.standard_normal(shape).astype(np.float32)
+  every_other = np.zeros((shape[0],) + (1,) * (len(shape) - 1), bool)
+  every_other[::2] = True
+  config = jaxbn.BatchNormConfig(momentum=0.0,
+                                 moving_variance_estimator="biased")
+  params, state = jaxbn.init(config, shape)
+  layer = jax.jit(lambda x, w: jaxbn.apply(config, params, state, x,
+                                           training=True, mask=w)[1])
+  shifted = jax.jit(lambda x, w: stats.platform_moments(x, axes, w))
+  with modes.statistics("accelerator"):
+    for placement in ["grid 16", "grid 32", "grid 33", "grid 64",
+                      "grid 33 of the mask's valid rows", "first", "last",
+                      "middle", "random"]:
+      x = clean.copy()
+      x[_outlier_rows(shape[0], placement, rng)] = 1000.0
+      for w in (np.ones_like(every_other), every_other):
+        data = x[w.ravel()].astype(np.float64).reshape(-1, 2)
+        count, _, m2 = shifted(x, w.astype(np.float32))
+        for got in (layer(x, w)["moving_variance"], np.ravel(m2 / count)):
+          np.testing.assert_allclose(
+              got, data.var(0), rtol=1e-4,
+              err_msg=f"{placement}, every other row: {not w.all()}")
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_shift_is_the_lower_median_of_the_valid_samples(seed):
   # against NumPy's sort, with ties (few distinct values) and invalid (NaN)

@@ -20,19 +20,54 @@ def _is_torch_batch_norm(module) -> bool:
   return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
 
 
-def from_torch(bn, *, axis: int = 1, name: str | None = None
-               ) -> tuple[BatchNormalization, dict]:
-  """``(module, variables)`` equal to a ``torch.nn.BatchNorm{1,2,3}d``.
+def from_torch(bn, *, axis: int = 1, name: str | None = None,
+               axis_name: Any = None) -> tuple[BatchNormalization, dict]:
+  """``(module, variables)`` equal to a ``torch.nn.BatchNorm{1,2,3}d`` or
+  ``SyncBatchNorm``.
 
   ``axis`` is the channel axis of the JAX model's input: 1 for PyTorch's
   NC... layout, -1 for a channels-last mirror (the variables are per channel
-  either way). Variables keep the torch tensors' dtype; ``name`` names the
-  module. ``momentum=None`` (PyTorch's cumulative average) and
-  ``track_running_stats=False`` have no Keras equivalent and raise.
+  either way). ``name`` names the module. Parameters keep the torch tensors'
+  dtype; the running statistics become float32 (float64 stays float64): a
+  ``.half()`` module's float16 averages would stall (see
+  ``jaxbn.init_state``). ``momentum=None`` (PyTorch's cumulative average)
+  and ``track_running_stats=False`` have no Keras equivalent and raise.
+
+  ``SyncBatchNorm`` takes its statistics over every process of its process
+  group; in JAX that group is a mapped axis (``pmap``/``shard_map``), which
+  ``axis_name`` names: the module then computes its statistics across it
+  (for a subgroup, ``module.clone(axis_index_groups=...)``). Without
+  ``axis_name`` a SyncBatchNorm raises rather than silently use per-device
+  statistics.
   """
   if not _is_torch_batch_norm(bn):
-    raise TypeError(f"from_torch expects torch.nn.BatchNorm1d/2d/3d; got "
-                    f"{type(bn).__name__}.")
+    raise TypeError(f"from_torch expects torch.nn.BatchNorm1d/2d/3d or "
+                    f"SyncBatchNorm; got {type(bn).__name__}.")
+  if _is_sync(bn) and axis_name is None:
+    raise ValueError(
+        "from_torch: a torch SyncBatchNorm takes its statistics across its "
+        "process group; name the JAX axis the batch is split over, e.g. "
+        "from_torch(bn, axis_name='batch') for a model run under "
+        "shard_map/pmap with that axis. (For per-device statistics convert it "
+        "to a BatchNorm first.)")
+  if axis_name is not None and not _is_sync(bn):
+    raise ValueError(
+        f"from_torch: axis_name={axis_name!r} is for a SyncBatchNorm; a "
+        f"{type(bn).__name__} takes per-device statistics. Set it on the "
+        "returned module instead: module.clone(axis_name=...).")
+  _check_portable(bn)
+  if isinstance(axis, bool) or not isinstance(axis, int):
+    raise TypeError(f"from_torch: `axis` must be one int (the channel axis "
+                    f"of the JAX input); got {axis!r}.")
+  module = BatchNormalization(
+      axis=axis, momentum=1.0 - float(bn.momentum), epsilon=float(bn.eps),
+      center=bool(bn.affine), scale=bool(bn.affine),
+      moving_variance_estimator="unbiased", name=name, axis_name=axis_name)
+  return module, _variables(bn)
+
+
+def _check_portable(bn) -> None:
+  """Raises for what Keras' moving averages cannot express."""
   if bn.momentum is None:
     raise ValueError(
         "torch BatchNorm with momentum=None keeps a cumulative average, which "
@@ -42,21 +77,27 @@ def from_torch(bn, *, axis: int = 1, name: str | None = None
     raise ValueError(
         "torch BatchNorm with track_running_stats=False has no running "
         "statistics to port; it always normalizes with batch statistics.")
-  if isinstance(axis, bool) or not isinstance(axis, int):
-    raise TypeError(f"from_torch: `axis` must be one int (the channel axis "
-                    f"of the JAX input); got {axis!r}.")
-  module = BatchNormalization(
-      axis=axis, momentum=1.0 - float(bn.momentum), epsilon=float(bn.eps),
-      center=bool(bn.affine), scale=bool(bn.affine),
-      moving_variance_estimator="unbiased", name=name)
+
+
+def _is_sync(bn) -> bool:
+  import torch
+  return isinstance(bn, torch.nn.SyncBatchNorm)
+
+
+def _variables(bn) -> dict:
+  """``{'params', 'batch_stats'}`` of a torch batch norm, statistics in
+  float32 at least."""
   # copy: torch updates its buffers in place, numpy() would share them
   to_np = lambda t: np.array(t.detach().cpu().numpy())
   params = {}
   if bn.affine:
     params = {"gamma": to_np(bn.weight), "beta": to_np(bn.bias)}
-  stats = {"moving_mean": to_np(bn.running_mean),
-           "moving_variance": to_np(bn.running_var)}
-  return module, {"params": params, "batch_stats": stats}
+  stats = {}
+  for key, buffer in (("moving_mean", bn.running_mean),
+                      ("moving_variance", bn.running_var)):
+    value = to_np(buffer)
+    stats[key] = value.astype(np.promote_types(value.dtype, np.float32))
+  return {"params": params, "batch_stats": stats}
 
 
 def torch_model_variables(model, *, axis: int = 1) -> dict[str, Any]:
@@ -75,7 +116,8 @@ def torch_model_variables(model, *, axis: int = 1) -> dict[str, Any]:
     if not _is_torch_batch_norm(sub):
       continue
     found = True
-    _, variables = from_torch(sub, axis=axis)
+    _check_portable(sub)
+    variables = _variables(sub)
     for collection, values in variables.items():
       if not values:
         continue
