@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad
 
-from jaxbn import affine, closed_form, stats
+from jaxbn import affine, closed_form, eager, stats
 from jaxbn.config import BatchNormConfig
 from jaxbn.moving_averages import ema
 
@@ -190,9 +190,10 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
   if not (training and config.trainable):
-    inference = (_compiled_inference if _concrete(config, params, state, x)
-                 else _inference)
-    return inference(config, resolved, params, state, x), dict(state)
+    if _concrete(config, params, state, x):
+      return eager.call(_inference, config, resolved, params, state,
+                        x), dict(state)
+    return _inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
     _check_virtual_batch(config, x.shape)
   if x.size == 0:
@@ -200,12 +201,15 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     # stays (as for a channel without a valid element); every device of a
     # mapped axis has the same empty shape, so no collective is skipped
     return jnp.zeros_like(x), dict(state)
-  train = _train
+  # eager calls with axis_name (which only a transformation binds) or with
+  # an adjustment callable (which may draw from Python state on every call)
+  # stay op by op
   if (axis_name is None and config.adjustment is None
       and _concrete(config, params, state, x, weights, key)):
-    train = _compiled_train
-  return train(config, resolved, params, state, x, weights, key, axis_name,
-               axis_index_groups)
+    return eager.call(_train, config, resolved, params, state, x, weights,
+                      key, None, None)
+  return _train(config, resolved, params, state, x, weights, key, axis_name,
+                axis_index_groups)
 
 
 def _concrete(config, *trees) -> bool:
@@ -260,6 +264,10 @@ class Summary(NamedTuple):
   mean: jax.Array
   variance: jax.Array
   update_variance: jax.Array  # what moving_variance follows (Bessel or not)
+  # sqrt(variance + epsilon) of each, formed in units: representable where
+  # the variance saturates (a spread beyond about 1.8e19)
+  stddev: jax.Array
+  update_stddev: jax.Array
 
 
 def _train(config, resolved, params, state, x, weights, key, axis_name,
@@ -310,17 +318,6 @@ def _carries_tangents(*trees) -> bool:
         return True
       leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
   return False
-
-
-# An eager call runs as one compiled program per configuration and shapes
-# (cached by jit) rather than op by op: the overflow guard's lax.cond alone
-# would otherwise be traced and compiled again on every eager call. Calls under
-# a transformation (their leaves are tracers) are traced inline as before;
-# eager calls with axis_name (which only a transformation binds) or with an
-# adjustment callable (which may draw from Python state on every call) stay
-# op by op.
-_compiled_inference = jax.jit(_inference, static_argnums=(0, 1))
-_compiled_train = jax.jit(_train, static_argnums=(0, 1, 7, 8))
 
 
 def _broadcasts_per_channel(value_shape, channel_shape):
@@ -391,8 +388,7 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
     update = var * stats.bessel_factor(count) if bessel else var
-    return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
-                   stats.unscaled_variance(update, inv_unit))
+    return _in_plain_units(config, count, mean, var, update, inv_unit)
   m2 = var * count
   update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
   if inv_unit is not None:
@@ -404,10 +400,18 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
     count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
         inv_unit=inv_unit)
-  return Summary(
-      count, mean,
-      stats.unscaled_variance(stats.safe_divide(m2, count), inv_unit),
-      stats.unscaled_variance(stats.safe_divide(update_m2, count), inv_unit))
+  return _in_plain_units(config, count, mean, stats.safe_divide(m2, count),
+                         stats.safe_divide(update_m2, count), inv_unit)
+
+
+def _in_plain_units(config, count, mean, var, update_var, inv_unit
+                    ) -> Summary:
+  """The summary of variances in units of ``unit^2``."""
+  eps = config.epsilon
+  return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
+                 stats.unscaled_variance(update_var, inv_unit),
+                 stats.unscaled_stddev(var, inv_unit, eps),
+                 stats.unscaled_stddev(update_var, inv_unit, eps))
 
 
 def _updated_state(config, resolved, state, summary: Summary) -> State:
@@ -416,7 +420,8 @@ def _updated_state(config, resolved, state, summary: Summary) -> State:
   A channel keeps its statistics where ``_updatable`` says so.
   """
   shape = resolved.param_shape
-  count, mean, var, update_var = (v.reshape(shape) for v in summary)
+  count, mean, var, update_var, stddev, update_stddev = (
+      v.reshape(shape) for v in summary)
   valid = _updatable(config, count, mean, update_var)
   new_state = dict(state)
   new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,
@@ -428,10 +433,10 @@ def _updated_state(config, resolved, state, summary: Summary) -> State:
   eps = config.epsilon
   new_state["renorm_mean"] = ema(state["renorm_mean"], mean,
                                  config.renorm_momentum, valid)
-  new_state["renorm_stddev"] = ema(state["renorm_stddev"], jnp.sqrt(var + eps),
+  new_state["renorm_stddev"] = ema(state["renorm_stddev"], stddev,
                                    config.renorm_momentum, valid)
-  moving_stddev = ema(state["moving_stddev"], jnp.sqrt(update_var + eps),
-                      config.momentum, valid)
+  moving_stddev = ema(state["moving_stddev"], update_stddev, config.momentum,
+                      valid)
   new_state["moving_stddev"] = moving_stddev
   new_state["moving_variance"] = jnp.where(
       valid, stats.saturated(
@@ -526,7 +531,7 @@ def _renorm_corrections(config, summary, renorm_mean, renorm_stddev, rmin,
   eps = config.epsilon
   shape = summary.mean.shape
   sigma = stats.clamp(renorm_stddev, low=jnp.sqrt(eps)).reshape(shape)
-  r = jnp.sqrt(summary.variance + eps) / sigma
+  r = summary.stddev / sigma
   d = (summary.mean - renorm_mean.reshape(shape)) / sigma
   r = stats.clamp(r, rmin, rmax)  # a NaN stays NaN
   if dmax is not None:

@@ -610,6 +610,18 @@ def unscaled_variance(variance: jax.Array, inv_unit: jax.Array | None
   return saturated(variance * unit * unit, variance)
 
 
+def unscaled_stddev(variance: jax.Array, inv_unit: jax.Array | None,
+                    epsilon: float) -> jax.Array:
+  """``sqrt(v + epsilon)`` in plain units for a variance ``variance`` in
+  units of ``unit^2`` (``v = variance unit^2``), formed in units:
+  ``sqrt(variance + epsilon / unit^2) unit``, finite for any spread within
+  float32's range, where ``v`` itself saturates beyond a spread of 1.8e19."""
+  if inv_unit is None:
+    return jnp.sqrt(variance + epsilon)
+  unit = 1 / inv_unit  # exact; epsilon / unit^2 may underflow to 0: no loss
+  return jnp.sqrt(variance + epsilon * inv_unit * inv_unit) * unit
+
+
 def saturated(value: jax.Array, source: jax.Array) -> jax.Array:
   """``value``, with the dtype's maximum where it overflowed to inf from a
   finite ``source`` (a variance that exists but is beyond the range)."""

@@ -477,25 +477,24 @@ def test_an_eager_call_runs_as_one_compiled_program_per_configuration():
   # Eagerly, apply compiles its whole computation once per configuration
   # and shapes (a second call reuses it), with the numbers of a jitted call;
   # an adjustment callable stays eager, called on every call.
-  from jaxbn import core
+  from jaxbn import eager
   config = jaxbn.BatchNormConfig(momentum=0.7, renorm=True,
                                  virtual_batch_size=4)
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(2, 3, (16, 3)), jnp.float32)
   params, state = _random_state(config, x.shape, rng)
-  core._compiled_train.clear_cache()
-  core._compiled_inference.clear_cache()
+  eager.clear()
   y, new_state = jaxbn.apply(config, params, state, x, training=True)
-  assert core._compiled_train._cache_size() == 1
+  assert eager.size() == 1
   y2, _ = jaxbn.apply(config, params, new_state, x + 1, training=True)
-  assert core._compiled_train._cache_size() == 1  # reused
+  assert eager.size() == 1  # reused
   y_jit, state_jit = jax.jit(lambda p, s, x: jaxbn.apply(
       config, p, s, x, training=True))(params, state, x)
   np.testing.assert_allclose(y, y_jit, rtol=1e-6, atol=1e-6)
   for k in state_jit:
     np.testing.assert_allclose(new_state[k], state_jit[k], rtol=1e-6)
   y_inf, same = jaxbn.apply(config, params, new_state, x, training=False)
-  assert core._compiled_inference._cache_size() == 1
+  assert eager.size() == 2
   assert same["moving_mean"] is new_state["moving_mean"]
   calls = []
 
@@ -510,7 +509,41 @@ def test_an_eager_call_runs_as_one_compiled_program_per_configuration():
   assert len(calls) == 2
   np.testing.assert_allclose(second, first * 2.0 / 1.5, rtol=1e-5, atol=1e-6)
   # under a transformation apply is traced inline, as any JAX function
-  core._compiled_train.clear_cache()
+  eager.clear()
   jax.grad(lambda x: jnp.sum(jaxbn.apply(config, params, state, x,
                                          training=True)[0] ** 2))(x)
-  assert core._compiled_train._cache_size() == 0
+  assert eager.size() == 0
+
+
+def test_eager_programs_are_bounded_and_keyed_on_the_arithmetic(monkeypatch):
+  # many batch shapes keep at most MAX_PROGRAMS compiled (least recently used
+  # out); a regularizer or initializer built anew on every call is not part
+  # of the key (apply never reads it), so the program is reused
+  from jaxbn import eager
+  monkeypatch.setattr(eager, "MAX_PROGRAMS", 4)
+  eager.clear()
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  params, state = jaxbn.init(config, (1, 3))
+  rows = list(range(2, 12))
+  for n in rows:
+    x = jnp.arange(3.0 * n).reshape(n, 3)
+    y, _ = jaxbn.apply(config, params, state, x, training=True)
+    np.testing.assert_allclose(
+        y, (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-3), rtol=1e-5, atol=1e-5)
+    assert eager.size() == min(n - 1, 4)
+  kept = [next(shape for shape, _ in key[-1] if len(shape) == 2)
+          for key in eager._programs]  # x's shapes, least recent first
+  assert kept == [(n, 3) for n in rows[-4:]]
+  eager.clear()
+  for i in range(5):
+    fresh = jaxbn.BatchNormConfig(
+        momentum=0.5, gamma_regularizer=lambda w, i=i: i * jnp.sum(w ** 2),
+        beta_initializer=lambda key, shape, dtype: jnp.zeros(shape, dtype))
+    jaxbn.apply(fresh, params, state, jnp.ones((4, 3)), training=True)
+  assert eager.size() == 1
+  (program,) = eager._programs.values()
+  assert program._cache_size() == 1
+  jax.clear_caches()  # frees the executables
+  assert program._cache_size() == 0
+  eager.clear()
+  assert eager.size() == 0

@@ -263,6 +263,42 @@ def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
                                  err_msg=(path, name))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("config_args", [{}, {"virtual_batch_size": 8},
+                                         {"fused": False}])
+def test_renorm_beyond_a_saturated_variance_uses_the_true_spread(path,
+                                                                 config_args):
+  # Fresh renorm state (renorm_mean 0, renorm_stddev 1), no clipping, so
+  # r = s / 1 and d = mean / 1 with s = sqrt(var + epsilon) of the batch's
+  # (over virtual batches: mean) variance, and y = (x - m_g) / s_g * s + mean
+  # (y = x without virtual batches). At 1e30 the variance (1e60) saturates
+  # in float32, s does not: r, renorm_stddev and moving_stddev come from it.
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((64, 3)) * np.array([1.0, 1e30, 3e25])
+  x = x.astype(np.float32)
+  config = jaxbn.BatchNormConfig(renorm=True, momentum=0.0,
+                                 renorm_momentum=0.0, **config_args)
+  params, state = jaxbn.init(config, x.shape)
+  with _path(path):
+    y, new_state = jax.jit(lambda x: jaxbn.apply(
+        config, params, state, x, training=True))(x)
+  # strided virtual batches: batch g holds rows g, g + 8, ...
+  x64 = x.astype(np.float64)
+  groups = (x64.reshape(8, 8, 3).transpose(1, 0, 2)
+            if "virtual_batch_size" in config_args else x64[None])
+  m_g, v_g = groups.mean(1, keepdims=True), groups.var(1, keepdims=True)
+  s = np.sqrt(v_g.mean(0) + 1e-3)
+  want = (groups - m_g) / np.sqrt(v_g + 1e-3) * s + m_g.mean(0)
+  want = want.transpose(1, 0, 2).reshape(64, 3) if len(groups) > 1 else want[0]
+  error = np.abs(np.asarray(y, np.float64) - want).max(0)
+  assert np.all(error <= 1e-4 * np.abs(want).max(0)), error
+  # renorm disables Keras' fused kernel: no Bessel correction
+  for name in ("renorm_stddev", "moving_stddev"):
+    np.testing.assert_allclose(new_state[name], np.ravel(s), rtol=1e-4,
+                               err_msg=name)
+  assert np.isfinite(new_state["moving_variance"]).all()
+
+
 # Wide enough (groups x channels beyond about 4096) that XLA:CPU fuses the
 # M2 clamp into the reduction, where a max would map NaN to 0.
 @pytest.mark.parametrize("shape, config_args", [
