@@ -508,6 +508,74 @@ def test_torch_model_variables_feed_a_flax_mirror():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kwargs,shape", [
+    ({"momentum": 0.8, "epsilon": 1e-4}, (8, 5)),
+    ({"axis": 1, "momentum": 0.5, "center": False}, (4, 3, 4, 4)),
+    ({"axis": 2, "momentum": 0.5, "gamma_initializer": "random_normal"},
+     (8, 3, 4)),
+    ({"momentum": 0.5, "renorm": True,
+      "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}},
+     (8, 4, 4, 3)),
+])
+def test_keras_3_round_trip(kwargs, shape):
+  # Keras 3 -> jaxbn -> Keras 3 (config and built layer with the weights):
+  # the same training step and updates as the original; and a jaxbn module
+  # whose moving variance Keras 3 cannot express is refused by name
+  import keras  # Keras 3
+  layer = keras.layers.BatchNormalization(**kwargs)
+  for step in range(2):
+    layer(_data(shape, step), training=True)
+  module, variables = jaxbn.from_keras(layer)
+  config = jaxbn.keras_config(module, shape, target="keras3")
+  assert "fused" not in config and "virtual_batch_size" not in config
+  again = jaxbn.to_keras(module, variables, shape, target="keras3")
+  assert type(again) is keras.layers.BatchNormalization
+  x = _data(shape, 7)
+  for trained in (layer, again):
+    np.testing.assert_allclose(trained(x, training=False),
+                               module.apply(variables, x), rtol=1e-5,
+                               atol=1e-5)
+  y, updates = module.apply(variables, x, training=True,
+                            mutable=["batch_stats"])
+  for keras_layer in (layer, again):
+    np.testing.assert_allclose(keras_layer(x, training=True), y, rtol=1e-4,
+                               atol=1e-4)
+    for variable in keras_layer.non_trainable_weights:
+      name = _short(variable)
+      np.testing.assert_allclose(
+          np.ravel(updates["batch_stats"][name]),
+          np.ravel(np.asarray(variable)), rtol=1e-5, atol=1e-6,
+          err_msg=name)
+  back, _ = jaxbn.from_keras(again)
+  assert back.config == module.config
+
+
+def test_keras_3_target_refuses_what_keras_3_cannot_express():
+  shape = (4, 3, 3, 2)
+  for module, match in [
+      (jaxbn.BatchNormalization(), "Bessel-corrected.*Keras 3 never"),
+      (jaxbn.BatchNormalization(virtual_batch_size=2,
+                                moving_variance_estimator="biased"),
+       "virtual_batch_size .* no Keras 3"),
+      (jaxbn.BatchNormalization(activation="relu",
+                                moving_variance_estimator="biased"),
+       "no Keras 3 BatchNormalization"),
+      (jaxbn.BatchNormalization(axis=(1, 3),
+                                moving_variance_estimator="biased"),
+       "Keras 3 BatchNormalization takes one channel axis"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      jaxbn.keras_config(module, shape, target="keras3")
+  with pytest.raises(ValueError, match="`target` must be one of"):
+    jaxbn.keras_config(jaxbn.BatchNormalization(), shape, target="keras2")
+  config = jaxbn.keras_config(
+      jaxbn.BatchNormalization(moving_variance_estimator="biased"), shape,
+      target="keras3")
+  # marked as Keras 3's: read back with its (never corrected) variance
+  assert jaxbn.BatchNormConfig.from_config(config) == jaxbn.BatchNormConfig(
+      moving_variance_estimator="biased")
+
+
 def test_from_keras_3_renorm_layer():
   import keras  # Keras 3 has Batch Renormalization too
   layer = keras.layers.BatchNormalization(

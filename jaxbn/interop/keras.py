@@ -80,28 +80,51 @@ def from_keras(layer, *, name: str | None = None
   return module, variables
 
 
-def keras_config(module: BatchNormalization, input_shape) -> dict:
-  """A tf_keras config with ``module``'s numbers for inputs of ``input_shape``.
+TARGETS = ("tf_keras", "keras3")
+
+
+def keras_config(module: BatchNormalization, input_shape,
+                 target: str = "tf_keras") -> dict:
+  """A Keras config with ``module``'s numbers for inputs of ``input_shape``.
 
   ``module.get_config()`` carries jaxbn's own keys, which Keras rejects.
-  Here ``moving_variance_estimator`` becomes Keras' ``fused`` flag where one
-  expresses it: ``'biased'`` is ``fused=False`` (wherever Keras would
-  otherwise run its fused, Bessel-correcting kernel), ``'unbiased'`` is
-  ``fused=True`` on 4-D/5-D inputs with channel axis 1 or last and no renorm
-  or virtual batches. Anything else Keras cannot express raises ValueError.
+  ``target='tf_keras'`` (Keras 2): ``moving_variance_estimator`` becomes
+  Keras' ``fused`` flag where one expresses it: ``'biased'`` is
+  ``fused=False`` (wherever Keras would otherwise run its fused,
+  Bessel-correcting kernel), ``'unbiased'`` is ``fused=True`` on 4-D/5-D
+  inputs with channel axis 1 or last and no renorm or virtual batches.
+  ``target='keras3'``: Keras 3's arguments (no ``fused``, no virtual batches
+  or ``adjustment``; its moving variance is never Bessel-corrected, so the
+  module's must not be either). Anything the target cannot express raises
+  ValueError naming the fix.
   """
+  if target not in TARGETS:
+    raise ValueError(f"`target` must be one of {TARGETS}; got {target!r}.")
   config = module.config
   resolved = config.resolve(tuple(input_shape))
   keras = module.get_config()
   for key in ("moving_variance_estimator", "virtual_batch_layout",
-              "skip_nonfinite_updates", "activation"):
+              "skip_nonfinite_updates", "activation", "fused"):
     keras.pop(key, None)
+  # the axes of the input, as an unbuilt Keras layer takes them
+  keras["axis"] = config.axis if isinstance(config.axis, int) else list(
+      config.axis)
+  name = "tf_keras" if target == "tf_keras" else "Keras 3"
   if config.activation is not None:
     raise ValueError(
-        f"activation={config.activation!r} has no tf_keras BatchNormalization "
+        f"activation={config.activation!r} has no {name} BatchNormalization "
         "equivalent; export module.clone(activation=None) and put a "
-        "tf.keras.layers.ReLU() after the layer (the same numbers).")
+        "ReLU layer after the layer (the same numbers).")
+  if config.skip_nonfinite_updates:
+    raise ValueError(
+        f"skip_nonfinite_updates=True has no {name} equivalent; use "
+        "module.clone(skip_nonfinite_updates=False) to export (Keras then "
+        "lets a non-finite batch into the moving statistics).")
   unbiased = config.bessel_corrected_moving_variance(resolved)
+  if target == "keras3":
+    return _keras3_config(config, keras, unbiased, input_shape)
+  if config.fused is not None:
+    keras["fused"] = config.fused
   if unbiased != resolved.keras_fused:
     if not unbiased:
       keras["fused"] = False
@@ -121,11 +144,34 @@ def keras_config(module: BatchNormalization, input_shape) -> dict:
         "virtual_batch_layout='contiguous' has no tf_keras equivalent (Keras "
         "takes every (batch / virtual_batch_size)-th row); use "
         "module.clone(virtual_batch_layout='strided') and reorder the batch.")
-  if config.skip_nonfinite_updates:
+  return keras
+
+
+def _keras3_config(config, keras, unbiased, input_shape) -> dict:
+  """``keras`` (a jaxbn config without jaxbn's keys) for Keras 3."""
+  if config.virtual_batch_size is not None:
     raise ValueError(
-        "skip_nonfinite_updates=True has no tf_keras equivalent; use "
-        "module.clone(skip_nonfinite_updates=False) to export (Keras then "
-        "lets a non-finite batch into the moving statistics).")
+        "virtual_batch_size (Ghost Batch Normalization) has no Keras 3 "
+        "equivalent; export to tf_keras (target='tf_keras') or train with "
+        "module.clone(virtual_batch_size=None).")
+  axes = (config.axis,) if isinstance(config.axis, int) else config.axis
+  if len(axes) != 1:
+    raise ValueError(
+        f"axis={config.axis!r}: a Keras 3 BatchNormalization takes one "
+        "channel axis; export to tf_keras (target='tf_keras'), which takes "
+        "an axis list.")
+  if unbiased:
+    raise ValueError(
+        f"This module's moving variance is Bessel-corrected for input shape "
+        f"{tuple(input_shape)} (moving_variance_estimator="
+        f"{config.moving_variance_estimator!r}), which Keras 3 never does. "
+        "Use module.clone(moving_variance_estimator='biased') to export Keras "
+        "3's rule (inference numbers are the same).")
+  keras["axis"] = axes[0]
+  # Keras 3's own mark (its dtype policy): BatchNormConfig.from_config then
+  # reads the config as Keras 3's, whose moving variance is never corrected
+  keras["dtype"] = {"module": "keras", "class_name": "DTypePolicy",
+                    "config": {"name": "float32"}, "registered_name": None}
   return keras
 
 
@@ -161,12 +207,18 @@ def _walk(layer):
     yield from _walk(sub)
 
 
-def to_keras(module: BatchNormalization, variables, input_shape):
-  """A built tf_keras layer with ``module``'s numbers and ``variables``
-  (config by :func:`keras_config`, which raises what Keras cannot express)."""
-  import tf_keras
-  layer = tf_keras.layers.BatchNormalization.from_config(
-      keras_config(module, input_shape))
+def to_keras(module: BatchNormalization, variables, input_shape,
+             target: str = "tf_keras"):
+  """A built Keras layer (tf_keras, or Keras 3 with ``target='keras3'``)
+  with ``module``'s numbers and ``variables`` (config by
+  :func:`keras_config`, which raises what the target cannot express)."""
+  config = keras_config(module, input_shape, target)
+  if target == "keras3":
+    import keras
+    layer = keras.layers.BatchNormalization.from_config(config)
+  else:
+    import tf_keras
+    layer = tf_keras.layers.BatchNormalization.from_config(config)
   layer.build(tuple(input_shape))
   flat = {**variables.get("params", {}), **variables.get("batch_stats", {})}
   for variable in layer.weights:
