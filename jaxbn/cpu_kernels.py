@@ -517,12 +517,15 @@ def streaming_threshold_bytes() -> int:
 def input_grad(dy: jax.Array, x: jax.Array, coefficients: jax.Array,
                view: ChannelView, stream: bool | None = None,
                rows: jax.Array | None = None) -> jax.Array:
-  """``a * dy + w * (c * x + d)`` in float32, in ``x``'s shape and dtype.
+  """``a * dy + w * (c * (x - m) + d)`` in float32, in ``x``'s shape and
+  dtype.
 
   ``w``: the row weights ``rows`` (1 without them); a row of weight 0 is
   padding and gets 0, whatever its dy and x hold.
 
-  ``coefficients`` is ``(3, G * C)`` float32: the rows a, c and d. ``stream``
+  ``coefficients`` is ``(4, G * C)`` float32: the rows a, c, d and the mean
+  m (centred on it, as the forward: ``c x + (d - c m)`` would cancel where
+  ``|m| >> std``). ``stream``
   forces streaming stores on or off (default: by size, see
   :func:`streaming_threshold_bytes`).
   """
@@ -550,10 +553,10 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
   out = _input_grad(dy, x, coefficients, rows, view, stream, masked)
   f32 = lambda v: _in_view(v, view)
   w = _per_row(rows, view) if masked else jnp.ones((), jnp.float32)
-  a, c, _ = _rows_per_channel(coefficients, view)
-  da, dc, dd = _rows_per_channel(dcoefficients, view)
+  a, c, _, m = _rows_per_channel(coefficients, view)
+  da, dc, dd, dm = _rows_per_channel(dcoefficients, view)
   tangent = jnp.where(w > 0, a * f32(ddy) + da * f32(dy)
-                      + w * (c * f32(dx) + dc * f32(x) + dd), 0)
+                      + w * (c * (f32(dx) - dm) + dc * (f32(x) - m) + dd), 0)
   return out, tangent.astype(out.dtype).reshape(out.shape)
 
 
@@ -688,10 +691,10 @@ def _xla_grad_sums(dy, x, mean, w=None, *, view):
 
 
 def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
-  a, c, d = (_per_channel(per_problem[:, i], view) for i in range(3))
+  a, c, d, m = (_per_channel(per_problem[:, i], view) for i in range(4))
   dyv, xv = _xla_view(dy, view), _xla_view(x, view)
   w = _xla_rows(rows, view, masked)
-  dx = jnp.where(w != 0, a * dyv + w * (c * xv + d), 0)
+  dx = jnp.where(w != 0, a * dyv + w * (c * (xv - m) + d), 0)
   return (dx.astype(x.dtype).reshape(x.shape),)
 
 
@@ -717,8 +720,8 @@ def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, relu_a,
   safe = jnp.where(count > 0, count, 1)
   c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)
                 / safe, 0)
-  d = jnp.where(count > 0, (d_mean - a * sum_dy) / safe, 0) - c * mean
-  per_problem = jnp.stack([v.reshape(view.g, view.c) for v in (a, c, d)],
-                          axis=1)
+  d = jnp.where(count > 0, (d_mean - a * sum_dy) / safe, 0)
+  per_problem = jnp.stack([v.reshape(view.g, view.c)
+                           for v in (a, c, d, mean)], axis=1)
   (dx,) = _xla_input_grad(dy, x, per_problem, rows, view=view, masked=masked)
   return dx, sum_dy, sum_dy_xc

@@ -190,9 +190,9 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
   dl_dmean = -a * g_sum_dy + dmean
   dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
   c = stats.safe_divide(2.0 * dl_dvar, count)
-  d = stats.safe_divide(dl_dmean, count) - c * mean
+  d = stats.safe_divide(dl_dmean, count)
   dx = each_pass(lambda inv: _input_gradient(
-      _gate(dy, x, mean, relu, inv), x, weights, a, c, d, axes, inv))
+      _gate(dy, x, mean, relu, inv), x, weights, a, c, d, mean, axes, inv))
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
@@ -291,10 +291,12 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   return lax.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
-  """``dx = a * dy + w * (c * x + d)`` in the statistics dtype, cast to x's;
-  0 in padding (``w == 0``), whatever it holds. With ``inv_unit``: that of
-  ``x / unit``, times ``1 / unit`` (the gradient with respect to x), in XLA.
+def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
+  """``dx = a * dy + w * (c * (x - mean) + d)`` in the statistics dtype, cast
+  to x's; 0 in padding (``w == 0``), whatever it holds. Centred on the mean
+  as the forward is: ``c x + (d - c mean)`` cancels where ``|mean| >> std``.
+  With ``inv_unit``: that of ``x / unit`` (``mean`` in units), times ``1 /
+  unit`` (the gradient with respect to x), in XLA.
 
   On CPU through the kernel where it applies (no mask), which writes big
   outputs with streaming stores; otherwise one XLA elementwise pass.
@@ -302,7 +304,7 @@ def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
   sd = d.dtype
 
   def in_xla():
-    correction = c * stats.to_units(x.astype(sd), inv_unit) + d
+    correction = c * (stats.to_units(x.astype(sd), inv_unit) - mean) + d
     if weights is not None:
       correction = weights.astype(sd) * correction
     dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
@@ -313,7 +315,7 @@ def _input_gradient(dy, x, weights, a, c, d, axes, inv_unit=None):
     return in_xla()
 
   def in_kernel():
-    coefficients = _channel_rows((a, c, d), d, view)
+    coefficients = _channel_rows((a, c, d, mean), d, view)
     return cpu_kernels.input_grad(dy, x, coefficients, view,
                                   rows=_rows(weights, x, view))
 

@@ -112,14 +112,16 @@ def _input_grad_inputs(shape, axes, dtype, seed=4):
   view = cpu_kernels.channel_view(shape, axes)
   dy = jnp.asarray(rng.normal(size=shape).astype(np.float32), dtype)
   x = jnp.asarray((rng.normal(size=shape) + 3).astype(np.float32), dtype)
-  coefficients = rng.normal(size=(3, view.channels)).astype(np.float32)
+  coefficients = rng.normal(size=(4, view.channels)).astype(np.float32)
+  coefficients[3] += 3  # the mean x is centred on
   return dy, x, coefficients, view
 
 
 def _reference_input_grad(dy, x, coefficients, view):
-  a, c, d = (np.asarray(v, np.float64)[None, :, None] for v in coefficients)
+  a, c, d, m = (np.asarray(v, np.float64)[None, :, None]
+                for v in coefficients)
   dy3, x3 = (_as3(np.asarray(v, np.float64), view) for v in (dy, x))
-  return _from3(a * dy3 + c * x3 + d, view, np.shape(x))
+  return _from3(a * dy3 + c * (x3 - m) + d, view, np.shape(x))
 
 
 @needs_kernels
@@ -239,7 +241,7 @@ def test_output_pass_runs_in_the_kernel_for_wide_rows_only():
 @needs_kernels
 @pytest.mark.parametrize("stream", [False, True])
 def test_input_gradient_rounds_to_bfloat16_like_xla(stream):
-  # a = c = 1, d = 0: dx is dy + x rounded once from float32, so every
+  # a = c = 1, d = m = 0: dx is dy + x rounded once from float32, so every
   # bfloat16 rounding case shows, ties to even, overflow to inf and NaNs.
   rng = np.random.default_rng(5)
   n = 64 * 129
@@ -251,7 +253,7 @@ def test_input_gradient_rounds_to_bfloat16_like_xla(stream):
   dy[:8], x[:8] = special, special[::-1]
   dy, x = (jnp.asarray(v, jnp.bfloat16).reshape(64, 129) for v in (dy, x))
   view = cpu_kernels.channel_view((64, 129), (0,))
-  coefficients = np.stack([np.ones(129), np.ones(129),
+  coefficients = np.stack([np.ones(129), np.ones(129), np.zeros(129),
                            np.zeros(129)]).astype(np.float32)
   dx = cpu_kernels.input_grad(dy, x, coefficients, view, stream)
   want = (dy.astype(jnp.float32) + x.astype(jnp.float32)).astype(jnp.bfloat16)
@@ -266,7 +268,7 @@ def test_input_gradient_rounds_to_bfloat16_like_xla(stream):
 def test_input_gradient_under_vmap_and_its_derivatives():
   rng = np.random.default_rng(6)
   dy, x, coefficients, view = _input_grad_inputs((6, 5, 4), (0, 2), "float32")
-  batch = jnp.asarray(rng.normal(size=(3, 3, 5)).astype(np.float32))
+  batch = jnp.asarray(rng.normal(size=(3, 4, 5)).astype(np.float32))
   dys = jnp.stack([dy, 2 * dy, -dy])
   got = jax.vmap(lambda d, c: cpu_kernels.input_grad(d, x, c, view))(dys,
                                                                      batch)
@@ -276,8 +278,8 @@ def test_input_gradient_under_vmap_and_its_derivatives():
         atol=1e-5)
 
   def xla_formula(dy, x, coefficients):
-    a, c, d = (v.reshape(1, -1, 1) for v in coefficients)
-    return a * dy + c * x + d
+    a, c, d, m = (v.reshape(1, -1, 1) for v in coefficients)
+    return a * dy + c * (x - m) + d
 
   kernel = lambda *args: cpu_kernels.input_grad(*args, view)
   args = (dy, x, jnp.asarray(coefficients))

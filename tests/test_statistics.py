@@ -412,6 +412,70 @@ def _float64_gradients(x, dy, gamma, epsilon=1e-3):
   return x_hat * gamma, dx, (dy * x_hat).sum(0), dy.sum(0)
 
 
+def _gradients_and_grad_of_grad(config, dtype):
+  """jitted ``(x, dy, w) -> (dx, d/dx sum(dx * w))`` of ``sum(y * dy)``."""
+  params = {"gamma": jnp.asarray([1.0, 2.0, 0.5, 1.5], dtype),
+            "beta": jnp.zeros(4, dtype)}
+  _, state = jaxbn.init(config, (1, 4), dtype=dtype)
+
+  def dx(x, dy):
+    return jax.grad(lambda x: jnp.sum(jaxbn.apply(
+        config, params, state, x, training=True)[0] * dy))(x)
+
+  return jax.jit(lambda x, dy, w: (dx(x, dy), jax.grad(
+      lambda x: jnp.sum(dx(x, dy) * w))(x)))
+
+
+@pytest.mark.parametrize("path", PATHS + ["masked"])
+def test_backward_is_centred_on_the_mean_as_autodiff_is(path):
+  # dx = a dy + c (x - mean) + d: written as c x + (d - c mean), c x and
+  # c mean cancel where |mean| >> std (3e7: dx 4e-2 off float64, grad of
+  # grad 1.8, a constant channel's second derivative 1e3 where it is 0).
+  # Centred, every path is as exact as plain autodiff of the same float32
+  # forward (fused=False), whose error is the float32 mean's rounding.
+  rng = np.random.default_rng(0)
+  fast = _gradients_and_grad_of_grad(jaxbn.BatchNormConfig(), jnp.float32)
+  plain = _gradients_and_grad_of_grad(jaxbn.BatchNormConfig(fused=False),
+                                      jnp.float32)
+  with jax.enable_x64():
+    exact = _gradients_and_grad_of_grad(jaxbn.BatchNormConfig(fused=False),
+                                        jnp.float64)
+  for mean in (1e6, 3e7):
+    x = (rng.normal(size=(256, 4)) + mean).astype(np.float32)
+    x[:, 3] = mean  # a constant channel: its second derivative is 0
+    dy, w = (rng.normal(size=(256, 4)).astype(np.float32) for _ in range(2))
+    with jax.enable_x64():
+      want = [np.asarray(v) for v in exact(*(jnp.asarray(v, jnp.float64)
+                                             for v in (x, dy, w)))]
+    if path == "masked":  # every row valid: the masked kernels and passes
+      config = jaxbn.BatchNormConfig()
+      mask = np.ones((256, 1), bool)
+      with cpu_kernels.use("on"):
+        got = jax.jit(lambda x, dy, w: _masked_derivatives(
+            config, x, dy, w, mask))(x, dy, w)
+    else:
+      with _path(path):
+        got = fast(x, dy, w)
+    autodiff = plain(x, dy, w)
+    for name, g, a, e in zip(("dx", "grad of grad"), got, autodiff, want):
+      scale = np.abs(e[:, :3]).max()
+      error = np.abs(np.asarray(g, np.float64) - e)[:, :3].max() / scale
+      bound = np.abs(np.asarray(a, np.float64) - e)[:, :3].max() / scale
+      assert error <= 1.5 * bound + 1e-6, (mean, name, error, bound)
+    assert np.all(np.asarray(got[1])[:, 3] == 0), mean
+
+
+def _masked_derivatives(config, x, dy, w, mask):
+  params = {"gamma": jnp.asarray([1.0, 2.0, 0.5, 1.5]), "beta": jnp.zeros(4)}
+  _, state = jaxbn.init(config, (1, 4))
+
+  def dx(x):
+    return jax.grad(lambda x: jnp.sum(jaxbn.apply(
+        config, params, state, x, training=True, mask=mask)[0] * dy))(x)
+
+  return dx(x), jax.grad(lambda x: jnp.sum(dx(x) * w))(x)
+
+
 # README's accuracy table: these spreads, and one isolated outlier at 1e30
 # (row 37: off the shift's sampling grid, so no sample sees it)
 @pytest.mark.parametrize("spread,offset", _SPREADS + [("outlier", 1e30)])

@@ -15,7 +15,8 @@
 //   jaxbn_grad_sums: dy, x[..., A1, G, A, C, B], mean[..., G, C]
 //                        -> sum dy[..., G, C], sum dy * (x - mean)[..., G, C]
 //       float32 sums per block, double across blocks.
-//   jaxbn_input_grad: dy, x, (a, c, d)[..., 3, C] -> dx = a dy + c x + d
+//   jaxbn_input_grad: dy, x, (a, c, d, m)[..., 4, C]
+//                         -> dx = a dy + c (x - m) + d
 //       the backward's last pass, with streaming stores for big outputs,
 //       which XLA:CPU does not emit.
 //   jaxbn_backward: dy, x and per-channel mean, variance, scale, their
@@ -854,8 +855,9 @@ ffi::Error GradSumsKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf,
 
 // --------------------------------------------------------- input gradient
 
-// dx = a * dy + c * x + d with per-channel a, c, d: the last pass of the
-// backward. With `stream` (the caller sets it for outputs larger than a
+// dx = a * dy + c * (x - m) + d with per-channel a, c, d and the mean m:
+// the last pass of the backward. Centred on the mean, as the forward: c x + d'
+// with d' = d - c m would cancel where |mean| >> std. With `stream` (the caller sets it for outputs larger than a
 // quarter of the last-level cache) results go out with streaming stores,
 // which bypass the cache: a plain store first reads the line it overwrites
 // from memory, a streaming store does not.
@@ -956,13 +958,15 @@ template <bool kStream, bool kGate, int R, class In>
                                                     const float* __restrict a,
                                                     const float* __restrict c,
                                                     const float* __restrict d,
+                                                    const float* __restrict mean,
                                                     InputGate gate, int64_t channels,
                                                     In* __restrict dx) {
   ForEachLanes(channels, [&](auto t, int64_t ch) JAXBN_INLINE {
     const auto av = LoadLanes(a + ch, t), cv = LoadLanes(c + ch, t), dv = LoadLanes(d + ch, t);
-    std::remove_const_t<decltype(av)> m{}, ga{}, gb{};
+    const auto m = LoadLanes(mean + ch, t);
+    std::remove_const_t<decltype(av)> gm{}, ga{}, gb{};
     if constexpr (kGate) {
-      m = LoadLanes(gate.mean + ch, t);
+      gm = LoadLanes(gate.mean + ch, t);
       ga = LoadLanes(gate.relu.a + ch, t);
       gb = LoadLanes(gate.relu.b + ch, t);
     }
@@ -971,8 +975,8 @@ template <bool kStream, bool kGate, int R, class In>
       const int64_t o = k * channels + ch;
       auto g = LoadLanes(dy + o, t);
       const auto xv = LoadLanes(x + o, t);
-      if constexpr (kGate) g = Gated(g, xv - m, ga, gb);
-      PutLanes<kStream>(dx + o, av * g + (cv * xv + dv));
+      if constexpr (kGate) g = Gated(g, xv - gm, ga, gb);
+      PutLanes<kStream>(dx + o, av * g + (cv * (xv - m) + dv));
     }
   });
 }
@@ -988,35 +992,37 @@ inline void ZeroGrad(int64_t n, In* dx) {
 // `gate`: the fused ReLU's mean, a and b of this run's channel.
 template <bool kStream, bool kGate, class In>
 [[gnu::always_inline]] inline void RunInputGrad(const In* __restrict dy, const In* __restrict x,
-                                                float a, float c, float d, InputGate gate,
-                                                int64_t n, In* __restrict dx) {
-  const Vec av = a - Vec{}, cv = c - Vec{}, dv = d - Vec{};
-  float m = 0.f, ga = 0.f, gb = 0.f;
+                                                float a, float c, float d, float m,
+                                                InputGate gate, int64_t n,
+                                                In* __restrict dx) {
+  const Vec av = a - Vec{}, cv = c - Vec{}, dv = d - Vec{}, mv = m - Vec{};
+  float gm = 0.f, ga = 0.f, gb = 0.f;
   if constexpr (kGate) {
-    m = *gate.mean;
+    gm = *gate.mean;
     ga = *gate.relu.a;
     gb = *gate.relu.b;
   }
-  const Vec mv = m - Vec{}, gav = ga - Vec{}, gbv = gb - Vec{};
+  const Vec gmv = gm - Vec{}, gav = ga - Vec{}, gbv = gb - Vec{};
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) {
     Vec g = Load(dy + i);
     const Vec xv = Load(x + i);
-    if constexpr (kGate) g = Gated(g, xv - mv, gav, gbv);
-    PutLanes<kStream>(dx + i, av * g + (cv * xv + dv));
+    if constexpr (kGate) g = Gated(g, xv - gmv, gav, gbv);
+    PutLanes<kStream>(dx + i, av * g + (cv * (xv - mv) + dv));
   }
   for (; i < n; ++i) {
     float g = ToFloat(dy[i]);
     const float xv = ToFloat(x[i]);
-    if constexpr (kGate) g = Gated(g, xv - m, ga, gb);
-    StoreLanes(dx + i, a * g + (c * xv + d));
+    if constexpr (kGate) g = Gated(g, xv - gm, ga, gb);
+    StoreLanes(dx + i, a * g + (c * (xv - m) + d));
   }
 }
 
 template <class In>
 [[gnu::always_inline]] inline void RowBlockInputGrad(const In* dy, const In* x, const float* a,
                                                      const float* c, const float* d,
-                                                     InputGate gate, int64_t rows,
+                                                     const float* m, InputGate gate,
+                                                     int64_t rows,
                                                      int64_t channels, bool stream, In* dx) {
   WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
     if (channels < kWideRowChannels) {
@@ -1024,13 +1030,13 @@ template <class In>
         const int64_t o = i * channels;
         WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
           RowStepInputGrad<decltype(kind)::value, decltype(gated)::value, 1>(
-              dy + o, x + o, a, c, d, gate, channels, dx + o);
+              dy + o, x + o, a, c, d, m, gate, channels, dx + o);
         });
       }
       return;
     }
     // From kWideRowChannels channels on, four rows at a time: the
-    // coefficients (3 floats a channel: 43 KB for 3584 channels) no longer
+    // coefficients (4 floats a channel: 57 KB for 3584 channels) no longer
     // stay in L1 beside the rows streaming through it, and each is loaded
     // once for four rows instead of once a row (at 103 MB, 3584 channels:
     // 6.6-6.8 -> 6.1-6.3 ms in three interleaved runs, against 5.1-5.3 for 64
@@ -1039,21 +1045,22 @@ template <class In>
       ForEachRowStep<4>(rows, [&](int64_t i, auto step) JAXBN_INLINE {
         const int64_t o = i * channels;
         RowStepInputGrad<decltype(kind)::value, decltype(gated)::value,
-                         decltype(step)::value>(dy + o, x + o, a, c, d, gate, channels,
-                                                dx + o);
+                         decltype(step)::value>(dy + o, x + o, a, c, d, m, gate,
+                                                channels, dx + o);
       });
     });
   });
 }
 
-// Rows with weights `w` get dx = a dy + w (c x + d), a row of weight 0 zeros;
+// Rows with weights `w` get dx = a dy + w (c (x - m) + d), a row of weight 0 zeros;
 // `scratch` holds 2 C floats for a fractional weight's
 // coefficients. Kept apart from the unweighted loop, whose code it would
 // slow down fivefold.
 template <class In>
 [[gnu::always_inline]] inline void WeightedRowBlockInputGrad(
-    const In* dy, const In* x, const float* a, const float* c, const float* d, const float* w,
-    InputGate gate, int64_t rows, int64_t channels, bool stream, float* scratch, In* dx) {
+    const In* dy, const In* x, const float* a, const float* c, const float* d, const float* m,
+    const float* w, InputGate gate, int64_t rows, int64_t channels, bool stream,
+    float* scratch, In* dx) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t o = i * channels;
     const float wi = w[i];
@@ -1074,7 +1081,7 @@ template <class In>
     WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
       WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
         RowStepInputGrad<decltype(kind)::value, decltype(gated)::value, 1>(
-            dy + o, x + o, a, ci, di, gate, channels, dx + o);
+            dy + o, x + o, a, ci, di, m, gate, channels, dx + o);
       });
     });
   }
@@ -1082,62 +1089,67 @@ template <class In>
 
 template <class In>
 [[gnu::always_inline]] inline void RunBlockInputGrad(const In* dy, const In* x, float a,
-                                                     float c, float d, InputGate gate,
-                                                     int64_t n, bool stream, In* dx) {
+                                                     float c, float d, float m,
+                                                     InputGate gate, int64_t n, bool stream,
+                                                     In* dx) {
   WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
     WithStores(stream, dx, [&](auto kind) JAXBN_INLINE {
-      RunInputGrad<decltype(kind)::value, decltype(gated)::value>(dy, x, a, c, d, gate, n, dx);
+      RunInputGrad<decltype(kind)::value, decltype(gated)::value>(dy, x, a, c, d, m, gate, n,
+                                                                  dx);
     });
   });
 }
 
-// A run of one row, of weight w: dx = a dy + w (c x + d); zeros for w = 0.
+// A run of one row, of weight w: dx = a dy + w (c (x - m) + d); zeros for w = 0.
 template <class In>
 [[gnu::always_inline]] inline void WeightedRunInputGrad(const In* dy, const In* x, float a,
-                                                        float c, float d, float w,
+                                                        float c, float d, float m, float w,
                                                         InputGate gate, int64_t n,
                                                         bool stream, In* dx) {
   if (w == 1.f) {
-    RunBlockInputGrad(dy, x, a, c, d, gate, n, stream, dx);
+    RunBlockInputGrad(dy, x, a, c, d, m, gate, n, stream, dx);
   } else if (w == 0.f) {
     ZeroGrad(n, dx);
   } else {
-    RunBlockInputGrad(dy, x, a, w * c, w * d, gate, n, stream, dx);
+    RunBlockInputGrad(dy, x, a, w * c, w * d, m, gate, n, stream, dx);
   }
 }
 
 JAXBN_HOT void InputGradBlock(const float* dy, const float* x, const float* a, const float* c,
-                              const float* d, InputGate gate, int64_t rows, int64_t channels,
-                              bool stream, float* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, gate, rows, channels, stream, dx);
+                              const float* d, const float* m, InputGate gate, int64_t rows,
+                              int64_t channels, bool stream, float* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, m, gate, rows, channels, stream, dx);
 }
 JAXBN_HOT void InputGradBlock(const BF16* dy, const BF16* x, const float* a, const float* c,
-                              const float* d, InputGate gate, int64_t rows, int64_t channels,
-                              bool stream, BF16* dx) {
-  RowBlockInputGrad(dy, x, a, c, d, gate, rows, channels, stream, dx);
+                              const float* d, const float* m, InputGate gate, int64_t rows,
+                              int64_t channels, bool stream, BF16* dx) {
+  RowBlockInputGrad(dy, x, a, c, d, m, gate, rows, channels, stream, dx);
 }
 JAXBN_HOT void WeightedInputGradBlock(const float* dy, const float* x, const float* a,
-                                      const float* c, const float* d, const float* w,
-                                      InputGate gate, int64_t rows, int64_t channels,
-                                      bool stream, float* scratch, float* dx) {
-  WeightedRowBlockInputGrad(dy, x, a, c, d, w, gate, rows, channels, stream, scratch, dx);
+                                      const float* c, const float* d, const float* m,
+                                      const float* w, InputGate gate, int64_t rows,
+                                      int64_t channels, bool stream, float* scratch,
+                                      float* dx) {
+  WeightedRowBlockInputGrad(dy, x, a, c, d, m, w, gate, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void WeightedInputGradBlock(const BF16* dy, const BF16* x, const float* a,
-                                      const float* c, const float* d, const float* w,
-                                      InputGate gate, int64_t rows, int64_t channels,
-                                      bool stream, float* scratch, BF16* dx) {
-  WeightedRowBlockInputGrad(dy, x, a, c, d, w, gate, rows, channels, stream, scratch, dx);
+                                      const float* c, const float* d, const float* m,
+                                      const float* w, InputGate gate, int64_t rows,
+                                      int64_t channels, bool stream, float* scratch,
+                                      BF16* dx) {
+  WeightedRowBlockInputGrad(dy, x, a, c, d, m, w, gate, rows, channels, stream, scratch, dx);
 }
 JAXBN_HOT void InputGradRun(const float* dy, const float* x, float a, float c, float d,
-                            float w, InputGate gate, int64_t n, bool stream, float* dx) {
-  WeightedRunInputGrad(dy, x, a, c, d, w, gate, n, stream, dx);
+                            float m, float w, InputGate gate, int64_t n, bool stream,
+                            float* dx) {
+  WeightedRunInputGrad(dy, x, a, c, d, m, w, gate, n, stream, dx);
 }
-JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d, float w,
-                            InputGate gate, int64_t n, bool stream, BF16* dx) {
-  WeightedRunInputGrad(dy, x, a, c, d, w, gate, n, stream, dx);
+JAXBN_HOT void InputGradRun(const BF16* dy, const BF16* x, float a, float c, float d, float m,
+                            float w, InputGate gate, int64_t n, bool stream, BF16* dx) {
+  WeightedRunInputGrad(dy, x, a, c, d, m, w, gate, n, stream, dx);
 }
 
-// `coefficients` holds a, c and d (C values each) per problem.
+// `coefficients` holds a, c, d and the mean m (C values each) per problem.
 // `w`: nullptr, or one weight per (A1, G, A) row of x. `gate`: the fused
 // ReLU's mean, a and b per problem and channel (relu.a nullptr: none).
 template <class In>
@@ -1147,25 +1159,26 @@ void ComputeInputGrad(ffi::ThreadPool& pool, const View& v, const In* dy, const 
   const Plan plan = PlanFor(v);
   ParallelFor(pool, v.problems * plan.parts, [&](int64_t task) {
     const InputGate problem_gate = gate.At((task / plan.parts) * v.c);
-    const float* a = coefficients + (task / plan.parts) * 3 * v.c;
+    const float* a = coefficients + (task / plan.parts) * 4 * v.c;
     const float* c = a + v.c;
     const float* d = c + v.c;
+    const float* m = d + v.c;
     std::vector<float> scratch(w == nullptr ? 0 : 2 * v.c);
     ForEachBlock(
         v, plan, task,
         [&](int64_t offset, int64_t rows) {
           if (w == nullptr) {
-            InputGradBlock(dy + offset, x + offset, a, c, d, problem_gate, rows, v.c, stream,
-                           dx + offset);
+            InputGradBlock(dy + offset, x + offset, a, c, d, m, problem_gate, rows, v.c,
+                           stream, dx + offset);
           } else {
-            WeightedInputGradBlock(dy + offset, x + offset, a, c, d, w + offset / v.c,
+            WeightedInputGradBlock(dy + offset, x + offset, a, c, d, m, w + offset / v.c,
                                    problem_gate, rows, v.c, stream, scratch.data(),
                                    dx + offset);
           }
         },
         [&](int64_t offset, int64_t ch, int64_t n) {
           const float weight = w == nullptr ? 1.f : w[offset / (v.c * v.b)];
-          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], weight,
+          InputGradRun(dy + offset, x + offset, a[ch], c[ch], d[ch], m[ch], weight,
                        problem_gate.At(ch), n, stream, dx + offset);
         });
 #if defined(__SSE2__)
@@ -1189,10 +1202,10 @@ ffi::Error InputGradKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::Any
       dy_buf.element_count() != x_buf.element_count() ||
       dx_buf->element_count() != x_buf.element_count() ||
       coefficients_buf.element_type() != ffi::F32 || !view ||
-      coefficients_buf.element_count() != view->problems * 3 * c) {
+      coefficients_buf.element_count() != view->problems * 4 * c) {
     return ffi::Error::InvalidArgument(
         "jaxbn_input_grad expects dy, x and dx of one dtype and shape matching "
-        "(a1, g, a, c, b), and float32 coefficients (3, c) per problem");
+        "(a1, g, a, c, b), and float32 coefficients (4, c) per problem");
   }
   const View& v = *view;
   const float* coefficients = coefficients_buf.typed_data<float>();
@@ -1380,7 +1393,7 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
                      const ChannelTerms& t, const float* w, ReluGate relu, float epsilon,
                      bool stream, In* dx, float* sum_dy, float* sum_dy_xc) {
   ComputeGradSums(pool, v, dy, x, t.mean, w, relu, sum_dy, sum_dy_xc);
-  std::vector<float> coefficients(v.problems * 3 * v.c);
+  std::vector<float> coefficients(v.problems * 4 * v.c);
   for (int64_t i = 0; i < v.problems * v.c; ++i) {
     const double n = t.count[i];
     // 0 where var + epsilon is 0 (a constant channel with epsilon 0), as
@@ -1394,11 +1407,12 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     const double dl_dmean = -a * sum_dy[i] + t.d_mean[i];
     const double dl_dvar = -0.5 * gamma * (inv * inv * inv) * sum_dy_xc[i] + t.d_variance[i];
     const double c = n > 0 ? 2.0 * dl_dvar / n : 0.0;
-    const double d = (n > 0 ? dl_dmean / n : 0.0) - c * t.mean[i];
-    float* problem = coefficients.data() + (i / v.c) * 3 * v.c + i % v.c;
+    const double d = n > 0 ? dl_dmean / n : 0.0;  // centred on the mean
+    float* problem = coefficients.data() + (i / v.c) * 4 * v.c + i % v.c;
     problem[0] = static_cast<float>(a);
     problem[v.c] = static_cast<float>(c);
     problem[2 * v.c] = static_cast<float>(d);
+    problem[3 * v.c] = t.mean[i];
   }
   ComputeInputGrad(pool, v, dy, x, coefficients.data(), w, InputGate{t.mean, relu}, stream,
                    dx);
