@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jaxbn
@@ -155,6 +155,54 @@ def test_one_read_statistics_survive_16_outlier_rows_anywhere(layout):
           np.testing.assert_allclose(
               got, data.var(0), rtol=1e-4,
               err_msg=f"{placement}, every other row: {not w.all()}")
+
+
+_ROWS = 2 ** 18
+
+
+@st.composite
+def _outlier_placements(draw):
+  """Up to 16 rows of ``_ROWS``: on a sampling grid of some k (any start),
+  in a block, or anywhere."""
+  count = draw(st.integers(1, 16))
+  kind = draw(st.sampled_from(["grid", "block", "anywhere"]))
+  if kind == "grid":
+    k = draw(st.sampled_from([16, 32, 33, 64, 128]))
+    stride = _ROWS // k
+    # the grid's own positions (stride // 2 :: stride), or shifted
+    start = draw(st.one_of(st.just(stride // 2), st.integers(0, stride - 1)))
+    first = draw(st.integers(0, k - count))
+    return start + stride * np.arange(first, first + count)
+  if kind == "block":
+    return draw(st.integers(0, _ROWS - count)) + np.arange(count)
+  return np.asarray(draw(st.lists(st.integers(0, _ROWS - 1), min_size=count,
+                                  max_size=count, unique=True)))
+
+
+@functools.lru_cache(maxsize=None)
+def _one_read_variance():
+  config = jaxbn.BatchNormConfig(momentum=0.0,
+                                 moving_variance_estimator="biased")
+  params, state = jaxbn.init(config, (1, 2))
+  return jax.jit(lambda x: jaxbn.apply(config, params, state, x,
+                                       training=True)[1]["moving_variance"])
+
+
+def _grid(k, count=16):
+  return _ROWS // k // 2 + (_ROWS // k) * np.arange(count)
+
+
+@given(rows=_outlier_placements(), value=st.sampled_from([1e3, -1e4, 3e5]))
+@example(rows=_grid(16), value=1e3)  # every sample of a 16-sample grid
+@example(rows=_grid(stats.ONE_READ_SHIFT_ROWS), value=-1e4)
+@example(rows=_grid(32), value=3e5)
+def test_no_outlier_rows_reach_the_one_read_shift(rows, value):
+  clean = np.random.default_rng(1).standard_normal((_ROWS, 2))
+  x = clean.astype(np.float32)
+  x[rows] = value
+  with modes.statistics("accelerator"):
+    got = _one_read_variance()(x)
+  np.testing.assert_allclose(got, x.astype(np.float64).var(0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -349,26 +397,39 @@ _channel = st.one_of(
     # guard takes the statistics in units; a variance beyond float32's range
     # saturates in the state; below about 1e-18 it underflows: README)
     st.tuples(st.just("data"), st.floats(-1e37, 1e37),
-              st.floats(1e-15, 1e38)),
-    st.tuples(st.just("constant"), st.floats(-3.4e38, 3.4e38), st.just(0.0)),
-    st.tuples(st.just("non-finite"), st.sampled_from(_BAD), st.just(0.0)))
+              st.floats(1e-15, 1e38), st.just(False)),
+    st.tuples(st.just("constant"), st.floats(-3.4e38, 3.4e38), st.just(0.0),
+              st.just(False)),
+    # a NaN/Inf at a random row, or on the shift's sampling grids (row 2)
+    st.tuples(st.just("non-finite"), st.sampled_from(_BAD), st.just(0.0),
+              st.booleans()))
 
 
 @given(channels=st.lists(_channel, min_size=4, max_size=4),
-       epsilon=st.sampled_from([1e-3, 0.0]), seed=st.integers(0, 2 ** 16))
-def test_every_path_agrees_at_the_extremes(channels, epsilon, seed):
+       epsilon=st.sampled_from([1e-3, 0.0]), seed=st.integers(0, 2 ** 16),
+       wide=st.booleans())
+@example(channels=[("data", 0.0, 1e30, False),
+                   ("non-finite", np.nan, 0.0, True),
+                   ("data", 1e6, 1.0, False),
+                   ("non-finite", np.inf, 0.0, False)],
+         epsilon=1e-3, seed=0, wide=True)
+def test_every_path_agrees_at_the_extremes(channels, epsilon, seed, wide):
   # One batch, every path (kernels, XLA, GPU/TPU statistics, masked, ghost,
-  # 8 devices), against float64 over the same float32 values.
+  # 8 devices), against float64 over the same float32 values; wide: each
+  # channel 1024 times (4096 channels, where XLA:CPU fuses a clamp into its
+  # reduction and a max there would map NaN to 0).
   rng = np.random.default_rng(seed)
   x = np.empty((64, 4), np.float32)
-  for c, (kind, location, spread) in enumerate(channels):
+  for c, (kind, location, spread, sampled) in enumerate(channels):
     if kind == "data":
       x[:, c] = location + spread * rng.normal(size=64)
     elif kind == "constant":
       x[:, c] = location
     else:
       x[:, c] = rng.normal(size=64)
-      x[rng.integers(64), c] = location
+      x[2 if sampled else rng.integers(64), c] = location
+  if wide:
+    x = np.repeat(x, 1024, axis=1)
   finite = np.all(np.isfinite(x), axis=0)
   xd = x.astype(np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):
