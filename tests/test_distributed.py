@@ -312,7 +312,10 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 # tests above; here its cond would only double twenty compiles.
 @pytest.mark.ordinary_data
 @settings(max_examples=10, deadline=None)
-@given(rows_per_device=st.integers(1, 4), channels=st.integers(1, 5),
+# shapes from a few values (each new shape is two more compiles); the data,
+# the mask's density and the path vary freely
+@given(rows_per_device=st.sampled_from([1, 3]),
+       channels=st.sampled_from([1, 5]),
        keep=st.floats(0.0, 1.0), seed=st.integers(0, 1000),
        fused=st.sampled_from([None, False]))
 def test_sync_bn_on_devices_equals_one_device_property(rows_per_device,

@@ -1,4 +1,5 @@
 """Every example and the notebook run end to end (offline, small settings)."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from tests.conftest import default_level_env
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _run(script, *args, timeout=300):
-  env = default_level_env()
+def _run(script, *args, timeout=300, numbers_checked=True):
+  """Runs an example; at XLA's default optimization level where its numbers
+  are checked (as users compile them), else at the tests' fast level."""
+  env = default_level_env() if numbers_checked else dict(os.environ)
   result = subprocess.run([sys.executable, str(ROOT / "examples" / script),
                            *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -36,7 +39,7 @@ def test_demo_trains_and_saves_its_curve(tmp_path):
 ])
 def test_example_runs_and_saves_a_plot(script, args, tmp_path):
   plot = tmp_path / "plot.png"
-  out = _run(script, *args, "--out", str(plot))
+  out = _run(script, *args, "--out", str(plot), numbers_checked=False)
   assert "saved" in out
   assert plot.stat().st_size > 1000
 
