@@ -135,7 +135,7 @@ def init(config: BatchNormConfig, input_shape, *, key=None,
     dtype: dtype of the variables (float32 unless you need float64); the
       moving statistics are float32 at least (``init_state``).
   """
-  _check_param_dtype(dtype)
+  check_param_dtype(dtype)
   param_shape = variable_shape(config, input_shape)
   key_params, key_state = _split(key, 2)
   return (init_params(config, param_shape, key=key_params, dtype=dtype),
@@ -542,7 +542,8 @@ def _renorm_corrections(config, summary, renorm_mean, renorm_stddev, rmin,
 # ---------------------------------------------------------------- checks
 
 
-def _check_param_dtype(dtype):
+def check_param_dtype(dtype):
+  """A TypeError unless ``dtype`` is a float dtype (for the variables)."""
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(f"`dtype` of the variables must be a float dtype; got "
                     f"{dtype!r}. Use jnp.float32.")

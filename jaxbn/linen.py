@@ -45,11 +45,18 @@ class BatchNormalization(nn.Module):
   Call: ``layer(x, training=None, mask=None)``; ``training=None`` means
   inference. ``trainable=False`` means inference even with ``training=True``.
   The RNG stream ``'adjustment'`` feeds ``adjustment(shape, key)``.
+
+  ``dtype`` is the output's dtype (None: the input's) and ``param_dtype``
+  that of ``gamma`` and ``beta``, as in flax's layers; the statistics are
+  computed, and the moving statistics kept, in float32 (float64 for float64
+  parameters) whatever they are.
   """
 
   _config_attributes(vars())  # axis, momentum, ... as in BatchNormConfig
   axis_name: Any = None
   axis_index_groups: Any = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   @property
   def config(self) -> BatchNormConfig:
@@ -77,20 +84,24 @@ class BatchNormalization(nn.Module):
                mask: Optional[jax.Array] = None) -> jax.Array:
     config = self.config
     param_shape = core.variable_shape(config, jnp.shape(x))
+    core.check_param_dtype(self.param_dtype)
     params = {}
     if config.scale:
       params["gamma"] = self.param(
-          "gamma", lambda k, s: config.gamma_initializer(k, s, jnp.float32),
+          "gamma",
+          lambda k, s: config.gamma_initializer(k, s, self.param_dtype),
           param_shape)
     if config.center:
       params["beta"] = self.param(
-          "beta", lambda k, s: config.beta_initializer(k, s, jnp.float32),
+          "beta",
+          lambda k, s: config.beta_initializer(k, s, self.param_dtype),
           param_shape)
     names = core.state_names(config)
     initial = {}
     if not self.has_variable("batch_stats", names[0]):
       key = self.make_rng("params") if self.has_rng("params") else None
-      initial = core.init_state(config, param_shape, key=key)
+      initial = core.init_state(config, param_shape, key=key,
+                                dtype=self.param_dtype)
     variables = {n: self.variable("batch_stats", n, lambda n=n: initial[n])
                  for n in names}
     state = {n: v.value for n, v in variables.items()}
@@ -115,4 +126,4 @@ class BatchNormalization(nn.Module):
     if updates:
       for name, variable in variables.items():
         variable.value = new_state[name]
-    return y
+    return y if self.dtype is None else y.astype(self.dtype)

@@ -11,8 +11,9 @@ variables::
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import core
@@ -32,19 +33,26 @@ class BatchNormalization(nnx.Module):
       with ``training=None`` trains when it is False.
     rngs: ``nnx.Rngs``; its ``params`` stream feeds random initializers and an
       ``adjustment`` stream, if present, feeds ``adjustment``.
+    dtype: the output's dtype (None: the input's), as in flax's layers.
+    param_dtype: the dtype of ``gamma`` and ``beta``; the statistics and the
+      moving statistics are float32 (float64 for float64 parameters)
+      whatever it is.
     **kwargs: every ``jaxbn.BatchNormConfig`` argument (Keras' names).
   """
 
   def __init__(self, num_features: Union[int, Sequence[int]], *,
                input_rank: Optional[int] = None, axis_name=None,
                axis_index_groups=None, use_running_average: bool = False,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs, **kwargs):
     self.config = BatchNormConfig(**kwargs)
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.use_running_average = use_running_average
+    self.dtype = dtype
     shape = _example_shape(self.config, num_features, input_rank)
-    params, state = core.init(self.config, shape, key=rngs.params())
+    params, state = core.init(self.config, shape, key=rngs.params(),
+                              dtype=param_dtype)
     for name, value in params.items():
       setattr(self, name, nnx.Param(value))
     for name, value in state.items():
@@ -69,7 +77,7 @@ class BatchNormalization(nnx.Module):
     if training and self.config.trainable:
       for name, value in new_state.items():
         getattr(self, name)[...] = value
-    return y
+    return y if self.dtype is None else y.astype(self.dtype)
 
 
 def _example_shape(config, num_features, input_rank):

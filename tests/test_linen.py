@@ -241,3 +241,38 @@ def test_traced_training_flag_gets_a_clear_error():
     jax.jit(lambda v, x, t: layer.apply(v, x, training=t,
                                         mutable=["batch_stats"]))(
                                             variables, x, True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dtype_and_param_dtype_as_flax(dtype):
+  # dtype: the output's; param_dtype: gamma and beta's; the statistics and
+  # the state float32, as flax's BatchNorm keeps them
+  x = jnp.asarray(_x((32, 4, 4, 6), mean=3.0), dtype)
+  ours = jaxbn.BatchNormalization(momentum=0.9, dtype=dtype,
+                                  param_dtype=dtype,
+                                  moving_variance_estimator="biased")
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9,
+                        epsilon=1e-3, dtype=dtype, param_dtype=dtype)
+  v_ours = ours.init(jax.random.PRNGKey(0), x)
+  v_theirs = theirs.init(jax.random.PRNGKey(0), x)
+  assert {v.dtype for v in jax.tree.leaves(v_ours["params"])} == {
+      jnp.dtype(dtype)}
+  assert {v.dtype for v in jax.tree.leaves(v_ours["batch_stats"])} == {
+      jnp.dtype(jnp.float32)}
+  assert {v.dtype for v in jax.tree.leaves(v_theirs["batch_stats"])} == {
+      jnp.dtype(jnp.float32)}
+  y, s = ours.apply(v_ours, x, training=True, mutable=["batch_stats"])
+  y_flax, s_flax = theirs.apply(v_theirs, x, mutable=["batch_stats"])
+  assert y.dtype == y_flax.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(y_flax, np.float32), atol=2e-2)
+  np.testing.assert_allclose(s["batch_stats"]["moving_mean"],
+                             s_flax["batch_stats"]["mean"], rtol=1e-5)
+  np.testing.assert_allclose(s["batch_stats"]["moving_variance"],
+                             s_flax["batch_stats"]["var"], rtol=1e-4)
+  # a float32 input, bfloat16/float16 output
+  y32 = ours.apply(v_ours, x.astype(jnp.float32))
+  assert y32.dtype == dtype
+  with pytest.raises(TypeError, match="float dtype"):
+    jaxbn.BatchNormalization(param_dtype=jnp.int32).init(
+        jax.random.PRNGKey(0), x)

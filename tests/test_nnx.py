@@ -145,3 +145,23 @@ def test_random_initializers_draw_independent_params_and_state():
                              key=nnx.Rngs(0).params())
   np.testing.assert_array_equal(bn.gamma[...], params["gamma"])
   np.testing.assert_array_equal(bn.moving_mean[...], state["moving_mean"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dtype_and_param_dtype_as_flax(dtype):
+  x = jnp.asarray(np.random.default_rng(0).normal(3, 2, (32, 6)), dtype)
+  ours = jaxbn.nnx.BatchNormalization(6, momentum=0.9, dtype=dtype,
+                                      param_dtype=dtype, rngs=nnx.Rngs(0),
+                                      moving_variance_estimator="biased")
+  theirs = nnx.BatchNorm(6, momentum=0.9, epsilon=1e-3, dtype=dtype,
+                         param_dtype=dtype, rngs=nnx.Rngs(0))
+  assert ours.gamma[...].dtype == theirs.scale[...].dtype == dtype
+  assert ours.moving_mean[...].dtype == jnp.float32
+  y, y_flax = ours(x, training=True), theirs(x)
+  assert y.dtype == y_flax.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(y_flax, np.float32), atol=2e-2)
+  np.testing.assert_allclose(ours.moving_mean[...], theirs.mean[...],
+                             rtol=1e-5)
+  np.testing.assert_allclose(ours.moving_variance[...], theirs.var[...],
+                             rtol=1e-4)
