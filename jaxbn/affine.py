@@ -32,6 +32,15 @@ def epsilon_in_units(epsilon, inv_unit: jax.Array | None):
   return jnp.asarray(epsilon, inv_unit.dtype) * inv_unit * inv_unit
 
 
+def stddev(variance, epsilon, inv_unit: jax.Array | None = None):
+  """``sqrt(v + epsilon)`` in plain units for ``variance`` in units of
+  ``unit^2`` (``v = variance unit^2``), formed in units: finite for any
+  spread within float32's range, where ``v`` itself saturates beyond a
+  spread of about 1.8e19 (``stats.unscaled_variance``)."""
+  root = jnp.sqrt(variance + epsilon_in_units(epsilon, inv_unit))
+  return root if inv_unit is None else root / inv_unit
+
+
 def normalize(x, mean, a, b, activation=None, inv_unit=None):
   """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's;
   with ``activation='relu'``, ``max(y, 0)`` before the cast. With

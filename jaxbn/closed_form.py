@@ -45,7 +45,7 @@ plain autodiff differentiates it (``fused=False``, forward mode included), and
 tests compare the two.
 
 Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
-custom VJP: ``jaxbn.core`` runs :func:`reference` under it. Reverse-over-reverse
+custom VJP: :func:`train` runs :func:`reference` under it. Reverse-over-reverse
 (``grad`` of ``grad``) works, since the backward pass is itself
 differentiable.
 """
@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.interpreters import ad
 
 from jaxbn import affine, manual_axes, passes, stats
 
@@ -109,6 +110,26 @@ def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
   padding = lax.stop_gradient(
       affine.normalize(x, statistics[0], a, b, activation, inv_unit))
   return jnp.where(weights != 0, y, padding), statistics, extras
+
+
+def train(*args):
+  """:func:`batch_norm_train`, or :func:`reference` (the same forward by
+  plain autodiff: exact, derivatives of every order) where forward-mode
+  autodiff (``jax.jvp``, ``jacfwd``, the outer ``jacfwd`` of ``hessian``)
+  traces the call, which a custom VJP does not support."""
+  return (reference if _carries_tangents(args) else batch_norm_train)(*args)
+
+
+def _carries_tangents(tree) -> bool:
+  """Whether a JVP tracer is among the leaves (under any vmap, shard_map or
+  linearize tracers around it). Reverse mode (``grad``, ``vjp``) linearizes
+  without one."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    while isinstance(leaf, jax.core.Tracer):
+      if isinstance(leaf, ad.JVPTracer):
+        return True
+      leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
+  return False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))

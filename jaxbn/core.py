@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import ad
 
 from jaxbn import affine, closed_form, eager, stats
 from jaxbn.config import BatchNormConfig
@@ -298,26 +297,11 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
   args = (batch.x, scale, offset, batch.weights, correction_inputs,
           batch.reduction_axes, config.epsilon, norm_axis_name, groups,
           correction, config.activation)
-  if (config.fused is False or not per_channel_adjustment
-      or _carries_tangents(x, params, state, weights)):
+  if config.fused is False or not per_channel_adjustment:
     y, _, summary = closed_form.reference(*args)
   else:
-    y, _, summary = closed_form.batch_norm_train(*args)
+    y, _, summary = closed_form.train(*args)
   return y.reshape(x.shape), _updated_state(config, resolved, state, summary)
-
-
-def _carries_tangents(*trees) -> bool:
-  """Whether forward-mode autodiff (``jax.jvp``, ``jacfwd``, the outer
-  ``jacfwd`` of ``hessian``) traces this call: the closed-form backward is a
-  custom VJP, which has no forward mode, so such a call differentiates the
-  same forward by plain autodiff (exact, every order). Reverse mode
-  (``grad``, ``vjp``) linearizes without a JVP tracer."""
-  for leaf in jax.tree_util.tree_leaves(trees):
-    while isinstance(leaf, jax.core.Tracer):
-      if isinstance(leaf, ad.JVPTracer):
-        return True
-      leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-  return False
 
 
 def _broadcasts_per_channel(value_shape, channel_shape):
@@ -410,8 +394,8 @@ def _in_plain_units(config, count, mean, var, update_var, inv_unit
   eps = config.epsilon
   return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
                  stats.unscaled_variance(update_var, inv_unit),
-                 stats.unscaled_stddev(var, inv_unit, eps),
-                 stats.unscaled_stddev(update_var, inv_unit, eps))
+                 affine.stddev(var, eps, inv_unit),
+                 affine.stddev(update_var, eps, inv_unit))
 
 
 def _updated_state(config, resolved, state, summary: Summary) -> State:
@@ -656,9 +640,11 @@ def _check_variables(config, resolved, params, state, input_shape):
           f"{'scale' if name == 'gamma' else 'center'}=True. Create params "
           "with jaxbn.init(config, x.shape).")
   statistics = tuple(n for n in state_names(config) if n != "renorm_step")
-  for tree, names in ((params, ("gamma", "beta")), (state, statistics)):
-    for name in names:
-      if name in tree and tuple(tree[name].shape) != tuple(expected):
+  for kind, tree, names in (("params", params, ("gamma", "beta")),
+                            ("state", state, statistics)):
+    for name in (n for n in names if n in tree):
+      _check_variable_dtype(kind, name, tree[name].dtype)
+      if tuple(tree[name].shape) != tuple(expected):
         raise ValueError(
             f"'{name}' has shape {tuple(tree[name].shape)} but an input of "
             f"shape {tuple(input_shape)} with axis={config.axis!r} needs "
@@ -666,10 +652,6 @@ def _check_variables(config, resolved, params, state, input_shape):
             f"(resolved channel axes {resolved.axes}). The input's channel "
             "count does not match the layer's variables: check `axis` and the "
             "input layout.")
-  for tree, kind in ((params, "params"), (state, "state")):
-    for name in ("gamma", "beta") if kind == "params" else statistics:
-      if name in tree:
-        _check_variable_dtype(kind, name, tree[name].dtype)
   if config.renorm:
     missing = [k for k in ("moving_stddev", "renorm_mean", "renorm_stddev")
                if k not in state]

@@ -186,8 +186,9 @@ def _sample_grid(sizes, target, first=1):
 
 def sampled_shift(x, reduction_axes, weights=None, dtype=None, rows=1):
   """Per channel (keepdims): the lower median of about ``SHIFT_SAMPLES``
-  values of ``x`` on an evenly spaced grid over the reduced positions, at
-  least ``rows`` of them along the first reduced axis (if it has them),
+  values of ``x`` (or ``rows``, if more) on an evenly spaced grid over the
+  reduced positions, ``rows`` of them along the first reduced axis (at most
+  its size),
   counting only valid, finite ones (0 where there is none). No gradient.
 
   A data value near the middle of the batch: outliers on fewer than half the
@@ -608,18 +609,6 @@ def unscaled_variance(variance: jax.Array, inv_unit: jax.Array | None
     return variance
   unit = 1 / inv_unit  # exact; inv_unit^2 underflows for units beyond 2^63
   return saturated(variance * unit * unit, variance)
-
-
-def unscaled_stddev(variance: jax.Array, inv_unit: jax.Array | None,
-                    epsilon: float) -> jax.Array:
-  """``sqrt(v + epsilon)`` in plain units for a variance ``variance`` in
-  units of ``unit^2`` (``v = variance unit^2``), formed in units:
-  ``sqrt(variance + epsilon / unit^2) unit``, finite for any spread within
-  float32's range, where ``v`` itself saturates beyond a spread of 1.8e19."""
-  if inv_unit is None:
-    return jnp.sqrt(variance + epsilon)
-  unit = 1 / inv_unit  # exact; epsilon / unit^2 may underflow to 0: no loss
-  return jnp.sqrt(variance + epsilon * inv_unit * inv_unit) * unit
 
 
 def saturated(value: jax.Array, source: jax.Array) -> jax.Array:
