@@ -139,8 +139,8 @@ def _by_units(inv_unit, passes_fn, kernel=False):
   without units run outside the cond, which passes their results through
   where no unit is needed (on data that need units they run too, and their
   results are discarded): the kernel called inside the cond's branch made
-  the 4-layer MLP step 5-7% slower than without the guard. The price is one
-  more input-sized buffer that XLA:CPU reserves for the cond's result.
+  the 4-layer MLP step 5-7% slower than without the guard (22% at (2048, 64)
+  with a fused ReLU).
   """
   needed = jnp.any(inv_unit != 1)
 
@@ -254,15 +254,16 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
 
   On CPU one read of ``dy`` and ``x`` through the kernel where it applies
   (no mask); otherwise two XLA reductions, each with its own copy of its
-  inputs (see ``stats.separate``).
+  inputs, the units included (see ``stats.separate``: a broadcast unit that
+  both read is written out in full).
   """
   sd = mean.dtype
   valid = functools.partial(stats.where_valid, weights)
 
   def two_reads():  # XLA:CPU: two fast passes
-    dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot = stats.separate(
-        dy, dy, x, mean)
-    centered = (stats.to_units(x_for_dot.astype(sd), inv_unit)
+    dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot, inv_for_dot = (
+        stats.separate(dy, dy, x, mean, inv_unit))
+    centered = (stats.to_units(x_for_dot.astype(sd), inv_for_dot)
                 - mean_for_dot)
     return (_sum(valid(dy_for_sum.astype(sd)), axes),
             _sum(valid(dy_for_dot.astype(sd) * centered), axes))
