@@ -261,12 +261,14 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   valid = functools.partial(stats.where_valid, weights)
 
   def two_reads():  # XLA:CPU: two fast passes
+    valid_rows = None if weights is None else (weights != 0).astype(sd)
     dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot, inv_for_dot = (
         stats.separate(dy, dy, x, mean, inv_unit))
     centered = (stats.to_units(x_for_dot.astype(sd), inv_for_dot)
                 - mean_for_dot)
-    return (_sum(valid(dy_for_sum.astype(sd)), axes),
-            _sum(valid(dy_for_dot.astype(sd) * centered), axes))
+    return (stats.weighted_sum(valid_rows, dy_for_sum.astype(sd), axes),
+            stats.weighted_sum(valid_rows, dy_for_dot.astype(sd) * centered,
+                               axes))
 
   def one_read():  # GPU/TPU: sibling sums, fused into one read
     dys = dy.astype(sd)

@@ -119,6 +119,49 @@ def _weighted(w, values):
   return values if w is None else where_valid(w, w * values)
 
 
+def weighted_sum(w, values, axes):
+  """``sum(w * values)`` over ``axes`` (keepdims), padding (``w == 0``) left
+  out whatever it holds (see :func:`where_valid`); ``w`` None: a plain sum.
+
+  Summed first over the reduced axes the weights do not vary along (the
+  image of a per-row mask), then weighted: the select that keeps a NaN in
+  padding out applies to those partial sums, not to every element.
+  XLA:CPU's reduction fusions (YNNPACK's) take in arithmetic but no select,
+  so a select over every element is written out in full before its sum.
+  For the GPU/TPU's sibling sums see :func:`sibling_sums` instead: two
+  reductions in a row are not siblings.
+  """
+  if w is None:
+    return _sum(values, axes)
+  return _reduce_rows_then_valid(
+      w, values, axes, _sum,
+      lambda w, partial, outer: _sum(_weighted(w, partial), outer))
+
+
+def valid_max(w, values, axes):
+  """The largest of nonnegative ``values`` over ``axes`` (keepdims) where
+  the weight is nonzero, 0 where there is none; as :func:`weighted_sum`,
+  each row's largest first, then the padding's left out."""
+  def largest(v, axes):
+    return jnp.max(v, axis=axes, keepdims=True, initial=0)
+
+  if w is None:
+    return largest(values, axes)
+  return _reduce_rows_then_valid(
+      w, values, axes, largest,
+      lambda w, partial, outer: largest(where_valid(w, partial), outer))
+
+
+def _reduce_rows_then_valid(w, values, axes, reduce, reduce_valid):
+  """``reduce`` over the reduced axes ``w`` does not vary along, then
+  ``reduce_valid(w, partial, the other reduced axes)``."""
+  w = w.reshape((1,) * (values.ndim - w.ndim) + w.shape)
+  inner = tuple(a for a in axes if w.shape[a] == 1 and values.shape[a] != 1)
+  outer = tuple(a for a in axes if a not in inner)
+  partial = reduce(values, inner) if inner else values
+  return reduce_valid(w, partial, outer)
+
+
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None, inv_unit=None,
                   shift=None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -145,12 +188,12 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
       inv_unit, inv_unit)
   if shift is None:
     shift = to_units(sampled_shift(x, axes, weights, sd), inv_for_mean)
-  s1 = _sum(_weighted(w, to_units(x_for_mean.astype(sd), inv_for_mean)
-                      - shift), axes)
+  s1 = weighted_sum(w, to_units(x_for_mean.astype(sd), inv_for_mean) - shift,
+                    axes)
   mean = shift + safe_divide(s1, count)
   squares = jnp.square(to_units(x_for_m2.astype(sd), inv_for_m2)
                        - separate(mean)[0])
-  q = _sum(_weighted(w, squares), axes)
+  q = weighted_sum(w, squares, axes)
   residual = s1 - count * (mean - shift)
   m2 = nonnegative(q - safe_divide(residual * residual, count))
   return jnp.broadcast_to(count, mean.shape), mean, m2
@@ -434,8 +477,7 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
 
   def retake():
     values = separate(x)[0].astype(mean.dtype)
-    magnitude = jnp.max(where_valid(weights, jnp.abs(values)), axis=axes,
-                        keepdims=True, initial=0)
+    magnitude = valid_max(weights, jnp.abs(values), axes)
     retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
     inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
     # around the first estimate of the mean where it is finite (a shift
