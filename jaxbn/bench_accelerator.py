@@ -41,8 +41,8 @@ NETWORKS = [
     Network("bandwidth-bound (batch 256, 64x64, widths 64-512)", 256, 64,
             (64, 128, 256, 512)),
 ]
-QUICK_NETWORKS = [Network("quick (batch 4, 16x16, widths 4-8)", 4, 16,
-                          (4, 8, 8, 8))]
+QUICK_NETWORKS = [Network("quick (batch 4, 16x16, width 8)", 4, 16,
+                          (8, 8, 8, 8))]
 
 
 def _layer_runners(shape, dtype, seed=0):

@@ -614,7 +614,8 @@ def _normalize_jvp(view, relu, stream, primals, tangents):
 def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
              view: ChannelView, epsilon: float, stream: bool | None = None,
              rows: jax.Array | None = None,
-             relu: Sequence[jax.Array] | None = None
+             relu: Sequence[jax.Array] | None = None,
+             inv_unit: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The whole backward in one call: ``(dx, sum dy, sum dy * (x - mean))``.
 
@@ -630,7 +631,11 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   :func:`input_grad`, whose ``stream`` this takes too; rows of weight 0 are
   padding: left out of the sums, dx = 0). ``relu``: None, or a fused
   ReLU's ``(a, b)``, each ``(G * C,)`` float32: dy is first gated to 0 where
-  ``(x - mean) a + b <= 0``, in both passes. Not
+  ``(x - mean) a + b <= 0``, in both passes. ``inv_unit``: None, or per
+  channel ``u = 1 / unit`` (``stats.in_units``, a power of two): the
+  backward of ``x u``, whose per-channel operands these are (epsilon
+  becomes ``epsilon u^2``), with dx ``u`` times its gradient (where a unit
+  is not 1 the kernel runs plain loops: such data are rare). Not
   differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
@@ -641,14 +646,18 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   operand, masked = _weights_operand(rows)
   gate = ((jnp.zeros((1,), jnp.float32),) * 2 if relu is None else
           tuple(v.reshape(view.channels) for v in relu))
+  units = inv_unit is not None
+  unit = (inv_unit.reshape(view.channels).astype(jnp.float32) if units
+          else jnp.ones((1,), jnp.float32))
   results = _call(
       "jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
       functools.partial(_xla_backward, view=view, masked=masked,
-                        epsilon=epsilon, relu=relu is not None),
-      dy, x, *per_channel, operand, *gate, stream=bool(stream),
+                        epsilon=epsilon, relu=relu is not None, units=units),
+      dy, x, *per_channel, unit, operand, *gate, stream=bool(stream),
       epsilon=np.float32(epsilon), masked=masked, relu=relu is not None,
-      **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, dy, x, *per_channel, operand, *gate)
+      units=units, **_view_attributes(x, view))
+  return manual_axes.like_inputs(results, dy, x, *per_channel, unit, operand,
+                                 *gate)
 
 
 # ------------------------------------------------- the kernels, in plain XLA
@@ -706,8 +715,12 @@ def _xla_normalize(x, per_problem, *, view, relu):
   return (y.astype(x.dtype).reshape(x.shape),)
 
 
-def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, relu_a,
-                  relu_b, *, view, masked, epsilon, relu):
+def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, unit, rows,
+                  relu_a, relu_b, *, view, masked, epsilon, relu, units):
+  dtype = x.dtype
+  if units:  # the backward of x u, dx times u (see backward)
+    x = (_xla_view(x, view) * _per_channel(unit, view)).reshape(x.shape)
+    epsilon = epsilon * unit * unit
   if relu:
     gated = affine.relu_gate(
         _xla_view(dy, view), _xla_view(x, view),
@@ -724,4 +737,6 @@ def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, rows, relu_a,
   per_problem = jnp.stack([v.reshape(view.g, view.c)
                            for v in (a, c, d, mean)], axis=1)
   (dx,) = _xla_input_grad(dy, x, per_problem, rows, view=view, masked=masked)
-  return dx, sum_dy, sum_dy_xc
+  if units:
+    dx = (_xla_view(dx, view) * _per_channel(unit, view)).reshape(dx.shape)
+  return dx.astype(dtype), sum_dy, sum_dy_xc

@@ -77,10 +77,10 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   ``inv_unit``: None, or per channel ``1 / unit`` (``stats.in_units``); the
   per-channel ``mean``, ``var``, ``dmean``, ``dvar`` (and ``relu``'s
   coefficients) are then those of ``x / unit`` and so are S2 and the
-  formulas, with ``epsilon / unit^2``. On GPU/TPU the passes always run in
-  units (1 for ordinary channels: the same numbers), with no conditional; on
-  CPU, where every unit is 1 (ordinary data) this is the backward without
-  units, otherwise (``lax.cond``) that of ``x / unit`` runs in XLA.
+  formulas, with ``epsilon / unit^2``. The passes then run in units (1 for
+  ordinary channels: the same numbers) on every platform, with no
+  conditional: in XLA the scaling fuses into the passes; the CPU kernel
+  takes the units too (and runs plain loops where one is not 1).
 
   ``gamma`` is the total per-channel scale of the normalized values.
   ``relu``: None, or the forward's ``(a, b)`` when its output went through
@@ -93,30 +93,11 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
   first pass left in cache). Elsewhere the gate is one more XLA
   elementwise op, fused into the passes on GPU/TPU.
   """
-  if inv_unit is not None:
-    args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, axes)
-    epsilon_in_units = affine.epsilon_in_units(epsilon, inv_unit)
-    if axis_name is not None:  # the psum between the passes, outside any cond
-      return _backward_in_two_calls(*args, epsilon_in_units, axis_name,
-                                    groups, relu, inv_unit,
-                                    units_decided=False)
-
-    def in_units():  # GPU/TPU: in units (1 for ordinary channels), no cond
-      return _backward_in_two_calls(*args, epsilon_in_units, None, None, relu,
-                                    inv_unit)
-
-    def guarded():  # CPU: the passes without units unless a unit is not 1
-      kernel = cpu_kernels.applicable(x, axes, weights, dy=dy,
-                                      per_channel=mean) is not None
-      return _by_units(inv_unit, lambda inv: backward(
-          *args, epsilon, relu=relu) if inv is None else _backward_in_two_calls(
-              *args, epsilon_in_units, None, None, relu, inv), kernel)
-
-    return stats.where_a_cond_is_cheap(guarded, in_units)
   if axis_name is None:
     view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
     if view is not None:
-      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, relu)
+      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, relu,
+              inv_unit)
       dx, sum_dy, sum_dy_xc = lax.platform_dependent(
           *args,
           cpu=functools.partial(_backward_in_one_call, view=view, axes=axes,
@@ -125,33 +106,9 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
                                     epsilon=epsilon))
       return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
   return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                                count, axes, epsilon, axis_name, groups, relu)
-
-
-def _by_units(inv_unit, passes_fn, kernel=False):
-  """``passes_fn(None)`` where every unit is 1, else ``passes_fn(inv_unit)``
-  (a ``lax.cond``: the CPU's side of ``stats.where_a_cond_is_cheap``). The
-  latter runs in XLA, which fuses the scaling into the passes (a kernel
-  would need ``x / unit`` written out: a full-size temporary in every
-  program).
-
-  With ``kernel`` (``passes_fn(None)`` calls a CPU kernel), the passes
-  without units run outside the cond, which passes their results through
-  where no unit is needed (on data that need units they run too, and their
-  results are discarded): the kernel called inside the cond's branch made
-  the 4-layer MLP step 5-7% slower than without the guard (22% at (2048, 64)
-  with a fused ReLU).
-  """
-  needed = jnp.any(inv_unit != 1)
-
-  def in_units():
-    with modes.cpu_kernels("off"):
-      return passes_fn(inv_unit)
-
-  if kernel:
-    ordinary = passes_fn(None)
-    return stats.guard_cond(needed, in_units, lambda: ordinary)
-  return stats.guard_cond(needed, in_units, lambda: passes_fn(None))
+                                count, axes,
+                                affine.epsilon_in_units(epsilon, inv_unit),
+                                axis_name, groups, relu, inv_unit)
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):
@@ -166,19 +123,12 @@ def _gate(dy, x, mean, relu, inv_unit=None):
 
 def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
                            count, axes, epsilon, axis_name, groups, relu=None,
-                           inv_unit=None, units_decided=True):
+                           inv_unit=None):
   """Two passes over dy and x, the sums combined across devices between
-  (with ``inv_unit``: over ``x / unit``, in XLA; see :func:`backward`; and
-  unless ``units_decided``, on CPU each pass in a cond on whether the units
-  are all 1, see :func:`_by_units`)."""
-  def each_pass(passes_fn):
-    if inv_unit is None or units_decided:
-      return passes_fn(inv_unit)
-    return stats.where_a_cond_is_cheap(
-        lambda: _by_units(inv_unit, passes_fn), lambda: passes_fn(inv_unit))
-
-  sum_dy, sum_dy_xc = each_pass(lambda inv: _gradient_sums(
-      _gate(dy, x, mean, relu, inv), x, weights, mean, axes, inv))
+  (with ``inv_unit``: over ``x / unit``, in XLA, ``epsilon`` in those units;
+  see :func:`backward`)."""
+  sum_dy, sum_dy_xc = _gradient_sums(_gate(dy, x, mean, relu, inv_unit), x,
+                                     weights, mean, axes, inv_unit)
   if axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
     packed = lax.psum(packed, axis_name, axis_index_groups=groups)
@@ -191,23 +141,23 @@ def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
   dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
   c = stats.safe_divide(2.0 * dl_dvar, count)
   d = stats.safe_divide(dl_dmean, count)
-  dx = each_pass(lambda inv: _input_gradient(
-      _gate(dy, x, mean, relu, inv), x, weights, a, c, d, mean, axes, inv))
+  dx = _input_gradient(_gate(dy, x, mean, relu, inv_unit), x, weights, a, c,
+                       d, mean, axes, inv_unit)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
 def _one_device_backward(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                         relu=None, *, axes, epsilon):
-  """``(dx, S1, S2)`` on one device, in two calls."""
+                         relu=None, inv_unit=None, *, axes, epsilon):
+  """``(dx, S1, S2)`` on one device, in two calls (``epsilon`` plain)."""
   dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
-      dy, x, weights, mean, var, gamma, dmean, dvar, count, axes, epsilon,
-      None, None, relu)
+      dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
+      affine.epsilon_in_units(epsilon, inv_unit), None, None, relu, inv_unit)
   return dx, sum_dy, sum_dy_xc
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(10, 11, 12))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(11, 12, 13))
 def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                          relu, view, axes, epsilon):
+                          relu, inv_unit, view, axes, epsilon):
   """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
 
   Differentiated as ``_one_device_backward``, whose kernels have JVP rules,
@@ -217,9 +167,11 @@ def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
                       for v in (mean, var, gamma, dmean, dvar, count))
   if relu is not None:
     relu = tuple(jnp.broadcast_to(v, mean.shape) for v in relu)
+  if inv_unit is not None:
+    inv_unit = jnp.broadcast_to(inv_unit, mean.shape)
   dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
       dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view),
-      relu=relu)
+      relu=relu, inv_unit=inv_unit)
   return dx, sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
 
 
@@ -281,7 +233,7 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   def in_xla():
     return lax.platform_dependent(cpu=two_reads, default=one_read)
 
-  if weights is not None:
+  if weights is not None or inv_unit is not None:
     return in_xla()
   view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
   if view is None:
@@ -314,7 +266,7 @@ def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
     return stats.to_units(dx, inv_unit).astype(x.dtype)
 
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
-  if view is None:
+  if view is None or inv_unit is not None:
     return in_xla()
 
   def in_kernel():

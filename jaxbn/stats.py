@@ -460,9 +460,9 @@ def where_a_cond_is_cheap(guarded, branch_free):
   """``guarded()`` on CPU, where the overflow guard's ``lax.cond`` branches on
   the host for free; ``branch_free()`` on GPU/TPU (XLA:GPU copies a
   conditional's predicate to the host and drains the stream) and under
-  ``JAXBN_STATISTICS=accelerator``. The one place that decides it: the
-  statistics (:func:`in_units`) and the backward (``passes.backward``) follow
-  it alike."""
+  ``JAXBN_STATISTICS=accelerator``. The one place that decides it, for the
+  statistics (:func:`in_units`); the backward has no cond on any platform
+  (``passes.backward`` runs in units, the CPU kernel included)."""
   if modes.statistics.value == "accelerator":
     return branch_free()
   return lax.platform_dependent(cpu=guarded, default=branch_free)

@@ -224,9 +224,16 @@ def test_nor_on_rocm(name):
   assert branching_conditionals(_lowered(name, "rocm")) == [], name
 
 
-def test_the_test_sees_the_cpu_guard_branch():
-  # the same walk finds the overflow guard's conds in the CPU program
-  assert branching_conditionals(_lowered("plain", "cpu"))
+@pytest.mark.parametrize("name", ["plain", "relu", "mask", "ghost batches",
+                                  "fused=False"])
+def test_on_cpu_the_guard_branches_once_for_the_statistics(name):
+  # the same walk finds the overflow guard's cond in the CPU program: the
+  # statistics' retake, per-channel results only; the backward runs in
+  # units with no cond of its own (the CPU kernel takes the units too).
+  # fused=False differentiates the retake's cond by autodiff: its
+  # transpose is a second cond.
+  expected = 2 if name == "fused=False" else 1
+  assert len(branching_conditionals(_lowered(name, "cpu"))) == expected
 
 
 @pytest.mark.parametrize("name,platform,dtype", [
