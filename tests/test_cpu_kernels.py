@@ -395,6 +395,63 @@ def test_fused_relu_gates_dy_as_the_forward_decided(shape, axes, dtype,
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape,axes", [((64, 8, 8, 16), (0, 1, 2)),
+                                        ((16, 24, 9, 9), (0, 2, 3)),
+                                        ((7, 5, 17), (0, 1)),
+                                        ((5, 4, 3, 2), (0, 3))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backward_in_units_is_that_of_x_times_the_unit(shape, axes, dtype):
+  # With per-channel units u (powers of two; the overflow guard's), the one
+  # call is the backward of x u, whose statistics and ReLU coefficients it
+  # is given, with dx = u times its gradient: the plain loops where a unit
+  # is not 1 against the vector loops on x u, masked rows and the fused
+  # ReLU included, and the XLA fallback exported programs run.
+  dy, x, per_channel, view = _backward_inputs(shape, axes, dtype)
+  rng = np.random.default_rng(5)
+  unit = np.exp2(rng.choice([0, -40, 20, -3], view.channels)).astype(
+      np.float32)
+  unit[0] = 1.0
+  relu = [rng.normal(0, 1, view.channels).astype(np.float32)
+          for _ in range(2)]
+  rows = jnp.asarray(rng.random(view.a1 * view.g * view.a) > 0.3,
+                     jnp.float32)
+  in_view = lambda v: np.asarray(v, np.float32).reshape(view.shape)
+  per = lambda v: np.asarray(v).reshape(1, view.g, 1, view.c, 1)
+  x_units = jnp.asarray((in_view(x) * per(unit)).reshape(shape), dtype)
+  run = jax.jit(cpu_kernels.backward, static_argnums=(3, 4, 5))
+  got = run(dy, x, per_channel, view, 1e-3, False, rows, relu,
+            jnp.asarray(unit))
+  # epsilon in units is epsilon u^2; the vector loops take one epsilon: 0
+  # here, the variance given with it added
+  eps_units = 1e-3 * unit.astype(np.float64) ** 2
+  with_eps = list(per_channel)
+  with_eps[1] = (per_channel[1] + eps_units).astype(np.float32)
+  want_dx, want_s1, want_s2 = run(dy, x_units, with_eps, view, 0.0, False,
+                                  rows, relu)
+  want_dx = (in_view(want_dx) * per(unit)).reshape(shape)
+  scale = lambda v: np.abs(np.asarray(v, np.float32)).max() + 1e-30
+  for got_value, want in ((got[1], want_s1), (got[2], want_s2)):
+    np.testing.assert_allclose(got_value, want, rtol=1e-5,
+                               atol=1e-6 * scale(want))
+  got_dx = np.asarray(got[0], np.float32)
+  # per element: relative, plus a share of its channel's largest dx
+  largest = np.abs(_as3(want_dx, view)).max(axis=(0, 2))
+  floor = _from3(np.broadcast_to(largest[None, :, None],
+                                 _as3(want_dx, view).shape), view, shape)
+  relative = 2 ** -7 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_array_less(np.abs(got_dx - want_dx),
+                               relative * np.abs(want_dx) + 1e-6 * floor
+                               + 1e-37)
+  fallback = cpu_kernels._xla_backward(
+      dy, x, *per_channel, jnp.asarray(unit), rows, *relu, view=view,
+      masked=True, epsilon=1e-3, relu=True, units=True)
+  for f, g in zip(fallback, got):
+    np.testing.assert_allclose(np.asarray(f, np.float32),
+                               np.asarray(g, np.float32), rtol=2e-2,
+                               atol=1e-5 * scale(g))
+
+
+@needs_kernels
 def test_backward_in_one_call_under_vmap():
   dy, x, per_channel, view = _backward_inputs((6, 5, 4), (0, 2), "float32")
   scales = jnp.stack([per_channel[2], 2 * per_channel[2], -per_channel[2]])
