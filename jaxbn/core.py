@@ -533,6 +533,24 @@ def check_param_dtype(dtype):
                     f"{dtype!r}. Use jnp.float32.")
 
 
+def check_partition_names(names, shape):
+  """``names`` (one mesh axis name or None per dimension of the variables,
+  whose ``shape`` gamma, beta and every moving statistic share) as a tuple;
+  None stays None. A ValueError names a wrong length or entry."""
+  if names is None:
+    return None
+  if isinstance(names, str):
+    names = (names,)
+  names = tuple(names)
+  if len(names) != len(shape) or not all(
+      n is None or isinstance(n, str) for n in names):
+    raise ValueError(
+        f"`partition_names`={names!r} must give one mesh axis name (or None) "
+        f"per dimension of the variables, whose shape is {tuple(shape)}: "
+        f"e.g. {(('model',) + (None,) * (len(shape) - 1))!r}.")
+  return names
+
+
 def _check_input(x):
   """``x`` as an array; integer and bool inputs become float32 (Keras casts
   them to the layer's float32 compute dtype)."""

@@ -13,7 +13,7 @@ statistics). Training updates need ``mutable=['batch_stats']``::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,11 @@ class BatchNormalization(nn.Module):
   that of ``gamma`` and ``beta``, as in flax's layers; the statistics are
   computed, and the moving statistics kept, in float32 (float64 for float64
   parameters) whatever they are.
+
+  ``partition_names``: one mesh axis name (or None) per dimension of the
+  variables, e.g. ``('model',)`` to shard the channels over ``model``:
+  every variable is then boxed as ``nn.with_partitioning`` boxes it, so
+  ``nn.get_partition_spec(variables)`` gives its ``PartitionSpec``.
   """
 
   _config_attributes(vars())  # axis, momentum, ... as in BatchNormConfig
@@ -57,6 +62,7 @@ class BatchNormalization(nn.Module):
   axis_index_groups: Any = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  partition_names: Optional[Sequence[Optional[str]]] = None
 
   @property
   def config(self) -> BatchNormConfig:
@@ -85,25 +91,29 @@ class BatchNormalization(nn.Module):
     config = self.config
     param_shape = core.variable_shape(config, jnp.shape(x))
     core.check_param_dtype(self.param_dtype)
+    names = core.check_partition_names(self.partition_names, param_shape)
+    boxed = ((lambda init: init) if names is None
+             else (lambda init: nn.with_partitioning(init, names)))
     params = {}
     if config.scale:
       params["gamma"] = self.param(
           "gamma",
-          lambda k, s: config.gamma_initializer(k, s, self.param_dtype),
+          boxed(lambda k, s: config.gamma_initializer(k, s, self.param_dtype)),
           param_shape)
     if config.center:
       params["beta"] = self.param(
           "beta",
-          lambda k, s: config.beta_initializer(k, s, self.param_dtype),
+          boxed(lambda k, s: config.beta_initializer(k, s, self.param_dtype)),
           param_shape)
-    names = core.state_names(config)
+    state_names = core.state_names(config)
     initial = {}
-    if not self.has_variable("batch_stats", names[0]):
+    if not self.has_variable("batch_stats", state_names[0]):
       key = self.make_rng("params") if self.has_rng("params") else None
       initial = core.init_state(config, param_shape, key=key,
                                 dtype=self.param_dtype)
-    variables = {n: self.variable("batch_stats", n, lambda n=n: initial[n])
-                 for n in names}
+    variables = {n: self.variable("batch_stats", n,
+                                  boxed(lambda n=n: initial[n]))
+                 for n in state_names}
     state = {n: v.value for n, v in variables.items()}
 
     training = core.check_training(training)

@@ -37,6 +37,10 @@ class BatchNormalization(nnx.Module):
     param_dtype: the dtype of ``gamma`` and ``beta``; the statistics and the
       moving statistics are float32 (float64 for float64 parameters)
       whatever it is.
+    partition_names: one mesh axis name (or None) per dimension of the
+      variables, e.g. ``('model',)``: every variable carries it as its
+      ``sharding_names`` metadata (flax's ``scale_metadata`` convention;
+      as for flax's layers, create the layer under ``jax.set_mesh``).
     **kwargs: every ``jaxbn.BatchNormConfig`` argument (Keras' names).
   """
 
@@ -44,6 +48,7 @@ class BatchNormalization(nnx.Module):
                input_rank: Optional[int] = None, axis_name=None,
                axis_index_groups=None, use_running_average: bool = False,
                dtype: Any = None, param_dtype: Any = jnp.float32,
+               partition_names: Optional[Sequence[Optional[str]]] = None,
                rngs: nnx.Rngs, **kwargs):
     self.config = BatchNormConfig(**kwargs)
     self.axis_name = axis_name
@@ -53,10 +58,13 @@ class BatchNormalization(nnx.Module):
     shape = _example_shape(self.config, num_features, input_rank)
     params, state = core.init(self.config, shape, key=rngs.params(),
                               dtype=param_dtype)
+    names = core.check_partition_names(partition_names,
+                                       core.variable_shape(self.config, shape))
+    metadata = {} if names is None else {"sharding_names": names}
     for name, value in params.items():
-      setattr(self, name, nnx.Param(value))
+      setattr(self, name, nnx.Param(value, **metadata))
     for name, value in state.items():
-      setattr(self, name, nnx.BatchStat(value))
+      setattr(self, name, nnx.BatchStat(value, **metadata))
     self.rngs = rngs if "adjustment" in rngs else None
 
   def __call__(self, x, training: Optional[bool] = None, mask=None):

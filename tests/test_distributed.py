@@ -4,6 +4,7 @@ Reference: one device normalizing the whole batch (masked rows carry a zero
 cotangent, so the losses agree), or only the valid rows where stated.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxbn
+from jaxbn import cpu_kernels
 
 N_DEV = 8
 pytestmark = [pytest.mark.skipif(jax.device_count() < N_DEV,
@@ -338,3 +340,78 @@ def test_sync_bn_on_devices_equals_one_device_property(rows_per_device,
     np.testing.assert_allclose(s[k], s_ref[k], atol=2e-5, rtol=2e-5)
   for k in gp_ref:
     np.testing.assert_allclose(gp[k], gp_ref[k], atol=1e-4, rtol=1e-4)
+
+
+def _reduced_mesh_axis_sizes(hlo, dtype):
+  """For each all-reduce of ``dtype`` values in compiled HLO text, the size of
+  the mesh axis (or axes) it reduces over."""
+  import re
+  sizes = []
+  for line in hlo.splitlines():
+    if " all-reduce(" not in line or f"= {dtype}[" not in line:
+      continue
+    axes = dict(re.findall(r"'(axis_\d+)'=(\d+)", line))
+    reduced = re.search(r"\] \{([^}]*)\}", line).group(1)
+    sizes.append(math.prod(int(axes[a.strip("' ")])
+                           for a in reduced.split(",")))
+  return sizes
+
+
+def test_linen_partition_names_on_a_data_model_mesh():
+  # channels sharded over `model`, the batch over `data` (sharded jit): the
+  # variables carry their partition names, the statistics equal one
+  # device's, and every all-reduce of the statistics runs over `data` alone
+  import flax.linen as nn
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  layer = jaxbn.BatchNormalization(momentum=0.9, partition_names=("model",))
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 32)) * 3 + 1
+  variables = layer.init(jax.random.PRNGKey(1), x)
+  specs = nn.get_partition_spec(variables)
+  assert jax.tree.leaves(specs) == [P("model")] * 4
+  plain = jax.tree.map(lambda v: v, nn.unbox(variables))
+
+  def step(variables, x):
+    return layer.apply(variables, x, training=True, mutable=["batch_stats"])
+
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None, None,
+                                                      "model")))
+  with cpu_kernels.use("auto"):  # several devices: XLA
+    compiled = jax.jit(step).lower(jax.device_put(variables, shardings),
+                                   x_sharded).compile()
+    y, updates = compiled(jax.device_put(variables, shardings), x_sharded)
+    want_y, want_updates = step(plain, x)
+  np.testing.assert_allclose(y, want_y, atol=2e-6)
+  for got, want in zip(jax.tree.leaves(nn.unbox(updates)),
+                       jax.tree.leaves(want_updates)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert set(_reduced_mesh_axis_sizes(compiled.as_text(), "f32")) == {2}
+  with pytest.raises(ValueError, match="partition_names"):
+    jaxbn.BatchNormalization(partition_names=("data", "model")).init(
+        jax.random.PRNGKey(1), x)
+
+
+def test_nnx_partition_names_shard_the_variables_over_model():
+  from flax import nnx
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 32)) * 3 + 1
+  with jax.set_mesh(mesh):
+    layer = jaxbn.nnx.BatchNormalization(32, momentum=0.9,
+                                         partition_names=("model",),
+                                         rngs=nnx.Rngs(0))
+  specs = nnx.get_partition_spec(nnx.state(layer))
+  assert set(jax.tree.leaves(specs)) == {P("model")}
+  assert layer.gamma[...].sharding.spec == P("model")
+  reference = jaxbn.nnx.BatchNormalization(32, momentum=0.9, rngs=nnx.Rngs(0))
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None, None,
+                                                      "model")))
+  with cpu_kernels.use("auto"), jax.set_mesh(mesh):
+    y = nnx.jit(lambda m, x: m(x, training=True))(layer, x_sharded)
+  want = reference(x, training=True)
+  np.testing.assert_allclose(y, want, atol=2e-6)
+  np.testing.assert_allclose(layer.moving_variance[...],
+                             reference.moving_variance[...], rtol=1e-6)
+  with pytest.raises(ValueError, match="partition_names"):
+    jaxbn.nnx.BatchNormalization(32, partition_names=("data", "model"),
+                                 rngs=nnx.Rngs(0))
