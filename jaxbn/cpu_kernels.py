@@ -720,7 +720,7 @@ def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, unit, rows,
   dtype = x.dtype
   if units:  # the backward of x u, dx times u (see backward)
     x = (_xla_view(x, view) * _per_channel(unit, view)).reshape(x.shape)
-    epsilon = epsilon * unit * unit
+    epsilon = affine.epsilon_in_units(epsilon, unit)
   if relu:
     gated = affine.relu_gate(
         _xla_view(dy, view), _xla_view(x, view),

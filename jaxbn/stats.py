@@ -133,33 +133,27 @@ def weighted_sum(w, values, axes):
   """
   if w is None:
     return _sum(values, axes)
-  return _reduce_rows_then_valid(
-      w, values, axes, _sum,
-      lambda w, partial, outer: _sum(_weighted(w, partial), outer))
+  w, along_rows, across_rows = _row_axes(w, values, axes)
+  return _sum(_weighted(w, _sum(values, along_rows)), across_rows)
 
 
 def valid_max(w, values, axes):
   """The largest of nonnegative ``values`` over ``axes`` (keepdims) where
   the weight is nonzero, 0 where there is none; as :func:`weighted_sum`,
   each row's largest first, then the padding's left out."""
-  def largest(v, axes):
-    return jnp.max(v, axis=axes, keepdims=True, initial=0)
-
+  largest = lambda v, axes: jnp.max(v, axis=axes, keepdims=True, initial=0)
   if w is None:
     return largest(values, axes)
-  return _reduce_rows_then_valid(
-      w, values, axes, largest,
-      lambda w, partial, outer: largest(where_valid(w, partial), outer))
+  w, along_rows, across_rows = _row_axes(w, values, axes)
+  return largest(where_valid(w, largest(values, along_rows)), across_rows)
 
 
-def _reduce_rows_then_valid(w, values, axes, reduce, reduce_valid):
-  """``reduce`` over the reduced axes ``w`` does not vary along, then
-  ``reduce_valid(w, partial, the other reduced axes)``."""
+def _row_axes(w, values, axes):
+  """``w`` at ``values``' rank, and ``axes`` split into those ``w`` does not
+  vary along and the others."""
   w = w.reshape((1,) * (values.ndim - w.ndim) + w.shape)
-  inner = tuple(a for a in axes if w.shape[a] == 1 and values.shape[a] != 1)
-  outer = tuple(a for a in axes if a not in inner)
-  partial = reduce(values, inner) if inner else values
-  return reduce_valid(w, partial, outer)
+  along = tuple(a for a in axes if w.shape[a] == 1)
+  return w, along, tuple(a for a in axes if a not in along)
 
 
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],

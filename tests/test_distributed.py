@@ -5,6 +5,7 @@ cotangent, so the losses agree), or only the valid rows where stated.
 """
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -345,7 +346,6 @@ def test_sync_bn_on_devices_equals_one_device_property(rows_per_device,
 def _reduced_mesh_axis_sizes(hlo, dtype):
   """For each all-reduce of ``dtype`` values in compiled HLO text, the size of
   the mesh axis (or axes) it reduces over."""
-  import re
   sizes = []
   for line in hlo.splitlines():
     if " all-reduce(" not in line or f"= {dtype}[" not in line:

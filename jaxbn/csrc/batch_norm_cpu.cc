@@ -1395,6 +1395,7 @@ struct ChannelTerms {
   const float* d_mean;
   const float* d_variance;
   const float* count;
+  const float* unit;  // 1 / unit per channel; nullptr: no units
 };
 
 // f(element offset, problem * C + channel, row) for every element of x.
@@ -1417,10 +1418,12 @@ void ForEachElement(const View& v, const F& f) {
 
 // The two passes in units (see above), given the coefficients' function.
 template <class In, class Coefficients>
-void UnitBackward(const View& v, const In* dy, const In* x, const float* mean, const float* unit,
+void UnitBackward(const View& v, const In* dy, const In* x, const ChannelTerms& t,
                   const float* w, ReluGate relu, const Coefficients& coefficients, In* dx,
                   float* sum_dy, float* sum_dy_xc) {
   const int64_t channels = v.problems * v.c;
+  const float* mean = t.mean;
+  const float* unit = t.unit;
   const auto centered = [&](int64_t e, int64_t k) { return ToFloat(x[e]) * unit[k] - mean[k]; };
   const auto gated = [&](int64_t e, int64_t k, float xc) {
     const float g = ToFloat(dy[e]);
@@ -1454,9 +1457,10 @@ void UnitBackward(const View& v, const In* dy, const In* x, const float* mean, c
 
 template <class In>
 void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const In* x,
-                     const ChannelTerms& t, const float* unit, const float* w, ReluGate relu,
-                     float epsilon, bool stream, In* dx, float* sum_dy, float* sum_dy_xc) {
+                     const ChannelTerms& t, const float* w, ReluGate relu, float epsilon,
+                     bool stream, In* dx, float* sum_dy, float* sum_dy_xc) {
   const int64_t channels = v.problems * v.c;
+  const float* unit = t.unit;
   const bool units = unit != nullptr &&
                      std::any_of(unit, unit + channels, [](float u) { return u != 1.f; });
   // a, c, d of channel i (of problem i / C) from the sums
@@ -1478,7 +1482,7 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     d = n > 0 ? dl_dmean / n : 0.0;  // centred on the mean
   };
   if (units) {
-    UnitBackward(v, dy, x, t.mean, unit, w, relu, [&] {
+    UnitBackward(v, dy, x, t, w, relu, [&] {
       std::vector<float> acd(3 * channels);
       for (int64_t i = 0; i < channels; ++i) {
         double a, c, d;
@@ -1547,26 +1551,29 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
         "sums of c values per problem");
   }
   const View& v = *view;
-  const ChannelTerms terms{mean_buf.typed_data<float>(),   variance_buf.typed_data<float>(),
-                           scale_buf.typed_data<float>(),  d_mean_buf.typed_data<float>(),
-                           d_variance_buf.typed_data<float>(), count_buf.typed_data<float>()};
+  const ChannelTerms terms{mean_buf.typed_data<float>(),
+                           variance_buf.typed_data<float>(),
+                           scale_buf.typed_data<float>(),
+                           d_mean_buf.typed_data<float>(),
+                           d_variance_buf.typed_data<float>(),
+                           count_buf.typed_data<float>(),
+                           units ? unit_buf.typed_data<float>() : nullptr};
   const ReluGate gate = relu ? ReluGate{relu_a_buf.typed_data<float>(),
                                         relu_b_buf.typed_data<float>()}
                              : ReluGate{nullptr, nullptr};
-  const float* unit = units ? unit_buf.typed_data<float>() : nullptr;
   float* sum_dy = sum_dy_buf->typed_data<float>();
   float* sum_dy_xc = sum_dy_xc_buf->typed_data<float>();
   switch (x_buf.element_type()) {
     case ffi::F32:
       ComputeBackward(pool, v, static_cast<const float*>(dy_buf.untyped_data()),
-                      static_cast<const float*>(x_buf.untyped_data()), terms, unit, *weights,
-                      gate, epsilon, stream,
+                      static_cast<const float*>(x_buf.untyped_data()), terms, *weights, gate,
+                      epsilon, stream,
                       static_cast<float*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     case ffi::BF16:
       ComputeBackward(pool, v, static_cast<const BF16*>(dy_buf.untyped_data()),
-                      static_cast<const BF16*>(x_buf.untyped_data()), terms, unit, *weights,
-                      gate, epsilon, stream,
+                      static_cast<const BF16*>(x_buf.untyped_data()), terms, *weights, gate,
+                      epsilon, stream,
                       static_cast<BF16*>(dx_buf->untyped_data()), sum_dy, sum_dy_xc);
       return ffi::Error::Success();
     default:
