@@ -81,6 +81,17 @@ class BatchNormConfig:
     variance is NaN/Inf keeps its moving statistics (and renorm statistics)
     unchanged for that step. Off by default, as in Keras, where one batch with
     a NaN poisons the moving averages for good.
+  * ``accumulation_steps``: ``k`` (default 1) for gradient accumulation over
+    ``k`` micro-batches: each training call normalizes with its own batch's
+    statistics, and the moving statistics are updated once, on every k-th
+    call, from the count-weighted merge of the k calls' statistics (the rule
+    of virtual batches): k calls equal one call on the k micro-batches
+    stacked with ``virtual_batch_size = B / k`` and
+    ``virtual_batch_layout='contiguous'``. The state holds the merge so far
+    (``jaxbn.core.ACCUMULATOR_NAMES``) and ``accumulation_step``, the calls
+    since the last update. Renorm's ``r``/``d`` come from each call's own
+    statistics against the averages of the accumulation's start (no update
+    happens before its k-th call).
   * ``activation``: ``None`` (Keras) or ``'relu'``: ``y = max(BN(x), 0)``
     in one layer, as TensorFlow's fused batch norm with ``activation_mode``.
     The same numbers as a ReLU after the layer, but the training backward
@@ -114,6 +125,7 @@ class BatchNormConfig:
   virtual_batch_layout: str = "strided"
   skip_nonfinite_updates: bool = False
   activation: Optional[str] = None
+  accumulation_steps: int = 1
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -169,6 +181,13 @@ class BatchNormConfig:
       raise ValueError(
           f"`activation` must be None or 'relu'; got {self.activation!r}. "
           "Apply any other activation after the layer.")
+    steps = self.accumulation_steps
+    if (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+        or steps < 1):
+      raise ValueError(
+          "`accumulation_steps` must be a positive integer (the micro-batches "
+          f"per optimizer step; 1 for none); got {steps!r}.")
+    set_("accumulation_steps", int(steps))
     if self.fused:
       self._raise_if_keras_fused_impossible()
 
@@ -293,6 +312,8 @@ class BatchNormConfig:
       config["skip_nonfinite_updates"] = True
     if self.activation is not None:
       config["activation"] = self.activation
+    if self.accumulation_steps != 1:
+      config["accumulation_steps"] = self.accumulation_steps
     return config
 
   @classmethod

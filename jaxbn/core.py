@@ -98,7 +98,28 @@ def init_state(config: BatchNormConfig, param_shape, *, key=None,
     if config.renorm_clipping is not None and \
         config.renorm_clipping.is_scheduled:
       state["renorm_step"] = jnp.zeros((), jnp.int32)
+  if config.accumulation_steps > 1:
+    state.update(_empty_accumulator(param_shape, dtype))
   return state
+
+
+# The state of gradient accumulation (``accumulation_steps > 1``): the calls
+# since the last update of the moving statistics, and the merge of their
+# statistics so far (a :class:`Pooled` in units, see ``stats.in_units``).
+ACCUMULATION_STEP = "accumulation_step"
+ACCUMULATOR_NAMES = ("accumulated_count", "accumulated_mean",
+                     "accumulated_variance", "accumulated_update_variance",
+                     "accumulated_inv_unit")
+# integer state entries: counters, not statistics
+COUNTER_NAMES = ("renorm_step", ACCUMULATION_STEP)
+
+
+def _empty_accumulator(param_shape, dtype) -> dict:
+  zeros = jnp.zeros(param_shape, dtype)
+  accumulator = dict(zip(ACCUMULATOR_NAMES, (
+      zeros, zeros, zeros, zeros, jnp.ones(param_shape, dtype))))
+  accumulator[ACCUMULATION_STEP] = jnp.zeros((), jnp.int32)
+  return accumulator
 
 
 def state_dtype(dtype) -> jnp.dtype:
@@ -256,6 +277,18 @@ class BatchView(NamedTuple):
   group_axis: int | None
 
 
+class Pooled(NamedTuple):
+  """A batch's statistics for the state, per channel (over virtual batches
+  and devices), before they leave units: variances in units of ``unit^2``,
+  ``inv_unit`` None without units (see ``stats.in_units``)."""
+
+  count: jax.Array
+  mean: jax.Array
+  variance: jax.Array
+  update_variance: jax.Array  # what moving_variance follows (Bessel or not)
+  inv_unit: jax.Array | None
+
+
 class Summary(NamedTuple):
   """The batch's statistics for the state (over virtual batches and devices)."""
 
@@ -298,10 +331,10 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
           batch.reduction_axes, config.epsilon, norm_axis_name, groups,
           correction, config.activation)
   if config.fused is False or not per_channel_adjustment:
-    y, _, summary = closed_form.reference(*args)
+    y, _, pooled = closed_form.reference(*args)
   else:
-    y, _, summary = closed_form.train(*args)
-  return y.reshape(x.shape), _updated_state(config, resolved, state, summary)
+    y, _, pooled = closed_form.train(*args)
+  return y.reshape(x.shape), _updated_state(config, resolved, state, pooled)
 
 
 def _broadcasts_per_channel(value_shape, channel_shape):
@@ -340,27 +373,27 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
 
 def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
                  count, inv_unit, renorm_inputs):
-  """``(r, d, summary)`` from the normalization statistics (``var`` in
+  """``(r, d, pooled)`` from the normalization statistics (``var`` in
   units of ``unit^2``, see ``stats.in_units``).
 
   Runs inside the forward of ``closed_form``: ``r``/``d`` are renorm's
-  corrections (None without renorm) and ``summary`` the statistics the state
-  follows.
+  corrections (None without renorm) and ``pooled`` the statistics the state
+  follows (:class:`Pooled`).
   """
-  summary = _summarize(config, resolved, group_axis, axis_name, groups, mean,
-                       var, count, inv_unit)
+  pooled = _pool(config, resolved, group_axis, axis_name, groups, mean, var,
+                 count, inv_unit)
   if not config.renorm:
-    return None, None, summary
-  r, d = _renorm_corrections(config, summary, *renorm_inputs)
+    return None, None, pooled
+  r, d = _renorm_corrections(config, _summary(config, pooled),
+                             *renorm_inputs)
   if group_axis is not None:
     r, d = r[None], d[None]
-  return r, d, summary
+  return r, d, pooled
 
 
-def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
-               count, inv_unit) -> Summary:
-  """The batch's statistics for the state, without gradient, in plain units
-  (a variance beyond float32's range saturates: ``stats.unscaled_variance``).
+def _pool(config, resolved, group_axis, axis_name, groups, mean, var, count,
+          inv_unit) -> Pooled:
+  """The batch's statistics for the state, without gradient.
 
   With virtual batches, the count-weighted averages of the virtual batches'
   means and variances, over every device (Keras averages them with equal
@@ -372,25 +405,36 @@ def _summarize(config, resolved, group_axis, axis_name, groups, mean, var,
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
     update = var * stats.bessel_factor(count) if bessel else var
-    return _in_plain_units(config, count, mean, var, update, inv_unit)
-  m2 = var * count
-  update_m2 = m2 * stats.bessel_factor(count) if bessel else m2
+    return Pooled(count, mean, var, update, inv_unit)
+  return _merged(Pooled(count, mean, var, var * stats.bessel_factor(count)
+                        if bessel else var, inv_unit), group_axis, axis_name,
+                 groups)
+
+
+def _merged(pooled: Pooled, axis: int, axis_name=None, groups=None) -> Pooled:
+  """The count-weighted merge of ``pooled``'s groups along ``axis`` (and
+  over the devices of ``axis_name``): the means' average and the average of
+  the variances (``stats.merge`` without its between-groups term)."""
+  count, mean, var, update_var, inv_unit = pooled
+  m2, update_m2 = var * count, update_var * count
   if inv_unit is not None:
     inv_unit = jnp.broadcast_to(inv_unit, mean.shape)
   count, mean, m2, update_m2, inv_unit = stats.merge(
-      count, mean, m2, group_axis, between=False, pooled=(update_m2,),
+      count, mean, m2, axis, between=False, pooled=(update_m2,),
       inv_unit=inv_unit)
   if axis_name is not None:
     count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
         count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
         inv_unit=inv_unit)
-  return _in_plain_units(config, count, mean, stats.safe_divide(m2, count),
-                         stats.safe_divide(update_m2, count), inv_unit)
+  return Pooled(count, mean, stats.safe_divide(m2, count),
+                stats.safe_divide(update_m2, count), inv_unit)
 
 
-def _in_plain_units(config, count, mean, var, update_var, inv_unit
-                    ) -> Summary:
-  """The summary of variances in units of ``unit^2``."""
+def _summary(config, pooled: Pooled) -> Summary:
+  """``pooled`` in plain units (a variance beyond float32's range
+  saturates: ``stats.unscaled_variance``), with the standard deviations
+  formed in units (representable where the variance saturates)."""
+  count, mean, var, update_var, inv_unit = pooled
   eps = config.epsilon
   return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
                  stats.unscaled_variance(update_var, inv_unit),
@@ -398,14 +442,43 @@ def _in_plain_units(config, count, mean, var, update_var, inv_unit
                  affine.stddev(update_var, eps, inv_unit))
 
 
-def _updated_state(config, resolved, state, summary: Summary) -> State:
+def _updated_state(config, resolved, state, pooled: Pooled) -> State:
+  """The state after a training call: the moving statistics' EMA step from
+  ``pooled``, or with ``accumulation_steps = k``, ``pooled`` merged into the
+  accumulator and the EMA step from the merge on every k-th call."""
+  shape = resolved.param_shape
+  pooled = Pooled(*(None if v is None else
+                    jnp.broadcast_to(v, pooled.mean.shape).reshape(shape)
+                    for v in pooled))
+  if config.accumulation_steps == 1:
+    return _averaged_state(config, state, _summary(config, pooled))
+  accumulator = Pooled(*(state[n] for n in ACCUMULATOR_NAMES))
+  if pooled.inv_unit is None:  # no units (guard off): the stored ones are 1
+    accumulator = accumulator._replace(inv_unit=None)
+  both = Pooled(*(None if a is None else jnp.stack(
+      [jnp.asarray(a, pooled.mean.dtype), b]) for a, b in zip(accumulator,
+                                                              pooled)))
+  merged = _merged(both, axis=0)
+  step = state[ACCUMULATION_STEP] + 1
+  last = step >= config.accumulation_steps
+  averaged = _averaged_state(config, state, _summary(config, merged))
+  new_state = {n: jnp.where(last, averaged[n], v) for n, v in state.items()}
+  empty = _empty_accumulator(shape, state["moving_mean"].dtype)
+  if merged.inv_unit is None:
+    merged = merged._replace(inv_unit=empty["accumulated_inv_unit"])
+  for name, value in zip(ACCUMULATOR_NAMES, merged):
+    new_state[name] = jnp.where(last, empty[name],
+                                value.astype(state[name].dtype))
+  new_state[ACCUMULATION_STEP] = jnp.where(last, 0, step).astype(jnp.int32)
+  return new_state
+
+
+def _averaged_state(config, state, summary: Summary) -> State:
   """The EMA updates of every moving statistic (plain and renorm).
 
   A channel keeps its statistics where ``_updatable`` says so.
   """
-  shape = resolved.param_shape
-  count, mean, var, update_var, stddev, update_stddev = (
-      v.reshape(shape) for v in summary)
+  count, mean, var, update_var, stddev, update_stddev = summary
   valid = _updatable(config, count, mean, update_var)
   new_state = dict(state)
   new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,
@@ -657,7 +730,8 @@ def _check_variables(config, resolved, params, state, input_shape):
           f"`{kind}` has no '{name}', but the config has "
           f"{'scale' if name == 'gamma' else 'center'}=True. Create params "
           "with jaxbn.init(config, x.shape).")
-  statistics = tuple(n for n in state_names(config) if n != "renorm_step")
+  statistics = tuple(n for n in state_names(config)
+                     if n not in COUNTER_NAMES)
   for kind, tree, names in (("params", params, ("gamma", "beta")),
                             ("state", state, statistics)):
     for name in (n for n in names if n in tree):
@@ -670,6 +744,14 @@ def _check_variables(config, resolved, params, state, input_shape):
             f"(resolved channel axes {resolved.axes}). The input's channel "
             "count does not match the layer's variables: check `axis` and the "
             "input layout.")
+  if config.accumulation_steps > 1:
+    missing = [k for k in ACCUMULATOR_NAMES + (ACCUMULATION_STEP,)
+               if k not in state]
+    if missing:
+      raise ValueError(
+          f"accumulation_steps={config.accumulation_steps} needs state "
+          f"entries {missing}; create the state with jaxbn.init using the "
+          "same config.")
   if config.renorm:
     missing = [k for k in ("moving_stddev", "renorm_mean", "renorm_stddev")
                if k not in state]

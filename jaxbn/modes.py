@@ -10,10 +10,15 @@ program it was compiled with.
   device), ``'on'``, ``'off'``. Environment: ``JAXBN_CPU_KERNELS``; scoped:
   ``jaxbn.cpu_kernels.use(mode)``; global: ``jaxbn.cpu_kernels.set_mode``.
 * ``statistics``: ``'auto'`` (default: two passes or the CPU kernels on CPU,
-  one-read shifted sums on GPU/TPU) or ``'accelerator'`` (the GPU/TPU
+  one-read shifted sums on GPU/TPU, chosen when the program is lowered, so
+  one traced program serves every platform), ``'accelerator'`` (the GPU/TPU
   algorithm on every platform, CPU included, and no kernel: what a TPU run
-  computes, testable here). Environment: ``JAXBN_STATISTICS``; scoped:
-  ``jaxbn.modes.statistics(mode)``.
+  computes, testable here) or ``'cpu'`` (the CPU algorithm, chosen when the
+  program is traced: a program that only ever runs on CPU traces in less
+  time, since the GPU/TPU algorithm is not traced beside it; lowered for
+  GPU/TPU, it fails there). Environment: ``JAXBN_STATISTICS``; scoped:
+  ``jaxbn.modes.statistics(mode)``. Every jaxbn site that depends on the
+  platform asks :func:`platform_dependent`.
 * ``overflow_guard``: ``'on'`` (default: a channel whose spread is beyond
   2^30 is measured in units of a power of two; on CPU its statistics are
   taken again in a ``lax.cond`` that ordinary batches skip, on GPU/TPU the
@@ -29,10 +34,11 @@ from __future__ import annotations
 
 import os
 
+from jax import lax
 from jax._src import config as _config
 
 KERNEL_MODES = ("auto", "on", "off")
-STATISTICS_MODES = ("auto", "accelerator")
+STATISTICS_MODES = ("auto", "accelerator", "cpu")
 GUARD_MODES = ("on", "off")
 
 
@@ -51,7 +57,22 @@ cpu_kernels = _state("jaxbn_cpu_kernels", KERNEL_MODES,
                      "jaxbn: when its CPU kernels run (auto, on, off).")
 statistics = _state("jaxbn_statistics", STATISTICS_MODES,
                     "jaxbn: the batch-statistics algorithm (auto, or the "
-                    "GPU/TPU one on every platform: accelerator).")
+                    "GPU/TPU one on every platform: accelerator, or "
+                    "the CPU one fixed at trace time: cpu).")
 overflow_guard = _state("jaxbn_overflow_guard", GUARD_MODES,
                         "jaxbn: retake the statistics of a channel spread "
                         "beyond 2^30 in units of a power of two (on, off).")
+
+
+def platform_dependent(cpu, default):
+  """``cpu()`` on CPU, ``default()`` on GPU/TPU: decided when the program is
+  lowered (``lax.platform_dependent``, which traces both) under the
+  statistics mode ``'auto'``; at trace time under ``'accelerator'``
+  (``default``) and ``'cpu'`` (``cpu``). The one place jaxbn asks which
+  platform runs it."""
+  mode = statistics.value
+  if mode == "accelerator":
+    return default()
+  if mode == "cpu":
+    return cpu()
+  return lax.platform_dependent(cpu=cpu, default=default)

@@ -45,7 +45,7 @@ def moments(x, reduction_axes, weights=None):
     count = stats.reduce_count(x.shape, axes, weights, mean.dtype)
     return count, mean.reshape(kept), m2.reshape(kept)
 
-  return lax.platform_dependent(
+  return modes.platform_dependent(
       cpu=in_kernel,
       default=lambda: stats.local_moments_shifted(x, axes, weights))
 
@@ -67,7 +67,7 @@ def normalize(x, mean, a, b, axes, activation=None, inv_unit=None):
                           mean, view)
     return cpu_kernels.normalize(x, view, terms, relu=activation == "relu")
 
-  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
+  return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
 def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
@@ -98,11 +98,10 @@ def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
     if view is not None:
       args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, relu,
               inv_unit)
-      dx, sum_dy, sum_dy_xc = lax.platform_dependent(
-          *args,
-          cpu=functools.partial(_backward_in_one_call, view=view, axes=axes,
-                                epsilon=epsilon),
-          default=functools.partial(_one_device_backward, axes=axes,
+      dx, sum_dy, sum_dy_xc = modes.platform_dependent(
+          cpu=functools.partial(_backward_in_one_call, *args, view=view,
+                                axes=axes, epsilon=epsilon),
+          default=functools.partial(_one_device_backward, *args, axes=axes,
                                     epsilon=epsilon))
       return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
   return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
@@ -227,11 +226,8 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
     centered = stats.to_units(x.astype(sd), inv_unit) - mean
     return stats.sibling_sums((valid(dys), valid(dys * centered)), axes)
 
-  if modes.statistics.value == "accelerator":
-    return one_read()
-
   def in_xla():
-    return lax.platform_dependent(cpu=two_reads, default=one_read)
+    return modes.platform_dependent(cpu=two_reads, default=one_read)
 
   if weights is not None or inv_unit is not None:
     return in_xla()
@@ -243,7 +239,7 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
     sum_dy, sum_dy_xc = cpu_kernels.grad_sums(dy, x, mean, view)
     return sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
 
-  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
+  return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
 def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
@@ -274,4 +270,4 @@ def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
     return cpu_kernels.input_grad(dy, x, coefficients, view,
                                   rows=_rows(weights, x, view))
 
-  return lax.platform_dependent(cpu=in_kernel, default=in_xla)
+  return modes.platform_dependent(cpu=in_kernel, default=in_xla)

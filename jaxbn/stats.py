@@ -457,9 +457,7 @@ def where_a_cond_is_cheap(guarded, branch_free):
   ``JAXBN_STATISTICS=accelerator``. The one place that decides it, for the
   statistics (:func:`in_units`); the backward has no cond on any platform
   (``passes.backward`` runs in units, the CPU kernel included)."""
-  if modes.statistics.value == "accelerator":
-    return branch_free()
-  return lax.platform_dependent(cpu=guarded, default=branch_free)
+  return modes.platform_dependent(cpu=guarded, default=branch_free)
 
 
 def retaken_in_units(local_moments_fn, x, axes, weights=None):
@@ -764,9 +762,7 @@ def platform_moments(x, reduction_axes, weights=None):
   costs the same two reads.
   """
   axes = tuple(reduction_axes)
-  if modes.statistics.value == "accelerator":
-    return local_moments_shifted(x, axes, weights)
-  return lax.platform_dependent(
+  return modes.platform_dependent(
       cpu=lambda: local_moments(x, axes, weights),
       default=lambda: local_moments_shifted(x, axes, weights))
 

@@ -13,24 +13,31 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
-# The test processes compile with LLVM's optimizations off: compiling is
-# most of the suite's time and this cuts it by about a third, while nothing
-# the tests check depends on it (XLA:CPU keeps IEEE semantics at every
-# level, without fast-math; the HLO that the byte and memory tests read is
-# built before LLVM runs). The examples and the benchmark run in
-# subprocesses at the default level (default_level_env), so end-to-end
-# trained numbers (Keras and PyTorch ports included) are checked as users
-# compile them too.
-FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
-if FAST_COMPILE_FLAG not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
+# The test processes compile faster than users' processes do: LLVM's
+# optimizations off and XLA:CPU's older fusion code generator instead of its
+# MLIR fusion emitters; together they cut the suite's compile time by more
+# than half. Nothing the tests check depends on them: XLA:CPU keeps IEEE
+# semantics either way (no fast-math), the HLO that the byte and memory tests
+# read is built before code generation, and the whole suite passes at the
+# default settings too (``JAXBN_TEST_COMPILE=default`` runs it so). At those
+# default settings, as users compile: the examples and the benchmark (in
+# subprocesses, default_compile_env: end-to-end trained numbers, the Keras
+# and PyTorch ports included) and the numerics of non-finite and extreme data
+# (test_statistics::test_extremes_hold_at_the_default_compile_settings).
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_cpu_use_fusion_emitters=false")
+if os.environ.get("JAXBN_TEST_COMPILE", "fast") == "fast":
+  for _flag in FAST_COMPILE_FLAGS:
+    if _flag not in os.environ["XLA_FLAGS"].split():
+      os.environ["XLA_FLAGS"] += " " + _flag
 
 
-def default_level_env() -> dict:
-  """This process's environment with XLA's default optimization level."""
+def default_compile_env() -> dict:
+  """This process's environment with XLA's default compile settings."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(
-      f for f in env["XLA_FLAGS"].split() if f != FAST_COMPILE_FLAG)
+      f for f in env["XLA_FLAGS"].split() if f not in FAST_COMPILE_FLAGS)
+  env["JAXBN_TEST_COMPILE"] = "default"
   return env
 
 # One compilation cache for the session, its xdist workers and the example
@@ -91,11 +98,29 @@ def pytest_terminal_summary(terminalreporter):
         "state variable per step, inference), all within 2e-4")
 
 
-@pytest.fixture(params=["auto", "accelerator"])
+@pytest.fixture(autouse=True)
+def cpu_programs(request):
+  """Every test traces CPU programs (statistics mode ``'cpu'``: the CPU
+  algorithm chosen at trace time, the GPU/TPU one not traced beside it),
+  except in modules that lower for GPU/TPU (``LOWERS_FOR_ACCELERATORS =
+  True``). XLA compiles the same program either way:
+  ``test_modes::test_cpu_mode_compiles_the_program_of_the_default_mode``
+  checks it, so these tests check the default program while tracing about
+  a third less."""
+  from jaxbn import modes
+  if getattr(request.module, "LOWERS_FOR_ACCELERATORS", False):
+    yield
+    return
+  with modes.statistics("cpu"):
+    yield
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
 def statistics_mode(request):
-  """Runs a test under each statistics algorithm: the default (CPU kernels
-  or two passes here) and the GPU/TPU one (``JAXBN_STATISTICS=accelerator``),
-  so the path TPU users run is tested on every commit. Modules opt in with
+  """Runs a test under each statistics algorithm: the CPU one (kernels or
+  two passes here; see :func:`cpu_programs`) and the GPU/TPU one
+  (``JAXBN_STATISTICS=accelerator``), so the path TPU users run is tested
+  on every commit. Modules opt in with
   ``pytestmark = pytest.mark.usefixtures("statistics_mode")``."""
   from jaxbn import modes
   with modes.statistics(request.param):

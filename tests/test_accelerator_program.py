@@ -28,6 +28,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 import jaxbn
 from jaxbn import cpu_kernels, modes
 
+# lowers for GPU/TPU: programs keep every platform's algorithm (conftest)
+LOWERS_FOR_ACCELERATORS = True
+
 SHAPE = (8, 4, 4, 16)
 
 CONFIGS = {

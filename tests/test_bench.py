@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from jaxbn import bench
-from tests.conftest import default_level_env
+from tests.conftest import default_compile_env
 
 
 def test_bench_quick_writes_table_json_and_chart(tmp_path):
@@ -13,7 +13,7 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path):
        "--burst", "1", "--skip-features", "--impls", "jaxbn,flax.linen",
        "--cases", "in-cache NHWC float32",
        "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=600, env=default_level_env())
+      capture_output=True, text=True, timeout=600, env=default_compile_env())
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "bench.json").read_text())
   tunables = report["versions"]["GLIBC_TUNABLES"].split(":")

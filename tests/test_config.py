@@ -15,6 +15,7 @@ ORDINARY_DATA = True
 
 KERAS_ONLY = {"name", "synchronized", "kwargs", "self"}
 JAXBN_ONLY = {"moving_variance_estimator", "virtual_batch_layout",
+              "accumulation_steps",
               "skip_nonfinite_updates", "activation"}
 
 

@@ -15,6 +15,9 @@ import pytest
 import jaxbn
 from jaxbn import cpu_kernels, modes
 
+# lowers for GPU/TPU: programs keep every platform's algorithm (conftest)
+LOWERS_FOR_ACCELERATORS = True
+
 
 class Net(nn.Module):
   @nn.compact

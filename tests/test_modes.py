@@ -3,6 +3,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxbn
@@ -89,3 +90,55 @@ def test_environment_variables_are_validated(tmp_path):
       timeout=120)
   assert result.returncode != 0
   assert "JAXBN_STATISTICS must be one of" in result.stderr
+
+
+def _compiled_program(config, x, mask=None, axis_name=None):
+  """The optimized HLO of a training step (gradients with respect to the
+  parameters and x), without source locations."""
+  import re
+  params, state = jaxbn.init(config, x.shape)
+
+  def step(p, x):
+    def loss(p, x):
+      y, new_state = jaxbn.apply(config, p, state, x, training=True,
+                                 mask=mask, axis_name=axis_name)
+      return jnp.sum(jnp.sin(y)), new_state
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+
+  if axis_name is not None:
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(jax.devices()[:4], (axis_name,))
+    step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name)),
+                         out_specs=((P(), P(axis_name)), P()))
+  text = jax.jit(step).lower(params, x).compile().as_text()
+  lines = [line for line in text.splitlines() if not re.match(
+      r"(\d+ |FileNames|FunctionNames|FileLocations|StackFrames)", line)]
+  return re.sub(r", (metadata=\{[^}]*\}|stack_frame_id=\d+)", "",
+                "\n".join(lines))
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_cpu_mode_compiles_the_program_of_the_default_mode(kernels):
+  # The statistics mode 'cpu' picks at trace time the branch that the
+  # default's lax.platform_dependent picks when lowering for CPU: XLA gets
+  # the same program (the test suite traces in 'cpu' mode, see conftest).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4, 4, 16)), jnp.float32)
+  cases = [
+      (jaxbn.BatchNormConfig(), x, {}),
+      (jaxbn.BatchNormConfig(renorm=True, virtual_batch_size=4,
+                             activation="relu"), x, {}),
+      (jaxbn.BatchNormConfig(axis=[2, 3]), x, {}),
+      (jaxbn.BatchNormConfig(), x[:, 0, 0], {"mask": jnp.arange(8) < 5}),
+      (jaxbn.BatchNormConfig(), x, {"axis_name": "data"}),
+  ]
+  with cpu_kernels.use(kernels):
+    for config, data, extra in cases:
+      with modes.statistics("auto"):
+        default = _compiled_program(config, data, **extra)
+      with modes.statistics("cpu"):
+        traced_for_cpu = _compiled_program(config, data, **extra)
+      assert traced_for_cpu == default, (config, extra)
+      assert "conditional" in default  # the overflow guard's, on CPU
+  with modes.statistics("cpu"):
+    assert modes.statistics.value == "cpu"

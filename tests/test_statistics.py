@@ -652,8 +652,9 @@ def test_under_vmap_the_guard_stays_a_cond_and_each_member_gets_its_numbers():
 
   for path in ["kernels", "xla"]:
     with _path(path):
+      # the guard's cond (the tests trace CPU programs: no platform switch)
       conds = str(jax.make_jaxpr(grads)(xs[0], dys[0])).count("cond[")
-      assert conds >= 2
+      assert conds >= 1
       assert str(jax.make_jaxpr(jax.vmap(grads))(xs, dys)).count(
           "cond[") == conds
       together = jax.jit(jax.vmap(grads))(xs, dys)
@@ -742,3 +743,25 @@ def test_shift_comes_from_valid_rows_when_a_mask_hides_nearly_all(shape,
   np.testing.assert_allclose(np.asarray(m2).ravel(), want, rtol=1e-4)
   shift = stats.sampled_shift(jnp.asarray(x), axes, weights)
   assert np.all(np.abs(np.asarray(shift) - 1e4) < 1)
+
+
+# The numerics of non-finite, saturated and extreme data depend on how XLA
+# fuses and vectorizes min/max and reductions: they run once more at the
+# compile settings users run (the suite compiles faster, see conftest).
+AT_DEFAULT_COMPILE_SETTINGS = "non_finite or fused_clamp or renorm_beyond"
+
+
+def test_extremes_hold_at_the_default_compile_settings():
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import default_compile_env
+  if os.environ.get("JAXBN_TEST_COMPILE") == "default":
+    pytest.skip("this process already compiles at the default settings")
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", __file__,
+       "-k", AT_DEFAULT_COMPILE_SETTINGS],
+      capture_output=True, text=True, timeout=600, env=default_compile_env(),
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+  assert " passed" in result.stdout and "failed" not in result.stdout

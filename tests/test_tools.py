@@ -65,6 +65,125 @@ def test_precise_statistics_rejects_bad_method():
     jaxbn.precise_statistics(model, variables, _batches(1), method="ema")
 
 
+class FlaxNet(nn.Module):
+  """A zoo model written with flax's batch norm (and one of jaxbn's)."""
+
+  @nn.compact
+  def __call__(self, x, training=False):
+    x = nn.BatchNorm(use_running_average=not training, momentum=0.9,
+                     name="flax_in")(x)
+    x = nn.Dense(6)(x)
+    x = jaxbn.BatchNormalization(name="jaxbn_mid")(x, training)
+    return nn.Dense(3)(nn.relu(x))
+
+
+def _float64_population(batches):
+  data = np.concatenate(batches).astype(np.float64)
+  return data.mean(0), data.var(0)
+
+
+def _assert_population(mean, var, batches, bessel=False):
+  ref_mean, ref_var = _float64_population(batches)
+  n = sum(len(b) for b in batches)
+  if bessel:
+    ref_var = ref_var * n / (n - 1)
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+
+
+def test_precise_statistics_of_a_linen_model_with_flax_batch_norms():
+  model = FlaxNet()
+  batches = _batches(seed=3)
+  variables = model.init(jax.random.PRNGKey(0), batches[0])
+  out = jaxbn.precise_statistics(model, variables, batches, progress=False)
+  got = out["batch_stats"]["flax_in"]
+  _assert_population(got["mean"], got["var"], batches)  # flax: biased
+  # the jaxbn layer's inputs: the Dense outputs of every batch (float64)
+  dense = variables["params"]["Dense_0"]
+  flax_bn = nn.BatchNorm(use_running_average=True, momentum=0.9)
+  inner = [np.asarray(flax_bn.apply(
+      {"params": variables["params"]["flax_in"],
+       "batch_stats": variables["batch_stats"]["flax_in"]}, b),
+      np.float64) @ np.asarray(dense["kernel"], np.float64) +
+      np.asarray(dense["bias"], np.float64) for b in batches]
+  mid = out["batch_stats"]["jaxbn_mid"]
+  _assert_population(mid["moving_mean"], mid["moving_variance"], inner)
+  # the model still runs with the new statistics
+  model.apply(out, batches[0])
+
+
+def test_precise_statistics_of_an_nnx_model_in_place():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.flax_bn = nnx.BatchNorm(4, rngs=rngs)
+      self.dense = nnx.Linear(4, 5, rngs=rngs)
+      self.jaxbn_bn = jaxbn.nnx.BatchNormalization(
+          5, rngs=rngs, moving_variance_estimator="unbiased")
+
+    def __call__(self, x):
+      return self.jaxbn_bn(self.dense(self.flax_bn(x)))
+
+  model = Model(nnx.Rngs(0))
+  model.eval()
+  batches = _batches(seed=4)
+  before = nnx.state(model, nnx.Param)
+  returned = jaxbn.precise_statistics(model, batches=batches,
+                                      method="all_samples", progress=False)
+  assert returned is model
+  _assert_population(model.flax_bn.mean[...], model.flax_bn.var[...], batches)
+  # each layer's statistics are those of its inputs in the call as made (eval
+  # mode: flax's layer normalized with its statistics from before, mean 0,
+  # variance 1)
+  w = np.asarray(model.dense.kernel[...], np.float64)
+  b = np.asarray(model.dense.bias[...], np.float64)
+  inner = [(bt - 0.0) / np.sqrt(1 + 1e-5) @ w + b for bt in
+           (x.astype(np.float64) for x in batches)]
+  _assert_population(model.jaxbn_bn.moving_mean[...],
+                     model.jaxbn_bn.moving_variance[...], inner, bessel=True)
+  after = nnx.state(model, nnx.Param)
+  for u, v in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(u, v)
+
+
+def test_precise_statistics_of_the_functional_api_with_masks_and_shards():
+  # the layer's inputs sharded over 8 devices, with a mask: the statistics
+  # of the valid rows of all batches, pooled
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  config = jaxbn.BatchNormConfig(renorm=True)
+  _, state = jaxbn.init(config, (16, 4))
+  mesh = Mesh(jax.devices(), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  batches, valid = [], []
+  for i, x in enumerate(_batches(seed=5)):
+    mask = np.arange(16) % (i + 2) != 0
+    batches.append((jax.device_put(x, sharding),
+                    jax.device_put(mask, sharding)))
+    valid.append(x[mask])
+  new_state = jaxbn.precise_statistics(config, state, batches,
+                                       progress=False)
+  _assert_population(new_state["moving_mean"], new_state["moving_variance"],
+                     valid)
+  np.testing.assert_allclose(new_state["moving_stddev"] ** 2 - 1e-3,
+                             new_state["moving_variance"], rtol=1e-4)
+  np.testing.assert_array_equal(new_state["renorm_mean"],
+                                state["renorm_mean"])
+
+
+def test_precise_statistics_names_what_it_needs():
+  model = Net()
+  variables = model.init(jax.random.PRNGKey(0), _batches(1)[0])
+  with pytest.raises(TypeError, match="variables"):
+    jaxbn.precise_statistics(model, batches=_batches(1))
+  with pytest.raises(TypeError, match="batches"):
+    jaxbn.precise_statistics(model, variables)
+  with pytest.raises(TypeError, match="BatchNormConfig"):
+    jaxbn.precise_statistics(object(), variables, _batches(1))
+  with pytest.raises(ValueError, match="at least one batch"):
+    jaxbn.precise_statistics(model, variables, [])
+
+
 def _trained_bn(channels, seed=0):
   rng = np.random.RandomState(seed)
   params = {"gamma": jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32),

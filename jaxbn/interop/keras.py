@@ -104,7 +104,8 @@ def keras_config(module: BatchNormalization, input_shape,
   resolved = config.resolve(tuple(input_shape))
   keras = module.get_config()
   for key in ("moving_variance_estimator", "virtual_batch_layout",
-              "skip_nonfinite_updates", "activation", "fused"):
+              "skip_nonfinite_updates", "activation", "fused",
+              "accumulation_steps"):
     keras.pop(key, None)
   # the axes of the input, as an unbuilt Keras layer takes them
   keras["axis"] = config.axis if isinstance(config.axis, int) else list(
@@ -115,6 +116,11 @@ def keras_config(module: BatchNormalization, input_shape,
         f"activation={config.activation!r} has no {name} BatchNormalization "
         "equivalent; export module.clone(activation=None) and put a "
         "ReLU layer after the layer (the same numbers).")
+  if config.accumulation_steps != 1:
+    raise ValueError(
+        f"accumulation_steps={config.accumulation_steps} has no {name} "
+        "equivalent (Keras updates the moving statistics on every call); "
+        "export module.clone(accumulation_steps=1): inference is the same.")
   if config.skip_nonfinite_updates:
     raise ValueError(
         f"skip_nonfinite_updates=True has no {name} equivalent; use "

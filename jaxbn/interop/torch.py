@@ -154,6 +154,12 @@ def to_torch(module: BatchNormalization, variables, dims: int = 2):
         f"activation={config.activation!r} has no torch BatchNorm "
         "equivalent; use module.clone(activation=None) and follow the "
         "BatchNorm with torch.nn.ReLU() (the same numbers).")
+  if config.accumulation_steps != 1:
+    raise ValueError(
+        f"accumulation_steps={config.accumulation_steps} has no torch "
+        "BatchNorm equivalent (it updates its running statistics on every "
+        "call); use module.clone(accumulation_steps=1): inference is the "
+        "same.")
   if config.center != config.scale:
     raise ValueError("torch BatchNorm has gamma and beta together (affine); "
                      f"got center={config.center}, scale={config.scale}.")
