@@ -456,8 +456,25 @@ def where_a_cond_is_cheap(guarded, branch_free):
   conditional's predicate to the host and drains the stream) and under
   ``JAXBN_STATISTICS=accelerator``. The one place that decides it, for the
   statistics (:func:`in_units`); the backward has no cond on any platform
-  (``passes.backward`` runs in units, the CPU kernel included)."""
+  (``passes.backward`` runs in units, the CPU kernel included).
+
+  Also ``branch_free()`` on CPU where the traced code runs on a mesh with an
+  automatic axis (e.g. ``shard_map`` over ``data`` leaving ``model`` to XLA):
+  the channels may be sharded over it, and the cond's predicate, an ``any``
+  over the channels, would cost a collective over that axis on every step.
+  """
+  if _automatic_mesh_axes():
+    return branch_free()
   return modes.platform_dependent(cpu=guarded, default=branch_free)
+
+
+def _automatic_mesh_axes() -> bool:
+  """Whether the mesh of the current trace has an axis of size > 1 that XLA
+  shards automatically (not a ``shard_map`` manual axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and any(
+      size > 1 and kind != jax.sharding.AxisType.Manual
+      for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
 
 
 def retaken_in_units(local_moments_fn, x, axes, weights=None):

@@ -391,6 +391,49 @@ def test_linen_partition_names_on_a_data_model_mesh():
         jax.random.PRNGKey(1), x)
 
 
+def test_statistics_over_data_in_one_all_reduce_with_channels_over_model():
+  # shard_map over `data` alone (XLA keeps sharding the channels over
+  # `model`) with axis_name='data': the statistics equal one device's, in
+  # one all-reduce over `data` and no collective over `model` (on CPU too:
+  # the guard takes its branch-free form where a mesh axis is automatic)
+  import flax.linen as nn
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  layer = jaxbn.BatchNormalization(momentum=0.9, partition_names=("model",),
+                                   axis_name="data")
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 32)) * 3 + 1
+  x = x.at[:, :, :, 5].multiply(1e25)  # a channel the guard puts in units
+  variables = layer.init(jax.random.PRNGKey(1), x)
+  specs = nn.get_partition_spec(variables)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+  def step(variables, x):
+    return layer.apply(variables, x, training=True, mutable=["batch_stats"])
+
+  step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")),
+                       out_specs=(P("data"), P()), axis_names={"data"})
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None, None,
+                                                      "model")))
+  with cpu_kernels.use("auto"):
+    compiled = jax.jit(step).lower(jax.device_put(variables, shardings),
+                                   x_sharded).compile()
+    y, updates = compiled(jax.device_put(variables, shardings), x_sharded)
+  one_device = jaxbn.BatchNormalization(momentum=0.9)
+  want_y, want_updates = one_device.apply(nn.unbox(variables), x,
+                                          training=True,
+                                          mutable=["batch_stats"])
+  np.testing.assert_allclose(y, want_y, atol=2e-5)
+  for got, want in zip(jax.tree.leaves(nn.unbox(updates)),
+                       jax.tree.leaves(want_updates)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  hlo = compiled.as_text()
+  [line] = [line for line in hlo.splitlines() if " all-reduce(" in line]
+  groups = re.search(r"replica_groups=\{(\{[^=]*\})\}", line).group(1)
+  # devices (data, model) = divmod(id, 4): each group is one `model` index
+  assert groups == "{0,4},{1,5},{2,6},{3,7}", line
+  for collective in ("all-gather(", "collective-permute(", "all-to-all("):
+    assert collective not in hlo
+
+
 def test_nnx_partition_names_shard_the_variables_over_model():
   from flax import nnx
   mesh = jax.make_mesh((2, 4), ("data", "model"),
