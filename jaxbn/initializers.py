@@ -83,6 +83,12 @@ class Initializer(keras_names.KerasObject):
     return init(key, shape, dtype)
 
 
+def is_constant(initializer) -> bool:
+  """Whether ``initializer`` draws nothing (zeros, ones, a constant)."""
+  return (isinstance(initializer, Initializer)
+          and initializer.class_name in ("Zeros", "Ones", "Constant"))
+
+
 def _seeded(key: jax.Array | None, seed: int | None) -> jax.Array:
   if seed is not None:
     return jax.random.PRNGKey(seed)
@@ -105,4 +111,4 @@ def get(value: Any, argument: str):
                              allow_none=False)
 
 
-__all__ = ["Initializer", "get", "REGISTRY"]
+__all__ = ["Initializer", "get", "is_constant", "REGISTRY"]

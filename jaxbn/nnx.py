@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import core
+from jaxbn import core, initializers
 from jaxbn.config import BatchNormConfig
 
 
@@ -56,10 +56,11 @@ class BatchNormalization(nnx.Module):
     self.use_running_average = use_running_average
     self.dtype = dtype
     shape = _example_shape(self.config, num_features, input_rank)
-    params, state = core.init(self.config, shape, key=rngs.params(),
-                              dtype=param_dtype)
-    names = core.check_partition_names(partition_names,
-                                       core.variable_shape(self.config, shape))
+    core.check_param_dtype(param_dtype)
+    param_shape = core.variable_shape(self.config, shape)
+    params, state = _initial_variables(self.config, param_shape, param_dtype,
+                                       rngs)
+    names = core.check_partition_names(partition_names, param_shape)
     metadata = {} if names is None else {"sharding_names": names}
     for name, value in params.items():
       setattr(self, name, nnx.Param(value, **metadata))
@@ -86,6 +87,26 @@ class BatchNormalization(nnx.Module):
       for name, value in new_state.items():
         getattr(self, name)[...] = value
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+def _initial_variables(config, param_shape, param_dtype, rngs):
+  """``(params, state)``, drawing from ``rngs.params`` as ``nnx.BatchNorm``
+  does: one key for gamma (scale), then one for beta (bias), and none for
+  the moving statistics unless an initializer of theirs is random; swapping
+  one layer for the other leaves every later layer's initialization as
+  it was."""
+  params = {}
+  for name, present, initializer in (
+      ("gamma", config.scale, config.gamma_initializer),
+      ("beta", config.center, config.beta_initializer)):
+    if present:
+      params[name] = initializer(rngs.params(), param_shape, param_dtype)
+  random_statistics = not all(
+      initializers.is_constant(i) for i in (config.moving_mean_initializer,
+                                            config.moving_variance_initializer))
+  state = core.init_state(config, param_shape, dtype=param_dtype,
+                          key=rngs.params() if random_statistics else None)
+  return params, state
 
 
 def _example_shape(config, num_features, input_rank):

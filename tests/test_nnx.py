@@ -135,16 +135,21 @@ def test_axis_list_needs_the_input_rank():
 
 
 def test_random_initializers_draw_independent_params_and_state():
-  # the layer splits its key as jaxbn.init does: gamma and moving_mean come
-  # from different draws, and equal the functional core's
+  # one draw from the params stream per parameter, as nnx.BatchNorm, then one
+  # for the moving statistics (random initializers only), split as
+  # jaxbn.init_state splits it
   init = {"class_name": "RandomNormal", "config": {"stddev": 1.0}}
   kwargs = dict(gamma_initializer=init, moving_mean_initializer=init)
   bn = jaxbn.nnx.BatchNormalization(16, rngs=nnx.Rngs(0), **kwargs)
   assert not np.allclose(bn.gamma[...], bn.moving_mean[...])
-  params, state = jaxbn.init(jaxbn.BatchNormConfig(**kwargs), (1, 16),
-                             key=nnx.Rngs(0).params())
-  np.testing.assert_array_equal(bn.gamma[...], params["gamma"])
-  np.testing.assert_array_equal(bn.moving_mean[...], state["moving_mean"])
+  rngs = nnx.Rngs(0)
+  gamma_key, _, state_key = rngs.params(), rngs.params(), rngs.params()
+  config = jaxbn.BatchNormConfig(**kwargs)
+  np.testing.assert_array_equal(
+      bn.gamma[...], config.gamma_initializer(gamma_key, (16,)))
+  np.testing.assert_array_equal(
+      bn.moving_mean[...],
+      jaxbn.init_state(config, (16,), key=state_key)["moving_mean"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -165,3 +170,31 @@ def test_dtype_and_param_dtype_as_flax(dtype):
                              rtol=1e-5)
   np.testing.assert_allclose(ours.moving_variance[...], theirs.var[...],
                              rtol=1e-4)
+
+
+def test_parameter_keys_are_drawn_as_nnx_batch_norm_draws_them():
+  # one key for gamma, one for beta, none for constant moving statistics:
+  # swapping nnx.BatchNorm for jaxbn's layer leaves later layers as they were
+  class Model(nnx.Module):
+    def __init__(self, make_bn, rngs):
+      self.bn = make_bn(rngs)
+      self.dense = nnx.Linear(4, 3, rngs=rngs)
+
+  normal = jax.nn.initializers.normal(0.5)
+  for scale, center in [(True, True), (True, False), (False, True)]:
+    theirs = Model(lambda r: nnx.BatchNorm(
+        4, use_scale=scale, use_bias=center, scale_init=normal,
+        bias_init=normal, rngs=r), nnx.Rngs(3))
+    ours = Model(lambda r: jaxbn.nnx.BatchNormalization(
+        4, scale=scale, center=center,
+        gamma_initializer={"class_name": "RandomNormal",
+                           "config": {"stddev": 0.5, "mean": 0.0}},
+        beta_initializer={"class_name": "RandomNormal",
+                          "config": {"stddev": 0.5, "mean": 0.0}},
+        rngs=r), nnx.Rngs(3))
+    np.testing.assert_array_equal(ours.dense.kernel[...],
+                                  theirs.dense.kernel[...])
+    if scale:
+      np.testing.assert_array_equal(ours.bn.gamma[...], theirs.bn.scale[...])
+    if center:
+      np.testing.assert_array_equal(ours.bn.beta[...], theirs.bn.bias[...])
