@@ -137,3 +137,16 @@ class BatchNormalization(nn.Module):
       for name, variable in variables.items():
         variable.value = new_state[name]
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+def replace_batch_norm(**jaxbn_args):
+  """A context in which every ``flax.linen.BatchNorm`` of an existing model
+  runs through jaxbn, on flax's variables and with flax's semantics, plus
+  ``jaxbn_args`` (e.g. ``renorm=True``)::
+
+    with jaxbn.linen.replace_batch_norm(virtual_batch_size=8):
+      y, updates = model.apply(variables, x, mutable=['batch_stats'])
+
+  See ``jaxbn.interop.flax_models``."""
+  from jaxbn.interop import flax_models
+  return flax_models.replace_linen_batch_norm(**jaxbn_args)

@@ -136,4 +136,13 @@ def _example_shape(config, num_features, input_rank):
   return tuple(shape)
 
 
-__all__ = ["BatchNormalization"]
+def replace_batch_norm(model, **jaxbn_args):
+  """Replaces every ``nnx.BatchNorm`` of ``model`` in place with this layer,
+  carrying its parameters, statistics and mode (flax's momentum, epsilon
+  and biased moving variance, plus ``jaxbn_args``); returns the model. See
+  ``jaxbn.interop.flax_models``."""
+  from jaxbn.interop import flax_models
+  return flax_models.replace_nnx_batch_norm(model, **jaxbn_args)
+
+
+__all__ = ["BatchNormalization", "replace_batch_norm"]

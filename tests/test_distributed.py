@@ -458,3 +458,28 @@ def test_nnx_partition_names_shard_the_variables_over_model():
   with pytest.raises(ValueError, match="partition_names"):
     jaxbn.nnx.BatchNormalization(32, partition_names=("data", "model"),
                                  rngs=nnx.Rngs(0))
+
+
+def test_per_example_vmap_with_axis_name_equals_the_batch_in_little_memory():
+  # Equinox's style: each example alone under vmap, statistics over the
+  # vmapped axis. The members share one device: their statistics are
+  # gathered, not summed in a members x members buffer (270 MB here).
+  n, c = 256, 256
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, (1, c))
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, c)) * 3 + 2
+
+  def per_example(x):
+    y, new_state = jaxbn.apply(config, params, state, x[None], training=True,
+                               axis_name="batch")
+    return y[0], new_state
+
+  step = jax.jit(jax.vmap(per_example, axis_name="batch", out_axes=(0, None)))
+  compiled = step.lower(x).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 8 * x.nbytes
+  y, new_state = compiled(x)
+  want_y, want_state = jaxbn.apply(config, params, state, x, training=True)
+  np.testing.assert_allclose(y, want_y, atol=2e-6)
+  for name in want_state:
+    np.testing.assert_allclose(new_state[name], want_state[name], rtol=1e-6)
+
