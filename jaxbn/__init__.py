@@ -25,6 +25,16 @@ from jaxbn.stats import Moments, moments
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # Equinox is optional (pip install jaxbn[equinox]): imported on first use
+  if name in ("equinox", "from_equinox"):
+    import importlib
+    module = importlib.import_module("jaxbn.equinox")
+    return module if name == "equinox" else module.from_equinox
+  raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
+
 __all__ = [
     "BatchNormConfig",
     "BatchNormalization",

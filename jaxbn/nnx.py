@@ -55,7 +55,7 @@ class BatchNormalization(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_running_average = use_running_average
     self.dtype = dtype
-    shape = _example_shape(self.config, num_features, input_rank)
+    shape = example_shape(self.config, num_features, input_rank)
     core.check_param_dtype(param_dtype)
     param_shape = core.variable_shape(self.config, shape)
     params, state = _initial_variables(self.config, param_shape, param_dtype,
@@ -109,7 +109,7 @@ def _initial_variables(config, param_shape, param_dtype, rngs):
   return params, state
 
 
-def _example_shape(config, num_features, input_rank):
+def example_shape(config, num_features, input_rank):
   """An input shape with the right rank and channel sizes (others 1)."""
   axes = (config.axis,) if isinstance(config.axis, int) else config.axis
   sizes = ((num_features,) if isinstance(num_features, int)

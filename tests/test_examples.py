@@ -85,3 +85,10 @@ def test_gradient_accumulation_reproduces_the_big_batch_for_every_seed():
     naive_gap = float(line.split("ends ")[1].split()[0])
     assert params_gap < 1e-4 and stats_gap < 1e-4, line
     assert naive_gap > 1e-2 > 100 * stats_gap, line
+
+
+def test_equinox_cnn_trains_with_jaxbn_batch_norms():
+  out = _run("equinox_cnn.py", "--epochs", "3")
+  accuracy = float(out.split("test accuracy (inference mode, moving "
+                             "statistics)")[1].split()[0])
+  assert accuracy > 0.9, out
