@@ -632,6 +632,10 @@ def run_mlp(rows, repeats, burst=3, seed=0):
           use_running_average=False, momentum=0.9, epsilon=1e-3)(x)),
       "no batch norm": None,
   }
+  # flax's model unchanged, its batch norms through jaxbn (a model zoo's
+  # path): traced inside jaxbn.linen.replace_batch_norm
+  zoo = "jaxbn via replace_batch_norm (the flax.linen model)"
+  norms[zoo] = norms["flax.linen"]
   runners = {}
   for name, norm in norms.items():
     model = _mlp(norm)
@@ -645,6 +649,9 @@ def run_mlp(rows, repeats, burst=3, seed=0):
       return jnp.mean((out - target) ** 2), updates
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if name == zoo:
+      with jaxbn.linen.replace_batch_norm():
+        step = step.lower(params, stats, x).compile()
     runners[name] = functools.partial(step, params, stats, x)
   times = time_interleaved(runners, repeats, burst, seed=f"mlp {seed}")
   median = {n: 1e3 * float(np.median(t)) for n, t in times.items()}

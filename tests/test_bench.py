@@ -50,10 +50,12 @@ def test_feature_and_mlp_cases_report_ratios_and_bytes():
     # weights, not negligible at this size (test_closed_form checks 8.1)
     assert analysis["bytes_accessed_x_input"] <= 8.5, name
   mlp = bench.run_mlp(256, repeats=1, burst=1)
+  zoo = "jaxbn via replace_batch_norm (the flax.linen model)"
   assert set(mlp["step_over_flax"]) == {"jaxbn (activation='relu')",
-                                        "jaxbn, then nn.relu"}
+                                        "jaxbn, then nn.relu", zoo}
   table = bench.format_features([features], mlp)
   assert "| adjustment |" in table and "| jaxbn, then nn.relu |" in table
+  assert f"| {zoo} |" in table
 
 
 def test_accelerator_suite_runs_layers_and_networks(tmp_path):
