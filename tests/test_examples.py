@@ -70,6 +70,8 @@ def test_notebook_executes(tmp_path):
   outputs = "".join(o.get("text", "") for cell in notebook.cells
                     if cell.cell_type == "code" for o in cell.outputs)
   assert "identical to inference: True" in outputs
+  assert "same outputs as flax: True" in outputs
+  assert "ghost batches of 4 change the outputs: True" in outputs
 
 
 def test_gradient_accumulation_reproduces_the_big_batch_for_every_seed():

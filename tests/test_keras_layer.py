@@ -33,7 +33,7 @@ def test_the_keras_3_layer_on_the_jax_backend():
       capture_output=True, text=True, timeout=600, env=env,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-  assert "7 passed" in result.stdout, result.stdout[-2000:]
+  assert "8 passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_another_keras_backend_gets_a_clear_error():
@@ -99,6 +99,10 @@ def test_train_on_batch_matches_tf_keras(kwargs, shape):
   for step in range(3):
     x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
     target = rng.normal(size=shape).astype(np.float32)
+    # the training-mode output (each call updates both layers' statistics)
+    keras_oracle.assert_close(np.asarray(ours(x, training=True)),
+                              theirs(x, training=True).numpy(), 2e-4,
+                              f"training output at step {step}")
     ours.train_on_batch(x, target)
     theirs.train_on_batch(x, target)
     want = _named(theirs.layers[0])
@@ -189,3 +193,16 @@ def test_readme_blocks_for_the_jax_backend_run():
   assert blocks
   for line, code in blocks:
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})  # noqa: S102
+
+
+@jax_backend_only
+def test_the_keras_3_example_trains_saves_and_loads(tmp_path):
+  import importlib.util
+  import pathlib
+  path = (pathlib.Path(__file__).resolve().parent.parent / "examples" /
+          "keras3_ghost_renorm.py")
+  spec = importlib.util.spec_from_file_location("keras3_example", path)
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  accuracy, same = example.main(epochs=2, out=str(tmp_path / "m.keras"))
+  assert accuracy > 0.85 and same
