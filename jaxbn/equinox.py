@@ -27,17 +27,14 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, Optional, Sequence, Union
 
-try:
-  import equinox as eqx
-except ImportError as error:  # pragma: no cover - depends on the install
-  raise ImportError("jaxbn.equinox needs Equinox: pip install "
-                    "'jaxbn[equinox]' (or pip install equinox).") from error
 import jax
 import jax.numpy as jnp
 
-from jaxbn import core
+from jaxbn import core, optional
 from jaxbn.config import BatchNormConfig
 from jaxbn.nnx import example_shape
+
+eqx = optional.require("equinox")
 
 
 class BatchNormalization(eqx.Module):

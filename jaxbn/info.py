@@ -9,6 +9,29 @@ import importlib
 import platform
 
 
+# one line per mode value (jaxbn.modes documents them in full)
+STATISTICS_MEANING = {
+    "auto": "JAXBN_STATISTICS: the CPU algorithm on CPU, the one-read GPU/TPU "
+            "algorithm there, chosen when a program is lowered",
+    "accelerator": "JAXBN_STATISTICS: the GPU/TPU algorithm everywhere, CPU "
+                   "included, no kernel",
+    "cpu": "JAXBN_STATISTICS: the CPU algorithm fixed at trace time; programs "
+           "for CPU only",
+}
+KERNEL_MEANING = {
+    "auto": "JAXBN_CPU_KERNELS: the C++ kernels where the process sees one "
+            "device",
+    "on": "JAXBN_CPU_KERNELS: the kernels wherever they apply",
+    "off": "JAXBN_CPU_KERNELS: XLA only",
+}
+GUARD_MEANING = {
+    "on": "JAXBN_OVERFLOW_GUARD: channels spread beyond 2^30 measured in units "
+          "of a power of two",
+    "off": "JAXBN_OVERFLOW_GUARD: no units; a spread beyond about 1e18 "
+           "overflows",
+}
+
+
 def report() -> dict:
   """Everything ``python -m jaxbn.info`` prints, as a dict."""
   import jax
@@ -23,8 +46,12 @@ def report() -> dict:
       out[name] = f"not importable ({type(err).__name__})"
   out["backend"] = jax.default_backend()
   out["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-  out["statistics mode"] = modes.statistics.value
-  out["kernel mode"] = cpu_kernels.get_mode()
+  out["statistics mode"] = (f"{modes.statistics.value} "
+                            f"({STATISTICS_MEANING[modes.statistics.value]})")
+  out["kernel mode"] = (f"{cpu_kernels.get_mode()} "
+                        f"({KERNEL_MEANING[cpu_kernels.get_mode()]})")
+  out["overflow guard"] = (f"{modes.overflow_guard.value} "
+                           f"({GUARD_MEANING[modes.overflow_guard.value]})")
   try:
     from jaxbn import _cpu_kernels as built
     out["kernels built"] = (f"yes, against XLA FFI API "
@@ -61,7 +88,14 @@ def report() -> dict:
   return out
 
 
-def main():
+def main(argv=None):
+  import argparse
+  argparse.ArgumentParser(
+      prog="python -m jaxbn.info",
+      description="Prints jaxbn's versions, devices, modes (each with its "
+                  "meaning and environment variable) and whether the CPU "
+                  "kernels are built, registered and used, and why not."
+  ).parse_args(argv)
   for key, value in report().items():
     print(f"{key:>38}: {value}")
 

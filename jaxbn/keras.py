@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import keras
 
-from jaxbn import core
+from jaxbn import core, optional
 from jaxbn.config import BatchNormConfig
+
+keras = optional.require("keras")
 
 # Keras' arguments that Keras builds objects of (the config keeps defaults)
 _KERAS_OBJECTS = {

@@ -582,3 +582,15 @@ def test_from_keras_3_renorm_layer():
       momentum=0.5, renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0})
   module = _assert_port_matches(layer, (8, 4, 4, 3))
   assert module.renorm and module.moving_variance_estimator == "biased"
+
+
+def test_a_missing_converter_dependency_names_its_extra(monkeypatch):
+  import sys
+  layer = jaxbn.BatchNormalization()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))
+  for module in ("tf_keras", "torch"):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+  with pytest.raises(ImportError, match=r"pip install 'jaxbn\[interop\]'"):
+    jaxbn.to_keras(layer, variables, (4, 3))
+  with pytest.raises(ImportError, match=r"pip install 'jaxbn\[interop\]'"):
+    jaxbn.to_torch(layer, variables, dims=1)

@@ -142,3 +142,18 @@ def test_cpu_mode_compiles_the_program_of_the_default_mode(kernels):
       assert "conditional" in default  # the overflow guard's, on CPU
   with modes.statistics("cpu"):
     assert modes.statistics.value == "cpu"
+
+
+def test_info_shows_every_mode_with_its_meaning_and_answers_help(capsys):
+  from jaxbn import info
+  report = info.report()
+  for key, variable in (("statistics mode", "JAXBN_STATISTICS"),
+                        ("kernel mode", "JAXBN_CPU_KERNELS"),
+                        ("overflow guard", "JAXBN_OVERFLOW_GUARD")):
+    assert variable in report[key], report[key]
+  with modes.statistics("accelerator"):
+    assert info.report()["statistics mode"].startswith("accelerator (")
+  with pytest.raises(SystemExit) as done:
+    info.main(["--help"])
+  assert done.value.code == 0
+  assert "modes" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxbn import optional
 from jaxbn.linen import BatchNormalization
 
 _VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance",
@@ -220,10 +221,10 @@ def to_keras(module: BatchNormalization, variables, input_shape,
   :func:`keras_config`, which raises what the target cannot express)."""
   config = keras_config(module, input_shape, target)
   if target == "keras3":
-    import keras
+    keras = optional.require("keras")
     layer = keras.layers.BatchNormalization.from_config(config)
   else:
-    import tf_keras
+    tf_keras = optional.require("tf_keras")
     layer = tf_keras.layers.BatchNormalization.from_config(config)
   layer.build(tuple(input_shape))
   flat = {**variables.get("params", {}), **variables.get("batch_stats", {})}

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxbn import optional
 from jaxbn.linen import BatchNormalization
 
 
 def _is_torch_batch_norm(module) -> bool:
-  import torch
+  torch = optional.require("torch")
   return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
 
 
@@ -80,7 +81,7 @@ def _check_portable(bn) -> None:
 
 
 def _is_sync(bn) -> bool:
-  import torch
+  torch = optional.require("torch")
   return isinstance(bn, torch.nn.SyncBatchNorm)
 
 
@@ -140,7 +141,7 @@ def to_torch(module: BatchNormalization, variables, dims: int = 2):
   or ``'keras'`` where Keras would not run its fused kernel) raises: its
   training updates would differ.
   """
-  import torch
+  torch = optional.require("torch")
   config = module.config
   if (not isinstance(config.axis, int) or config.renorm
       or config.virtual_batch_size is not None):
