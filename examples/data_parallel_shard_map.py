@@ -7,6 +7,7 @@ with its own 8 examples (noisier statistics, as ``pmap`` without
 ``axis_name``). A mask drops padding rows of the last, partial batch.
 Prints the test accuracy of both and saves ``examples/sync_vs_local.png``.
 
+  pip install -e '.[examples]'   # this example's extras
   python examples/data_parallel_shard_map.py [--epochs 8]
 """
 from __future__ import annotations

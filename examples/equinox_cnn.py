@@ -7,6 +7,7 @@ and the batch norms take their statistics over that axis
 (``per_example=True``), and ``eqx.nn.inference_mode`` switches to inference.
 Runs offline; prints the test accuracy in inference mode.
 
+  pip install -e '.[examples,equinox]'   # this example's extras
   python examples/equinox_cnn.py [--epochs 8] [--seed 0]
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ normalizes with them), once with BN still training. Prints the accuracy of
 both on the new classes and how far the moving statistics moved; saves
 ``examples/finetune.png``.
 
+  pip install -e '.[examples]'   # this example's extras
   python examples/finetune_frozen_bn.py [--epochs 10]
 """
 from __future__ import annotations

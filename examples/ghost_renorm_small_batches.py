@@ -12,6 +12,7 @@ differ from inference-mode ones. Three variants of one small conv net:
 Prints the test accuracy (inference mode) of each and saves
 ``examples/ghost_renorm.png``.
 
+  pip install -e '.[examples]'   # this example's extras
   python examples/ghost_renorm_small_batches.py [--epochs 8]
 """
 from __future__ import annotations

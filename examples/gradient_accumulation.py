@@ -17,6 +17,7 @@ same initialization, over the same batches of 64:
 It prints how far the accumulated and naive runs end from the big-batch run
 (parameters, moving statistics, test accuracy) and a one-line conclusion.
 
+  pip install -e '.[examples]'   # this example's extras
   python examples/gradient_accumulation.py [--epochs 3] [--seeds 0 1 2]
 """
 from __future__ import annotations
@@ -56,16 +57,13 @@ RUNS = {
 }
 
 
-def train(name, data, epochs, seed):
+def _setup(name):
+  """The run's model, optimizer and jitted step (one per run, every seed)."""
   bn, calls = RUNS[name]
-  x_train, x_test, y_train, y_test = data
   model = Net(bn=dict(bn, momentum=0.9))
-  variables = model.init(jax.random.key(seed), x_train[:MICRO * K])
-  params, batch_stats = variables["params"], variables["batch_stats"]
   optimizer = optax.sgd(0.1, momentum=0.9)
   if calls > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=calls)
-  opt_state = optimizer.init(params)
 
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
@@ -79,6 +77,20 @@ def train(name, data, epochs, seed):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state
 
+  return model, optimizer, step, calls
+
+
+SETUPS = {}
+
+
+def train(name, data, epochs, seed):
+  if name not in SETUPS:
+    SETUPS[name] = _setup(name)
+  model, optimizer, step, calls = SETUPS[name]
+  x_train, x_test, y_train, y_test = data
+  variables = model.init(jax.random.key(seed), x_train[:MICRO * K])
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state = optimizer.init(params)
   order = np.random.default_rng(seed)
   batch = MICRO * K
   for _ in range(epochs):

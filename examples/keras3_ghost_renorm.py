@@ -3,6 +3,7 @@ scikit-learn's digits with ``jaxbn.keras.BatchNormalization(
 virtual_batch_size=..., renorm=True)``, trained with ``model.fit``, saved to a
 ``.keras`` file and loaded back with the same predictions.
 
+  pip install -e '.[examples,interop]'   # this example's extras
   python examples/keras3_ghost_renorm.py [--epochs 3] [--out model.keras]
 """
 from __future__ import annotations

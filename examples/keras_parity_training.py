@@ -7,6 +7,7 @@ constraints inside its optimizer; jaxbn does both with two calls:
 after ``optax.sgd``. After a few SGD steps every weight and moving statistic
 agrees with Keras.
 
+  pip install -e '.[examples,interop]'   # this example's extras
   python examples/keras_parity_training.py [--steps 5]
 """
 from __future__ import annotations

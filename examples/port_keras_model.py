@@ -6,6 +6,7 @@ copies the Conv/Dense kernels, and compares the two models' outputs in
 inference and in training mode. Saves a scatter plot of Keras vs jaxbn
 logits to ``examples/port_keras.png``.
 
+  pip install -e '.[examples,interop]'   # this example's extras
   python examples/port_keras_model.py
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ which differs between NCHW and NHWC). Compares both models in inference and
 in one training step (outputs and every running statistic), and saves a
 scatter plot of torch vs jaxbn logits.
 
+  pip install -e '.[examples,interop]'   # this example's extras
   python examples/port_torch_cnn.py [--out examples/port_torch.png]
 """
 from __future__ import annotations

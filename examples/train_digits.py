@@ -3,6 +3,7 @@
 Runs offline (the data ships with scikit-learn), trains with optax, prints the
 loss and test accuracy, and saves the training curve to ``digits_curve.png``.
 
+  pip install -e '.[examples]'   # this example's extras
   python examples/train_digits.py [--epochs 15] [--out examples/digits_curve.png]
 """
 from __future__ import annotations

@@ -45,7 +45,8 @@ class BatchNormalization(eqx.Module):
     num_features: channel count, or one count per axis for an axis list.
     input_rank: the inputs' rank, needed for an axis list (Keras' full-rank
       variables); with ``per_example`` the examples' rank.
-    axis_name, axis_index_groups: the named axis (``vmap``, ``pmap``,
+    axis_name: the named axis (``vmap``, ``pmap``,
+    axis_index_groups: optional device groups for ``axis_name``.
       ``shard_map``) to take the statistics over.
     per_example: the layer sees one example at a time (no batch axis) under
       ``jax.vmap(..., axis_name=axis_name)``, Equinox's style; the channel

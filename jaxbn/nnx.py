@@ -28,7 +28,8 @@ class BatchNormalization(nnx.Module):
     input_rank: rank of the inputs; needed when the variable shape depends on
       it (an axis list, whose variables have Keras' full-rank shape, or a
       negative axis in a list).
-    axis_name, axis_index_groups: devices to combine statistics over.
+    axis_name: devices to combine statistics over.
+    axis_index_groups: optional device groups for ``axis_name``.
     use_running_average: the module's mode (``eval()`` sets it True); a call
       with ``training=None`` trains when it is False.
     rngs: ``nnx.Rngs``; its ``params`` stream feeds random initializers and an

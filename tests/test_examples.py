@@ -70,6 +70,9 @@ def test_notebook_executes(tmp_path):
   outputs = "".join(o.get("text", "") for cell in notebook.cells
                     if cell.cell_type == "code" for o in cell.outputs)
   assert "identical to inference: True" in outputs
+  assert any("image/png" in o.get("data", {}) for cell in notebook.cells
+             if cell.cell_type == "code" for o in cell.outputs)  # inline plot
+  assert not (tmp_path / "renorm_spread.png").exists()
   assert "same outputs as flax: True" in outputs
   assert "ghost batches of 4 change the outputs: True" in outputs
 

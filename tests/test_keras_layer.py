@@ -192,7 +192,7 @@ def test_readme_blocks_for_the_jax_backend_run():
   blocks = keras_jax_blocks()
   assert blocks
   for line, code in blocks:
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})  # noqa: S102
+    exec(compile(code, line, "exec"), {"__name__": "readme"})  # noqa: S102
 
 
 @jax_backend_only

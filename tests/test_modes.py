@@ -157,3 +157,14 @@ def test_info_shows_every_mode_with_its_meaning_and_answers_help(capsys):
     info.main(["--help"])
   assert done.value.code == 0
   assert "modes" in capsys.readouterr().out
+
+
+def test_import_prints_nothing():
+  import subprocess
+  import sys
+  env = {"PATH": "", "JAX_PLATFORMS": "cpu", "HOME": "/tmp"}
+  result = subprocess.run([sys.executable, "-c", "import jaxbn"],
+                          capture_output=True, text=True, env=env,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == "" and result.stderr == "", result.stderr

@@ -1,38 +1,46 @@
-"""Every Python block in README.md runs as written.
+"""Every Python block in README.md and in the documentation's pages
+(``docs/pages``) runs as written.
 
 A block runs in a fresh namespace unless its first line is a comment that
 starts with ``# continues``: it then runs after the blocks it continues (the
-chain of blocks up to the last one that starts fresh). Blocks run in this
-process: 8 simulated CPU devices (conftest), the test extras installed.
+chain of blocks of the same page up to the last one that starts fresh).
+Blocks run in this process: 8 simulated CPU devices (conftest), the test
+extras installed.
 """
 import pathlib
 import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs" / "pages").rglob("*.md"))
 
 
-def _python_blocks():
-  """``(line, code)`` of every fenced python block, in order."""
-  text = README.read_text()
+def _python_blocks(page=README):
+  """``(line, code)`` of every fenced python block of a page, in order."""
+  text = page.read_text()
   return [(text[:m.start()].count("\n") + 1, m.group(1))
           for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
 
 
 def _chains():
-  """Each block with the blocks it continues, ids by README line."""
-  chains, current = [], []
-  for line, code in _python_blocks():
-    if not code.lstrip().startswith("# continues"):
-      current = []
-    current = current + [(line, code)]
-    chains.append(pytest.param(list(current), id=f"README.md:{line}"))
+  """Each block with the blocks it continues, ids by page and line."""
+  chains = []
+  for page in PAGES:
+    current = []
+    name = page.relative_to(ROOT)
+    for line, code in _python_blocks(page):
+      if not code.lstrip().startswith("# continues"):
+        current = []
+      current = current + [(f"{name}:{line}", code)]
+      chains.append(pytest.param(list(current), id=f"{name}:{line}"))
   return chains
 
 
-def test_readme_has_python_blocks():
-  assert len(_python_blocks()) >= 8
+def test_readme_and_the_guides_have_python_blocks():
+  assert len(_python_blocks()) >= 4
+  assert sum(len(_python_blocks(page)) for page in PAGES[1:]) >= 10
 
 
 # blocks for Keras 3's JAX backend run in test_keras_layer's KERAS_BACKEND=jax
@@ -41,7 +49,8 @@ KERAS_JAX_BLOCK = "# KERAS_BACKEND=jax"
 
 
 def keras_jax_blocks():
-  return [(line, code) for line, code in _python_blocks()
+  return [(f"{page.relative_to(ROOT)}:{line}", code) for page in PAGES
+          for line, code in _python_blocks(page)
           if code.lstrip().startswith(KERAS_JAX_BLOCK)]
 
 
@@ -51,4 +60,25 @@ def test_readme_block_runs(chain):
     pytest.skip("runs in test_keras_layer's KERAS_BACKEND=jax subprocess")
   namespace = {"__name__": "readme"}
   for line, code in chain:
-    exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102
+    exec(compile(code, line, "exec"), namespace)  # noqa: S102
+
+
+def _anchors(page: pathlib.Path) -> set:
+  """The anchors of a page's headings, as GitHub and MkDocs slug them."""
+  slugs = set()
+  for heading in re.findall(r"^#{1,6} (.*)$", page.read_text(), re.M):
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    slugs.add(slug)
+  return slugs
+
+
+def test_readme_links_resolve():
+  # README links into the documentation's pages (MkDocs checks the pages'
+  # own links, in strict mode, when CI builds the site)
+  links = re.findall(r"\]\(([^)#\s]+\.md)(?:#([\w\-]+))?\)", README.read_text())
+  assert len(links) >= 10
+  for target, anchor in links:
+    page = ROOT / target
+    assert page.is_file(), target
+    if anchor:
+      assert anchor in _anchors(page), (target, anchor)

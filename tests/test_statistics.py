@@ -50,6 +50,28 @@ def _reference(x, mask):
   return mean, (w * (x64 - mean) ** 2).sum(0) / w.sum(0)
 
 
+# The numerics of non-finite, saturated and extreme data depend on how XLA
+# fuses and vectorizes min/max and reductions: they run once more at the
+# compile settings users run (the suite compiles faster, see conftest).
+AT_DEFAULT_COMPILE_SETTINGS = "non_finite or fused_clamp or renorm_beyond"
+
+
+def test_extremes_hold_at_the_default_compile_settings():
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import default_compile_env
+  if os.environ.get("JAXBN_TEST_COMPILE") == "default":
+    pytest.skip("this process already compiles at the default settings")
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", __file__,
+       "-k", AT_DEFAULT_COMPILE_SETTINGS],
+      capture_output=True, text=True, timeout=600, env=default_compile_env(),
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+  assert " passed" in result.stdout and "failed" not in result.stdout
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
@@ -743,25 +765,3 @@ def test_shift_comes_from_valid_rows_when_a_mask_hides_nearly_all(shape,
   np.testing.assert_allclose(np.asarray(m2).ravel(), want, rtol=1e-4)
   shift = stats.sampled_shift(jnp.asarray(x), axes, weights)
   assert np.all(np.abs(np.asarray(shift) - 1e4) < 1)
-
-
-# The numerics of non-finite, saturated and extreme data depend on how XLA
-# fuses and vectorizes min/max and reductions: they run once more at the
-# compile settings users run (the suite compiles faster, see conftest).
-AT_DEFAULT_COMPILE_SETTINGS = "non_finite or fused_clamp or renorm_beyond"
-
-
-def test_extremes_hold_at_the_default_compile_settings():
-  import os
-  import subprocess
-  import sys
-  from tests.conftest import default_compile_env
-  if os.environ.get("JAXBN_TEST_COMPILE") == "default":
-    pytest.skip("this process already compiles at the default settings")
-  result = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", __file__,
-       "-k", AT_DEFAULT_COMPILE_SETTINGS],
-      capture_output=True, text=True, timeout=600, env=default_compile_env(),
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-  assert " passed" in result.stdout and "failed" not in result.stdout

@@ -30,8 +30,9 @@ def fold_into_kernel(kernel, bias, config: BatchNormConfig | Any,
     bias: the layer's bias, or None (a layer without bias).
     config: the BN's ``BatchNormConfig`` or a jaxbn layer; its channel axis
       must be the layer's output-channel axis (single axis).
-    params, state: the BN's variables (``{'gamma', 'beta'}``, moving stats);
-      a Linen ``{'params': ..., 'batch_stats': ...}`` dict also works.
+    params: the BN's ``{'gamma', 'beta'}``, or a Linen ``{'params': ...,
+      'batch_stats': ...}`` dict (then ``state`` may be None).
+    state: the BN's moving statistics.
   """
   config = getattr(config, "config", config)
   if config.activation is not None:

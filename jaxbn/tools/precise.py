@@ -135,8 +135,8 @@ def precise_statistics(model, variables=None, batches: Iterable | None = None,
       layers' inputs are what they receive in that call).
 
   Returns:
-    Linen: the variables with new ``batch_stats``; NNX: the model, updated
-    in place; functional: the new state.
+    For Linen, the variables with new ``batch_stats``; for NNX, the model,
+    updated in place; for the functional API, the new state.
   """
   if method not in METHODS:
     raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
