@@ -94,7 +94,7 @@ def test_gradient_accumulation_reproduces_the_big_batch_for_every_seed():
 
 
 def test_equinox_cnn_trains_with_jaxbn_batch_norms():
-  out = _run("equinox_cnn.py", "--epochs", "3", default_compile=False)
+  out = _run("equinox_cnn.py", "--epochs", "2", default_compile=False)
   accuracy = float(out.split("test accuracy (inference mode, moving "
                              "statistics)")[1].split()[0])
   assert accuracy > 0.9, out
