@@ -331,10 +331,11 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
           batch.reduction_axes, config.epsilon, norm_axis_name, groups,
           correction, config.activation)
   if config.fused is False or not per_channel_adjustment:
-    y, _, pooled = closed_form.reference(*args)
+    y, _, (pooled, summary) = closed_form.reference(*args)
   else:
-    y, _, pooled = closed_form.train(*args)
-  return y.reshape(x.shape), _updated_state(config, resolved, state, pooled)
+    y, _, (pooled, summary) = closed_form.train(*args)
+  return y.reshape(x.shape), _updated_state(config, resolved, state, pooled,
+                                            summary)
 
 
 def _broadcasts_per_channel(value_shape, channel_shape):
@@ -373,22 +374,23 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
 
 def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
                  count, inv_unit, renorm_inputs):
-  """``(r, d, pooled)`` from the normalization statistics (``var`` in
+  """``(r, d, (pooled, summary))`` from the normalization statistics (``var`` in
   units of ``unit^2``, see ``stats.in_units``).
 
   Runs inside the forward of ``closed_form``: ``r``/``d`` are renorm's
-  corrections (None without renorm) and ``pooled`` the statistics the state
-  follows (:class:`Pooled`).
+  corrections (None without renorm), ``pooled`` the statistics the state
+  follows (:class:`Pooled`) and ``summary`` those in plain units where renorm
+  formed them (None without renorm).
   """
   pooled = _pool(config, resolved, group_axis, axis_name, groups, mean, var,
                  count, inv_unit)
   if not config.renorm:
-    return None, None, pooled
-  r, d = _renorm_corrections(config, _summary(config, pooled),
-                             *renorm_inputs)
+    return None, None, (pooled, None)
+  summary = _summary(config, pooled)
+  r, d = _renorm_corrections(config, summary, *renorm_inputs)
   if group_axis is not None:
     r, d = r[None], d[None]
-  return r, d, pooled
+  return r, d, (pooled, summary)
 
 
 def _pool(config, resolved, group_axis, axis_name, groups, mean, var, count,
@@ -442,16 +444,28 @@ def _summary(config, pooled: Pooled) -> Summary:
                  affine.stddev(update_var, eps, inv_unit))
 
 
-def _updated_state(config, resolved, state, pooled: Pooled) -> State:
+def _updated_state(config, resolved, state, pooled: Pooled,
+                   summary: Summary | None) -> State:
   """The state after a training call: the moving statistics' EMA step from
-  ``pooled``, or with ``accumulation_steps = k``, ``pooled`` merged into the
-  accumulator and the EMA step from the merge on every k-th call."""
+  this call's statistics (``summary``, formed from ``pooled`` where renorm
+  has not already), or with ``accumulation_steps``
+  :func:`_accumulated_state`."""
   shape = resolved.param_shape
-  pooled = Pooled(*(None if v is None else
-                    jnp.broadcast_to(v, pooled.mean.shape).reshape(shape)
-                    for v in pooled))
-  if config.accumulation_steps == 1:
-    return _averaged_state(config, state, _summary(config, pooled))
+  as_variables = lambda values: type(values)(*(
+      None if v is None else
+      jnp.broadcast_to(v, values.mean.shape).reshape(shape) for v in values))
+  if config.accumulation_steps > 1:
+    return _accumulated_state(config, state, as_variables(pooled))
+  if summary is None:
+    summary = _summary(config, pooled)
+  return _averaged_state(config, state, as_variables(summary))
+
+
+def _accumulated_state(config, state, pooled: Pooled) -> State:
+  """``pooled`` merged into the accumulator (:func:`_merged`, the virtual
+  batches' rule); on every ``accumulation_steps``-th call the EMA step from
+  the merge, and the accumulator emptied. Selected per call with
+  ``jnp.where`` (the step counter is data), so no conditional."""
   accumulator = Pooled(*(state[n] for n in ACCUMULATOR_NAMES))
   if pooled.inv_unit is None:  # no units (guard off): the stored ones are 1
     accumulator = accumulator._replace(inv_unit=None)
@@ -463,7 +477,7 @@ def _updated_state(config, resolved, state, pooled: Pooled) -> State:
   last = step >= config.accumulation_steps
   averaged = _averaged_state(config, state, _summary(config, merged))
   new_state = {n: jnp.where(last, averaged[n], v) for n, v in state.items()}
-  empty = _empty_accumulator(shape, state["moving_mean"].dtype)
+  empty = _empty_accumulator(pooled.mean.shape, state["moving_mean"].dtype)
   if merged.inv_unit is None:
     merged = merged._replace(inv_unit=empty["accumulated_inv_unit"])
   for name, value in zip(ACCUMULATOR_NAMES, merged):

@@ -24,6 +24,7 @@ numbers are the functional core's. Needs ``pip install jaxbn[equinox]``.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import Any, Optional, Sequence, Union
 
@@ -65,6 +66,9 @@ class BatchNormalization(eqx.Module):
   state_index: eqx.nn.StateIndex
   inference: bool
   config: BatchNormConfig = eqx.field(static=True)
+  # the config for inputs with a batch axis: with ``per_example`` the
+  # example's axes count from 1 in the batch of one the layer normalizes
+  batch_config: BatchNormConfig = eqx.field(static=True)
   axis_name: Optional[Hashable] = eqx.field(static=True)
   axis_index_groups: Any = eqx.field(static=True)
   per_example: bool = eqx.field(static=True)
@@ -87,25 +91,14 @@ class BatchNormalization(eqx.Module):
     self.per_example = bool(per_example)
     self.inference = bool(inference)
     self.dtype = dtype
-    config = self._batch_config()
+    self.batch_config = _batch_config(self.config, self.per_example)
+    config = self.batch_config
     rank = None if input_rank is None else input_rank + self.per_example
     shape = example_shape(config, num_features, rank)
     params, state = core.init(config, shape, key=key, dtype=param_dtype)
     self.gamma = params.get("gamma")
     self.beta = params.get("beta")
     self.state_index = eqx.nn.StateIndex(state)
-
-  def _batch_config(self) -> BatchNormConfig:
-    """The config for inputs with a batch axis: with ``per_example`` the
-    example's axes count from 1 in the batch of one the layer normalizes."""
-    config = self.config
-    if not self.per_example:
-      return config
-    shift = lambda a: a + 1 if a >= 0 else a
-    axis = (shift(config.axis) if isinstance(config.axis, int)
-            else tuple(shift(a) for a in config.axis))
-    fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    return BatchNormConfig(**{**fields, "axis": axis})
 
   def __call__(self, x: jax.Array, state: eqx.nn.State,
                training: Optional[bool] = None, *,
@@ -129,7 +122,7 @@ class BatchNormalization(eqx.Module):
     if self.per_example:
       x = jnp.asarray(x)[None]
       mask = None if mask is None else jnp.asarray(mask)[None]
-    y, new_stats = core.apply(self._batch_config(), params, stats, x,
+    y, new_stats = core.apply(self.batch_config, params, stats, x,
                               training=training, key=key,
                               axis_name=self.axis_name,
                               axis_index_groups=self.axis_index_groups,
@@ -139,6 +132,16 @@ class BatchNormalization(eqx.Module):
     if training and self.config.trainable:
       state = state.set(self.state_index, new_stats)
     return (y if self.dtype is None else y.astype(self.dtype)), state
+
+
+def _batch_config(config: BatchNormConfig, per_example: bool
+                  ) -> BatchNormConfig:
+  if not per_example:
+    return config
+  shift = lambda a: a + 1 if a >= 0 else a
+  axis = (shift(config.axis) if isinstance(config.axis, int)
+          else tuple(shift(a) for a in config.axis))
+  return dataclasses.replace(config, axis=axis)
 
 
 def from_equinox(bn, state) -> tuple[BatchNormalization, eqx.nn.State]:

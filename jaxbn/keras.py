@@ -107,21 +107,17 @@ class BatchNormalization(keras.layers.Layer):
     for name, value in initial.items():
       if name in ("moving_mean", "moving_variance"):
         initializer = objects[name + "_initializer"]
-      else:  # renorm's, accumulation's: from the moving statistics' values
-        initializer = None
+      else:  # renorm's, accumulation's: jaxbn's initial values
+        initializer = lambda shape, dtype, value=value: value
       self.statistics[name] = self.add_weight(
           shape=value.shape, name=name, dtype=str(value.dtype),
-          initializer=initializer or keras.initializers.Zeros(),
-          trainable=False, autocast=False)
-    if config.renorm:  # renorm's averages start where the moving ones do
+          initializer=initializer, trainable=False, autocast=False)
+    if config.renorm:  # renorm's averages start where Keras' moving ones do
       stddev = jnp.sqrt(self.statistics["moving_variance"].value)
       for name, value in (("moving_stddev", stddev), ("renorm_stddev", stddev),
                           ("renorm_mean",
                            self.statistics["moving_mean"].value)):
         self.statistics[name].assign(jnp.copy(value))  # own buffers
-    if "accumulated_inv_unit" in initial:
-      self.statistics["accumulated_inv_unit"].assign(
-          initial["accumulated_inv_unit"])
 
   def call(self, inputs, training=None, mask=None):
     training = bool(training) and self.trainable

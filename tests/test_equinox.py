@@ -24,7 +24,7 @@ def _data(shape, seed=0):
 def _functional(layer, stats, x, training, **kwargs):
   params = {n: v for n, v in (("gamma", layer.gamma), ("beta", layer.beta))
             if v is not None}
-  return jaxbn.apply(layer._batch_config(), params, stats, x,
+  return jaxbn.apply(layer.batch_config, params, stats, x,
                      training=training, **kwargs)
 
 
@@ -52,7 +52,7 @@ def test_batched_calls_equal_the_functional_core(kwargs):
   grads, state = step(layer, state, x)
   want_grads, want_state = jax.grad(
       lambda p: (lambda out: (jnp.sum(jnp.sin(out[0])), out[1]))(
-          jaxbn.apply(layer._batch_config(), p, start, x, training=True)),
+          jaxbn.apply(layer.batch_config, p, start, x, training=True)),
       has_aux=True)({"gamma": layer.gamma, "beta": layer.beta})
   np.testing.assert_allclose(grads.gamma, want_grads["gamma"], rtol=1e-5,
                              atol=1e-6)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxbn.linen import BatchNormalization
+from jaxbn.interop.flax_models import flax_config
+from jaxbn.linen import CONFIG_FIELDS, BatchNormalization
 
 
 def from_flax(bn, variables, *, input_rank: int | None = None,
@@ -22,14 +23,12 @@ def from_flax(bn, variables, *, input_rank: int | None = None,
   if not isinstance(bn, nn.BatchNorm):
     raise TypeError(f"from_flax expects flax.linen.BatchNorm; got "
                     f"{type(bn).__name__}.")
-  axis = bn.axis if isinstance(bn.axis, int) else tuple(bn.axis)
-  if not isinstance(axis, int) and len(axis) == 1:
-    axis = axis[0]
+  config = flax_config(bn)
+  axis = config.axis
   module = BatchNormalization(
-      axis=axis, momentum=float(bn.momentum), epsilon=float(bn.epsilon),
-      center=bool(bn.use_bias), scale=bool(bn.use_scale),
-      moving_variance_estimator="biased", axis_name=bn.axis_name,
-      axis_index_groups=bn.axis_index_groups, name=name)
+      **{f: getattr(config, f) for f in CONFIG_FIELDS},
+      axis_name=bn.axis_name, axis_index_groups=bn.axis_index_groups,
+      name=name)
   shape = None
   if not isinstance(axis, int):
     if input_rank is None:

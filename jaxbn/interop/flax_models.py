@@ -93,11 +93,11 @@ def _linen_call(bn, jaxbn_args, x, use_running_average=None, *, mask=None):
                                  feature_shape, stat_dtype),
       "moving_variance": bn.variable("batch_stats", "var", jnp.ones,
                                      feature_shape, stat_dtype)}
-  initial = core.init_state(config, resolved.param_shape, dtype=stat_dtype)
+  initial = lambda name: core.init_state(config, resolved.param_shape,
+                                         dtype=stat_dtype)[name]
   for name in core.state_names(config):
     if name not in variables:  # jaxbn's own state (renorm, accumulation)
-      variables[name] = bn.variable("batch_stats", name,
-                                    lambda name=name: initial[name])
+      variables[name] = bn.variable("batch_stats", name, initial, name)
   shape = resolved.param_shape
   params = {n: v.reshape(shape) for n, v in params.items()}
   state = {n: v.value.reshape(shape) if n in FLAX_NAMES else v.value
@@ -107,14 +107,14 @@ def _linen_call(bn, jaxbn_args, x, use_running_average=None, *, mask=None):
       config, params, state, x, training=training,
       axis_name=None if initializing else bn.axis_name,
       axis_index_groups=None if initializing else bn.axis_index_groups,
-      mask=_as_jaxbn_mask(mask, x))
+      mask=as_jaxbn_mask(mask, x))
   if training and not initializing:
     for name, variable in variables.items():
       variable.value = new_state[name].reshape(jnp.shape(variable.value))
   return y if bn.dtype is None else y.astype(bn.dtype)
 
 
-def _as_jaxbn_mask(mask, x):
+def as_jaxbn_mask(mask, x):
   """flax's mask (broadcastable to x, aligned on the trailing axes) as
   jaxbn's (x's rank, 1 along the axes it does not vary over)."""
   if mask is None:

@@ -38,6 +38,7 @@ from jaxbn import stats as stats_lib
 from jaxbn import linen as jaxbn_linen
 from jaxbn import nnx as jaxbn_nnx
 from jaxbn.config import BatchNormConfig
+from jaxbn.interop.flax_models import as_jaxbn_mask, flax_config
 
 METHODS = ("all_samples", "mean_of_batches")
 _COLLECTION = "jaxbn_batch_moments"
@@ -86,12 +87,12 @@ def _jaxbn_layer_moments(config, x, mask):
           _jaxbn_target(config, jnp.shape(x)))
 
 
-def _flax_layer_moments(axis, x, mask):
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  axes = tuple(a % x.ndim for a in axes)
-  reduction_axes = tuple(i for i in range(x.ndim) if i not in axes)
-  param_shape = tuple(x.shape[a] for a in axes)
-  return _moments(x, mask, reduction_axes, param_shape), FLAX_TARGET
+def _flax_layer_moments(bn, x, mask):
+  """A flax batch norm's input moments, its axes read as ``jaxbn``'s (and its
+  mask, broadcast from the trailing axes, as jaxbn's)."""
+  moments, _ = _jaxbn_layer_moments(flax_config(bn), x,
+                                    as_jaxbn_mask(mask, jnp.asarray(x)))
+  return moments, FLAX_TARGET
 
 
 def _layer_moments(module, x, mask):
@@ -101,7 +102,7 @@ def _layer_moments(module, x, mask):
                          jaxbn_nnx.BatchNormalization)):
     return _jaxbn_layer_moments(module.config, x, mask)
   if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
-    return _flax_layer_moments(module.axis, x, mask)
+    return _flax_layer_moments(module, x, mask)
   return None
 
 
