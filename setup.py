@@ -77,7 +77,7 @@ setup(
     ext_modules=[
         Extension(
             "jaxbn._cpu_kernels",
-            sources=["jaxbn/csrc/batch_norm_cpu.cc"],
+            sources=["jaxbn/csrc/kernels.cc", "jaxbn/csrc/python_module.cc"],
             language="c++",
             # -g0 and -s: no debug information (it was 90% of the file)
             extra_compile_args=["-O3", "-g0", "-std=c++17",

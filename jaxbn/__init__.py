@@ -1,4 +1,4 @@
-"""jaxbn: Keras' BatchNormalization for JAX, as pure functions and Flax layers.
+"""jaxbn: Keras' BatchNormalization for JAX, as pure functions and layers.
 
 Functional core::
 
@@ -6,7 +6,48 @@ Functional core::
   params, state = jaxbn.init(config, x.shape)
   y, state = jaxbn.apply(config, params, state, x, training=True)
 
-Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments.
+Flax Linen: ``jaxbn.BatchNormalization(...)`` with Keras' arguments; Flax NNX:
+``jaxbn.nnx``; Equinox: ``jaxbn.equinox``; Keras 3: ``jaxbn.keras``.
+
+The package, from the layers users call down to the passes over the data::
+
+  layers        linen.py, nnx.py, equinox.py, keras.py: thin wrappers that
+                build a config once and call core.apply
+  api           core.py: init/apply, input checks, batch views (ghost
+                batches, masks), renorm corrections, gradient accumulation,
+                the moving-statistics update; config.py: BatchNormConfig,
+                every argument's validation, resolved per input shape
+  math          closed_form.py: training-mode batch norm as one custom VJP
+                (the closed-form backward) and its autodiff reference;
+                stats.py: moments, units, the (count, mean, M2) merge across
+                devices and virtual batches, the overflow guard;
+                affine.py: (x - mean) a + b, epsilon, the ReLU gate;
+                moving_averages.py: the EMA
+  passes        passes.py: the one door to the CPU kernels (moments, output,
+                backward), XLA otherwise; cpu_kernels.py: their bindings
+                and when they apply; csrc/: the C++ (common.h, one header
+                per pass, kernels.cc: the FFI handlers, python_module.cc)
+  switches      modes.py: kernels on/off/auto, the statistics algorithm
+                (CPU or GPU/TPU), the overflow guard; eager.py: eager calls
+                as cached compiled programs; manual_axes.py, sharding.py
+  beside        penalties.py, model_penalties.py (regularizers,
+                constraints); initializers.py, keras_names.py; interop/
+                (Keras, PyTorch, Flax weights and models); tools/ (Precise
+                BN, folding); traffic.py (bytes a compiled program moves);
+                bench.py, bench_accelerator.py, info.py (commands)
+
+The route of x through ``apply(..., training=True)``: ``core.apply``
+checks the input, resolves the config for its shape and lays out ghost
+batches and masks (``core._batch_view``); ``closed_form.train`` runs the
+forward: ``stats.in_units`` takes the moments through ``passes.moments`` (a
+CPU kernel or XLA's sibling reductions, in power-of-two units where a
+channel's spread needs them), ``stats.merge_across_devices`` combines them
+with one all-reduce under ``axis_name``, renorm's corrections come from
+``core._corrections``, and ``passes.normalize`` writes y. The moving
+statistics then update in ``core._updated_state`` (``moving_averages.ema``).
+Under ``grad`` the backward is ``closed_form._bwd`` -> ``passes.backward``:
+one CPU kernel call, or two XLA passes (sums, then dx) with one all-reduce
+between them across devices.
 """
 from jaxbn import interop, modes, nnx, tools
 from jaxbn.interop import (from_flax, from_keras, from_torch, keras_config,

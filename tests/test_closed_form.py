@@ -10,7 +10,7 @@ import pytest
 
 import jaxbn
 from jaxbn import cpu_kernels, modes
-from jaxbn.bench import bytes_moved
+from jaxbn.traffic import bytes_moved
 from tests.combinations import pairwise
 
 # data of ordinary range: the overflow guard stays off here (conftest.py)

@@ -8,8 +8,8 @@ take two reads each); it needs no full-size temporary buffer and saves
 nothing but the input (and per-channel vectors) for the backward pass.
 Inference is one multiply-add pass: read x, write y. Bytes are XLA's
 ``cost_analysis`` plus what the kernels' custom calls read and write
-(``jaxbn.bench.bytes_moved``), counted for the program ordinary data run
-(``jaxbn.bench.ordinary_path_bytes``: without the overflow guard's retake, a
+(``jaxbn.traffic.bytes_moved``), counted for the program ordinary data run
+(``jaxbn.traffic.ordinary_path_bytes``: without the overflow guard's retake, a
 ``lax.cond`` branch that runs only for a channel spread beyond 2^30). The
 temporary memory is that program's too; the real program's adds at most
 0.05x the largest argument (:func:`guard_temp_bound`): the guard's branches
@@ -24,7 +24,7 @@ import pytest
 
 import jaxbn
 from jaxbn import cpu_kernels, modes, stats
-from jaxbn.bench import bytes_moved
+from jaxbn.traffic import bytes_moved
 
 CASES = [((16, 28, 28, 64), -1, "float32"), ((16, 28, 28, 64), -1, "bfloat16"),
          ((16, 64, 28, 28), 1, "float32"), ((16, 64, 28, 28), 1, "bfloat16"),
