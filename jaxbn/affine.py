@@ -81,6 +81,26 @@ def relu_gate(dy, x, mean, a, b, inv_unit=None):
   return jnp.where(z > 0, dy.astype(z.dtype), 0)
 
 
+def backward_coefficients(scale, variance, epsilon, cotangents, sums, count):
+  """``(a, c, d)`` of the closed-form input gradient ``dx = a dy + w (c (x -
+  mean) + d)`` (formula in ``jaxbn.closed_form``), per channel.
+
+  ``scale`` is the total scale of the normalized values, ``cotangents`` the
+  ``(d_mean, d_variance)`` of the returned statistics, ``sums`` the global
+  ``(S1, S2) = (sum dy, sum dy (x - mean))`` and ``count`` the valid
+  elements' (c = d = 0 where it is 0). The CPU kernel's ``ComputeBackward``
+  forms the same in double.
+  """
+  d_mean, d_variance = cotangents
+  sum_dy, sum_dy_xc = sums
+  inv = inverse_std(variance, epsilon)
+  a = scale * inv
+  dl_dmean = -a * sum_dy + d_mean
+  dl_dvar = -0.5 * scale * inv ** 3 * sum_dy_xc + d_variance
+  return (a, stats.safe_divide(2.0 * dl_dvar, count),
+          stats.safe_divide(dl_dmean, count))
+
+
 def compose(scale, offset, then_scale, then_offset):
   """The affine map ``z -> (z * scale + offset) * then_scale + then_offset``.
 

@@ -52,6 +52,7 @@ differentiable.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,21 +63,43 @@ from jax.interpreters import ad
 from jaxbn import affine, manual_axes, passes, stats
 
 
-def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
-             axis_name, groups, correction, activation, fast):
+class TrainingPlan(NamedTuple):
+  """What a training call resolved before touching the data (static).
+
+  ``axes``: x's reduction axes; ``epsilon``: Keras' epsilon; ``devices``:
+  the devices the statistics are combined over (``stats.Devices``);
+  ``correction``: None, or ``(batch, correction_inputs) -> (r, d, extras)``
+  with ``batch`` the normalization's ``stats.InUnits`` statistics: ``r``/``d``
+  (None for identity) correct the normalized values without gradient,
+  ``extras`` is returned as is (stopped gradient); ``activation``: None or
+  ``'relu'`` (applied to the output).
+  """
+
+  axes: tuple
+  epsilon: float
+  devices: stats.Devices = stats.Devices()
+  correction: Callable | None = None
+  activation: str | None = None
+
+
+def _forward(x, scale, offset, weights, correction_inputs,
+             plan: TrainingPlan, fast):
   """The forward; ``fast``: its passes over x through ``jaxbn.passes`` (a
   CPU kernel where one applies), else in XLA alone (the reference)."""
   sd = stats.stat_dtype(x.dtype)
+  epsilon, devices = plan.epsilon, plan.devices
   local_moments = passes.moments if fast else stats.platform_moments
-  count, mean, m2, inv_unit = stats.in_units(local_moments)(x, axes, weights)
-  if axis_name is not None:
+  count, mean, m2, inv_unit = stats.in_units(local_moments)(x, plan.axes,
+                                                            weights)
+  if devices.axis_name is not None:
     count, mean, m2, inv_unit = stats.merge_across_devices(
-        count, mean, m2, axis_name, groups, inv_unit=inv_unit)
+        count, mean, m2, devices.axis_name, devices.groups, inv_unit=inv_unit)
   var = stats.safe_divide(m2, count)  # in units of unit^2
   mean = checkpoint_name(mean, "jaxbn_batch_mean")
   var = checkpoint_name(var, "jaxbn_batch_variance")
-  r, d, extras = (None, None, None) if correction is None else correction(
-      mean, var, count, inv_unit, correction_inputs)
+  r, d, extras = (None, None, None) if plan.correction is None else (
+      plan.correction(stats.InUnits(count, mean, var, inv_unit),
+                      correction_inputs))
   scale = scale.astype(sd)
   a = scale * affine.inverse_std(var,
                                  affine.epsilon_in_units(epsilon, inv_unit))
@@ -86,29 +109,28 @@ def _forward(x, scale, offset, weights, correction_inputs, axes, epsilon,
   if d is not None:
     b = b + d * scale
   if fast:
-    y = passes.normalize(x, mean, a, b, axes, activation, inv_unit)
+    y = passes.normalize(x, mean, a, b, plan.axes, plan.activation, inv_unit)
   else:
-    y = affine.normalize(x, mean, a, b, activation, inv_unit)
+    y = affine.normalize(x, mean, a, b, plan.activation, inv_unit)
   statistics = (mean, stats.unscaled_variance(var, inv_unit), count)
   return (y, statistics, extras), (r, d, a, b, var, inv_unit)
 
 
 
-def reference(x, scale, offset, weights, correction_inputs, axes, epsilon,
-              axis_name=None, groups=None, correction=None, activation=None):
+def reference(x, scale, offset, weights, correction_inputs,
+              plan: TrainingPlan):
   """:func:`batch_norm_train` by plain autodiff, statistics in XLA alone."""
   if weights is None:
-    outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
-                          epsilon, axis_name, groups, correction, activation,
+    outputs, _ = _forward(x, scale, offset, weights, correction_inputs, plan,
                           fast=False)
     return outputs
   # Padding enters the differentiated program as 0 (autodiff would multiply
   # a NaN there by a zero cotangent); its outputs are added as constants.
   (y, statistics, extras), (_, _, a, b, _, inv_unit) = _forward(
-      stats.where_valid(weights, x), scale, offset, weights, correction_inputs, axes,
-      epsilon, axis_name, groups, correction, activation, fast=False)
+      stats.where_valid(weights, x), scale, offset, weights,
+      correction_inputs, plan, fast=False)
   padding = lax.stop_gradient(
-      affine.normalize(x, statistics[0], a, b, activation, inv_unit))
+      affine.normalize(x, statistics[0], a, b, plan.activation, inv_unit))
   return jnp.where(weights != 0, y, padding), statistics, extras
 
 
@@ -132,10 +154,9 @@ def _carries_tangents(tree) -> bool:
   return False
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
-                     epsilon, axis_name=None, groups=None, correction=None,
-                     activation=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def batch_norm_train(x, scale, offset, weights, correction_inputs,
+                     plan: TrainingPlan):
   """Training-mode batch norm with a closed-form backward.
 
   Args:
@@ -143,40 +164,31 @@ def batch_norm_train(x, scale, offset, weights, correction_inputs, axes,
     scale, offset: the affine map after normalization (gamma and beta, with
       any adjustment folded in), broadcastable to the statistics' shape.
     weights: None or 0/1 weights broadcastable to x (the mask).
-    correction_inputs: arrays ``correction`` reads (renorm's averages); they
-      get zero gradient.
-    axes: the reduction axes (static tuple).
-    epsilon: Keras' epsilon.
-    axis_name, groups: optional devices to combine statistics over.
-    correction: None, or ``(mean, var, count, correction_inputs) -> (r, d,
-      extras)``: ``r``/``d`` (None for identity) correct the normalized values
-      without gradient, ``extras`` is returned as is (stopped gradient).
-    activation: None or ``'relu'`` (applied to the output).
+    correction_inputs: arrays ``plan.correction`` reads (renorm's
+      averages); they get zero gradient.
+    plan: the reduction axes, epsilon, devices, correction and activation
+      (:class:`TrainingPlan`).
 
   Returns:
     ``(y, (mean, variance, count), extras)``; y has x's dtype, the
     statistics the statistics dtype and x's rank (reduced axes kept as 1).
   """
-  outputs, _ = _forward(x, scale, offset, weights, correction_inputs, axes,
-                        epsilon, axis_name, groups, correction, activation,
+  outputs, _ = _forward(x, scale, offset, weights, correction_inputs, plan,
                         fast=True)
   return outputs
 
 
-def _fwd(x, scale, offset, weights, correction_inputs, axes, epsilon,
-         axis_name, groups, correction, activation):
+def _fwd(x, scale, offset, weights, correction_inputs, plan):
   outputs, (r, d, a, b, var, inv_unit) = _forward(
-      x, scale, offset, weights, correction_inputs, axes, epsilon, axis_name,
-      groups, correction, activation, fast=True)
+      x, scale, offset, weights, correction_inputs, plan, fast=True)
   _, (mean, _, count), _ = outputs
-  relu = (a, b) if activation == "relu" else None
+  relu = (a, b) if plan.activation == "relu" else None
   return outputs, (x, scale, offset, weights, correction_inputs, mean, var,
                    count, r, d, relu, inv_unit)
 
 
-def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
-         cotangents):
-  del correction, activation
+def _bwd(plan, residuals, cotangents):
+  epsilon, axis_name = plan.epsilon, plan.devices.axis_name
   (x, scale, offset, weights, correction_inputs, mean, var, count, r, d, relu,
    inv_unit) = residuals
   dy, (dmean, dvar, _), _ = cotangents
@@ -187,9 +199,10 @@ def _bwd(axes, epsilon, axis_name, groups, correction, activation, residuals,
   if inv_unit is not None:
     unit = 1 / inv_unit
     mean, dmean, dvar = mean * inv_unit, dmean * unit, dvar * unit * unit
+  terms = passes.BackwardTerms(mean, var, total_scale, dmean, dvar, count,
+                               inv_unit)
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
-      dy, x, weights, mean, var, total_scale, dmean, dvar, count, axes,
-      epsilon, axis_name, groups, relu=relu, inv_unit=inv_unit)
+      dy, x, weights, terms, plan.axes, epsilon, plan.devices, relu)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a

@@ -227,9 +227,9 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   if (axis_name is None and config.adjustment is None
       and _concrete(config, params, state, x, weights, key)):
     return eager.call(_train, config, resolved, params, state, x, weights,
-                      key, None, None)
-  return _train(config, resolved, params, state, x, weights, key, axis_name,
-                axis_index_groups)
+                      key, stats.Devices())
+  return _train(config, resolved, params, state, x, weights, key,
+                stats.Devices(axis_name, axis_index_groups))
 
 
 def _concrete(config, *trees) -> bool:
@@ -302,8 +302,8 @@ class Summary(NamedTuple):
   update_stddev: jax.Array
 
 
-def _train(config, resolved, params, state, x, weights, key, axis_name,
-           groups):
+def _train(config, resolved, params, state, x, weights, key,
+           devices: stats.Devices):
   """Every training configuration, through ``closed_form``."""
   sd = stats.stat_dtype(x.dtype)
   shape = resolved.broadcast_shape
@@ -323,13 +323,14 @@ def _train(config, resolved, params, state, x, weights, key, axis_name,
     scale, offset = scale[None], offset[None]
   # Virtual batches are normalized each on its own device; only the summary
   # for the state crosses devices.
-  norm_axis_name = axis_name if batch.group_axis is None else None
-  correction = functools.partial(
-      _corrections, config, resolved, batch.group_axis, axis_name, groups)
-  correction_inputs = _renorm_inputs(config, state)
-  args = (batch.x, scale, offset, batch.weights, correction_inputs,
-          batch.reduction_axes, config.epsilon, norm_axis_name, groups,
-          correction, config.activation)
+  plan = closed_form.TrainingPlan(
+      batch.reduction_axes, config.epsilon,
+      devices if batch.group_axis is None else stats.Devices(),
+      functools.partial(_corrections, config, resolved, batch.group_axis,
+                        devices),
+      config.activation)
+  args = (batch.x, scale, offset, batch.weights,
+          _renorm_inputs(config, state), plan)
   if config.fused is False or not per_channel_adjustment:
     y, _, (pooled, summary) = closed_form.reference(*args)
   else:
@@ -372,18 +373,17 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
   return BatchView(x.reshape(shape), weights, axes, group_axis)
 
 
-def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
-                 count, inv_unit, renorm_inputs):
-  """``(r, d, (pooled, summary))`` from the normalization statistics (``var`` in
-  units of ``unit^2``, see ``stats.in_units``).
+def _corrections(config, resolved, group_axis, devices,
+                 batch: stats.InUnits, renorm_inputs):
+  """``(r, d, (pooled, summary))`` from the normalization statistics
+  ``batch`` (see ``stats.in_units``).
 
   Runs inside the forward of ``closed_form``: ``r``/``d`` are renorm's
   corrections (None without renorm), ``pooled`` the statistics the state
   follows (:class:`Pooled`) and ``summary`` those in plain units where renorm
   formed them (None without renorm).
   """
-  pooled = _pool(config, resolved, group_axis, axis_name, groups, mean, var,
-                 count, inv_unit)
+  pooled = _pool(config, resolved, group_axis, devices, batch)
   if not config.renorm:
     return None, None, (pooled, None)
   summary = _summary(config, pooled)
@@ -393,8 +393,8 @@ def _corrections(config, resolved, group_axis, axis_name, groups, mean, var,
   return r, d, (pooled, summary)
 
 
-def _pool(config, resolved, group_axis, axis_name, groups, mean, var, count,
-          inv_unit) -> Pooled:
+def _pool(config, resolved, group_axis, devices,
+          batch: stats.InUnits) -> Pooled:
   """The batch's statistics for the state, without gradient.
 
   With virtual batches, the count-weighted averages of the virtual batches'
@@ -402,18 +402,18 @@ def _pool(config, resolved, group_axis, axis_name, groups, mean, var, count,
   weights; without a mask the counts are equal), with the Bessel correction
   applied per virtual batch.
   """
-  mean, var, count, inv_unit = lax.stop_gradient((mean, var, count, inv_unit))
+  count, mean, var, inv_unit = lax.stop_gradient(tuple(batch))
   bessel = config.bessel_corrected_moving_variance(resolved)
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
     update = var * stats.bessel_factor(count) if bessel else var
     return Pooled(count, mean, var, update, inv_unit)
   return _merged(Pooled(count, mean, var, var * stats.bessel_factor(count)
-                        if bessel else var, inv_unit), group_axis, axis_name,
-                 groups)
+                        if bessel else var, inv_unit), group_axis, devices)
 
 
-def _merged(pooled: Pooled, axis: int, axis_name=None, groups=None) -> Pooled:
+def _merged(pooled: Pooled, axis: int,
+            devices: stats.Devices = stats.Devices()) -> Pooled:
   """The count-weighted merge of ``pooled``'s groups along ``axis`` (and
   over the devices of ``axis_name``): the means' average and the average of
   the variances (``stats.merge`` without its between-groups term)."""
@@ -424,10 +424,10 @@ def _merged(pooled: Pooled, axis: int, axis_name=None, groups=None) -> Pooled:
   count, mean, m2, update_m2, inv_unit = stats.merge(
       count, mean, m2, axis, between=False, pooled=(update_m2,),
       inv_unit=inv_unit)
-  if axis_name is not None:
+  if devices.axis_name is not None:
     count, mean, m2, update_m2, inv_unit = stats.merge_across_devices(
-        count, mean, m2, axis_name, groups, between=False, pooled=(update_m2,),
-        inv_unit=inv_unit)
+        count, mean, m2, devices.axis_name, devices.groups, between=False,
+        pooled=(update_m2,), inv_unit=inv_unit)
   return Pooled(count, mean, stats.safe_divide(m2, count),
                 stats.safe_divide(update_m2, count), inv_unit)
 

@@ -614,24 +614,22 @@ def _normalize_jvp(view, relu, stream, primals, tangents):
 def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
              view: ChannelView, epsilon: float, stream: bool | None = None,
              rows: jax.Array | None = None,
-             relu: Sequence[jax.Array] | None = None,
-             inv_unit: jax.Array | None = None
+             relu: Sequence[jax.Array] | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The whole backward in one call: ``(dx, sum dy, sum dy * (x - mean))``.
 
-  ``per_channel`` is ``(mean, variance, scale, d_mean, d_variance, count)``,
-  each ``(G * C,)`` float32; with ``inv = rsqrt(variance + epsilon)``,
-  ``a = scale * inv`` and the sums ``S1``, ``S2``::
+  ``per_channel`` is ``(mean, variance, scale, d_mean, d_variance, count)``
+  (``passes.BackwardTerms``' order), each ``(G * C,)`` float32, optionally
+  followed by ``inv_unit``. From the sums ``S1 = sum dy`` and ``S2 = sum
+  dy (x - mean)``, the coefficients of ``affine.backward_coefficients`` and::
 
-    c = 2 (d_variance - scale inv^3 S2 / 2) / count
-    d = (d_mean - a S1) / count - c mean        (c = d = 0 where count = 0)
-    dx = a dy + w (c x + d)
+    dx = a dy + w (c (x - mean) + d)
 
   (coefficients in float64; ``w`` the row weights ``rows``, as for
   :func:`input_grad`, whose ``stream`` this takes too; rows of weight 0 are
   padding: left out of the sums, dx = 0). ``relu``: None, or a fused
   ReLU's ``(a, b)``, each ``(G * C,)`` float32: dy is first gated to 0 where
-  ``(x - mean) a + b <= 0``, in both passes. ``inv_unit``: None, or per
+  ``(x - mean) a + b <= 0``, in both passes. ``inv_unit``, where given: per
   channel ``u = 1 / unit`` (``stats.in_units``, a power of two): the
   backward of ``x u``, whose per-channel operands these are (epsilon
   becomes ``epsilon u^2``), with dx ``u`` times its gradient (where a unit
@@ -639,6 +637,8 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
+  per_channel, inv_unit = tuple(per_channel[:6]), (
+      per_channel[6] if len(per_channel) > 6 else None)
   if stream is None:
     stream = x.nbytes >= streaming_threshold_bytes()
   channel = jax.ShapeDtypeStruct((view.channels,), jnp.float32)
@@ -667,18 +667,10 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
 # fallback), the view as in the kernels.
 
 
-def _xla_view(x, view):
-  return x.reshape(view.shape).astype(jnp.float32)
-
-
 def _xla_rows(rows, view, masked):
   if not masked:
     return jnp.ones((), jnp.float32)
   return _per_row(rows, view)
-
-
-def _xla_sum(v):
-  return jnp.sum(v, axis=(0, 2, 4), keepdims=True)
 
 
 def _xla_moments(x, rows, *, view, masked):
@@ -692,16 +684,16 @@ def _xla_moments(x, rows, *, view, masked):
 
 
 def _xla_grad_sums(dy, x, mean, w=None, *, view):
-  dyv, xv = _xla_view(dy, view), _xla_view(x, view)
+  dyv, xv = _in_view(dy, view), _in_view(x, view)
   centered = xv - _per_channel(mean, view)
   valid = lambda v: v if w is None else jnp.where(w != 0, v, 0)
-  return (_xla_sum(valid(dyv)).reshape(view.channels),
-          _xla_sum(valid(dyv * centered)).reshape(view.channels))
+  return (_channel_sum(valid(dyv), view),
+          _channel_sum(valid(dyv * centered), view))
 
 
 def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
   a, c, d, m = (_per_channel(per_problem[:, i], view) for i in range(4))
-  dyv, xv = _xla_view(dy, view), _xla_view(x, view)
+  dyv, xv = _in_view(dy, view), _in_view(x, view)
   w = _xla_rows(rows, view, masked)
   dx = jnp.where(w != 0, a * dyv + w * (c * (xv - m) + d), 0)
   return (dx.astype(x.dtype).reshape(x.shape),)
@@ -709,34 +701,32 @@ def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
 
 def _xla_normalize(x, per_problem, *, view, relu):
   u, m, a, b = (_per_channel(per_problem[:, i], view) for i in range(4))
-  y = (_xla_view(x, view) * u - m) * a + b
+  y = (_in_view(x, view) * u - m) * a + b
   if relu:
     y = jax.nn.relu(y)
   return (y.astype(x.dtype).reshape(x.shape),)
 
 
-def _xla_backward(dy, x, mean, var, scale, d_mean, d_var, count, unit, rows,
-                  relu_a, relu_b, *, view, masked, epsilon, relu, units):
+def _xla_backward(dy, x, *operands, view, masked, epsilon, relu, units):
+  # the kernel's operands after dy and x, in its order
+  (mean, var, scale, d_mean, d_var, count, unit, rows, relu_a,
+   relu_b) = operands
   dtype = x.dtype
   if units:  # the backward of x u, dx times u (see backward)
-    x = (_xla_view(x, view) * _per_channel(unit, view)).reshape(x.shape)
+    x = (_in_view(x, view) * _per_channel(unit, view)).reshape(x.shape)
     epsilon = affine.epsilon_in_units(epsilon, unit)
   if relu:
     gated = affine.relu_gate(
-        _xla_view(dy, view), _xla_view(x, view),
+        _in_view(dy, view), _in_view(x, view),
         *(_per_channel(v, view) for v in (mean, relu_a, relu_b)))
     dy = gated.astype(dy.dtype).reshape(dy.shape)
   sum_dy, sum_dy_xc = _xla_grad_sums(
       dy, x, mean, _xla_rows(rows, view, masked) if masked else None, view=view)
-  inv = affine.inverse_std(var, epsilon)
-  a = scale * inv
-  safe = jnp.where(count > 0, count, 1)
-  c = jnp.where(count > 0, 2 * (d_var - 0.5 * scale * inv ** 3 * sum_dy_xc)
-                / safe, 0)
-  d = jnp.where(count > 0, (d_mean - a * sum_dy) / safe, 0)
+  a, c, d = affine.backward_coefficients(scale, var, epsilon, (d_mean, d_var),
+                                         (sum_dy, sum_dy_xc), count)
   per_problem = jnp.stack([v.reshape(view.g, view.c)
                            for v in (a, c, d, mean)], axis=1)
   (dx,) = _xla_input_grad(dy, x, per_problem, rows, view=view, masked=masked)
   if units:
-    dx = (_xla_view(dx, view) * _per_channel(unit, view)).reshape(dx.shape)
+    dx = (_in_view(dx, view) * _per_channel(unit, view)).reshape(dx.shape)
   return dx.astype(dtype), sum_dy, sum_dy_xc

@@ -9,8 +9,8 @@ the closed-form batch norm (``jaxbn.closed_form``) asks for
 * :func:`backward`: the closed-form backward's passes (formula in
   ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
   mean)`` over the valid elements, combined across devices between the
-  passes, then ``dx = a dy + w (c x + d)`` (0 in padding), with dy gated
-  by a fused ReLU first where there is one,
+  passes, then ``dx = a dy + w (c (x - mean) + d)`` (0 in padding), with
+  dy gated by a fused ReLU first where there is one,
 
 and never asks whether a kernel applies. Each function decides once per
 traced call (platform, mode, dtype, mask, layout: see
@@ -19,6 +19,7 @@ traced call (platform, mode, dtype, mask, layout: see
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,44 +71,57 @@ def normalize(x, mean, a, b, axes, activation=None, inv_unit=None):
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def backward(dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
-             epsilon, axis_name=None, groups=None, relu=None, inv_unit=None):
+class BackwardTerms(NamedTuple):
+  """The backward's per-channel inputs (keepdims): the batch's ``mean`` and
+  ``variance``, ``scale`` (the total per-channel scale of the normalized
+  values), the cotangents ``d_mean`` and ``d_variance`` of the returned
+  statistics, the valid elements' ``count``, and ``inv_unit``: None, or per
+  channel ``1 / unit`` (``stats.in_units``), with every other term then that
+  of ``x / unit``. In the order ``cpu_kernels.backward`` takes them."""
+
+  mean: jax.Array
+  variance: jax.Array
+  scale: jax.Array
+  d_mean: jax.Array
+  d_variance: jax.Array
+  count: jax.Array
+  inv_unit: jax.Array | None = None
+
+
+def backward(dy, x, weights, terms: BackwardTerms, axes, epsilon,
+             devices=stats.Devices(), relu=None):
   """``(dx, (S1, S2), (global S1, global S2))``, per-channel sums keepdims.
 
-  ``inv_unit``: None, or per channel ``1 / unit`` (``stats.in_units``); the
-  per-channel ``mean``, ``var``, ``dmean``, ``dvar`` (and ``relu``'s
-  coefficients) are then those of ``x / unit`` and so are S2 and the
-  formulas, with ``epsilon / unit^2``. The passes then run in units (1 for
-  ordinary channels: the same numbers) on every platform, with no
-  conditional: in XLA the scaling fuses into the passes; the CPU kernel
-  takes the units too (and runs plain loops where one is not 1).
+  With ``terms.inv_unit`` the per-channel terms (and ``relu``'s
+  coefficients) are those of ``x / unit`` and so are S2 and the formulas,
+  with ``epsilon / unit^2``. The passes then run in units (1 for ordinary
+  channels: the same numbers) on every platform, with no conditional: in
+  XLA the scaling fuses into the passes; the CPU kernel takes the units too
+  (and runs plain loops where one is not 1).
 
-  ``gamma`` is the total per-channel scale of the normalized values.
   ``relu``: None, or the forward's ``(a, b)`` when its output went through
   a fused ReLU: ``dy`` reaches the batch norm only where ``(x - mean) a + b
   > 0`` (:func:`affine.relu_gate`), and S1, S2 are sums of that gated dy.
-  Without ``axis_name`` the global sums are the local ones, and on CPU the
-  whole backward is one kernel call where it applies (gating inside its
-  passes): its two passes then run back to back (XLA's breadth-first
+  Without ``devices.axis_name`` the global sums are the local ones, and on
+  CPU the whole backward is one kernel call where it applies (gating inside
+  its passes): its two passes then run back to back (XLA's breadth-first
   scheduler would put other work between two calls and evict what the
   first pass left in cache). Elsewhere the gate is one more XLA
   elementwise op, fused into the passes on GPU/TPU.
   """
-  if axis_name is None:
-    view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=mean)
+  if devices.axis_name is None:
+    view = cpu_kernels.applicable(x, axes, weights, dy=dy,
+                                  per_channel=terms.mean)
     if view is not None:
-      args = (dy, x, weights, mean, var, gamma, dmean, dvar, count, relu,
-              inv_unit)
+      args = (dy, x, weights, terms, relu)
       dx, sum_dy, sum_dy_xc = modes.platform_dependent(
           cpu=functools.partial(_backward_in_one_call, *args, view=view,
                                 axes=axes, epsilon=epsilon),
           default=functools.partial(_one_device_backward, *args, axes=axes,
                                     epsilon=epsilon))
       return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
-  return _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                                count, axes,
-                                affine.epsilon_in_units(epsilon, inv_unit),
-                                axis_name, groups, relu, inv_unit)
+  return _backward_in_two_calls(dy, x, weights, terms, axes, epsilon, devices,
+                                relu)
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):
@@ -120,58 +134,54 @@ def _gate(dy, x, mean, relu, inv_unit=None):
   return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
 
 
-def _backward_in_two_calls(dy, x, weights, mean, var, gamma, dmean, dvar,
-                           count, axes, epsilon, axis_name, groups, relu=None,
-                           inv_unit=None):
+def _backward_in_two_calls(dy, x, weights, terms, axes, epsilon, devices,
+                           relu=None):
   """Two passes over dy and x, the sums combined across devices between
-  (with ``inv_unit``: over ``x / unit``, in XLA, ``epsilon`` in those units;
-  see :func:`backward`)."""
-  sum_dy, sum_dy_xc = _gradient_sums(_gate(dy, x, mean, relu, inv_unit), x,
-                                     weights, mean, axes, inv_unit)
-  if axis_name is not None:
+  (with ``terms.inv_unit``: over ``x / unit``, in XLA; see
+  :func:`backward`)."""
+  mean, inv_unit = terms.mean, terms.inv_unit
+  gated = _gate(dy, x, mean, relu, inv_unit)
+  sum_dy, sum_dy_xc = _gradient_sums(gated, x, weights, mean, axes, inv_unit)
+  dmean, dvar = terms.d_mean, terms.d_variance
+  if devices.axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
-    packed = lax.psum(packed, axis_name, axis_index_groups=groups)
+    packed = lax.psum(packed, devices.axis_name,
+                      axis_index_groups=devices.groups)
     g_sum_dy, g_sum_dy_xc, dmean, dvar = packed
   else:
     g_sum_dy, g_sum_dy_xc = sum_dy, sum_dy_xc
-  inv = affine.inverse_std(var, epsilon)
-  a = gamma * inv
-  dl_dmean = -a * g_sum_dy + dmean
-  dl_dvar = -0.5 * gamma * inv ** 3 * g_sum_dy_xc + dvar
-  c = stats.safe_divide(2.0 * dl_dvar, count)
-  d = stats.safe_divide(dl_dmean, count)
-  dx = _input_gradient(_gate(dy, x, mean, relu, inv_unit), x, weights, a, c,
-                       d, mean, axes, inv_unit)
+  a, c, d = affine.backward_coefficients(
+      terms.scale, terms.variance, affine.epsilon_in_units(epsilon, inv_unit),
+      (dmean, dvar), (g_sum_dy, g_sum_dy_xc), terms.count)
+  dx = _input_gradient(gated, x, weights, (a, c, d, mean), axes, inv_unit)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
-def _one_device_backward(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                         relu=None, inv_unit=None, *, axes, epsilon):
+def _one_device_backward(dy, x, weights, terms, relu=None, *, axes, epsilon):
   """``(dx, S1, S2)`` on one device, in two calls (``epsilon`` plain)."""
   dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
-      dy, x, weights, mean, var, gamma, dmean, dvar, count, axes,
-      affine.epsilon_in_units(epsilon, inv_unit), None, None, relu, inv_unit)
+      dy, x, weights, terms, axes, epsilon, stats.Devices(), relu)
   return dx, sum_dy, sum_dy_xc
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(11, 12, 13))
-def _backward_in_one_call(dy, x, weights, mean, var, gamma, dmean, dvar, count,
-                          relu, inv_unit, view, axes, epsilon):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
+def _backward_in_one_call(dy, x, weights, terms, relu, view, axes, epsilon):
   """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
 
   Differentiated as ``_one_device_backward``, whose kernels have JVP rules,
   so ``grad`` of ``grad`` works.
   """
-  per_channel = tuple(jnp.broadcast_to(v, mean.shape)
-                      for v in (mean, var, gamma, dmean, dvar, count))
+  shape = terms.mean.shape
+  per_channel = tuple(None if v is None else jnp.broadcast_to(v, shape)
+                      for v in terms)
+  if per_channel[-1] is None:
+    per_channel = per_channel[:-1]
   if relu is not None:
-    relu = tuple(jnp.broadcast_to(v, mean.shape) for v in relu)
-  if inv_unit is not None:
-    inv_unit = jnp.broadcast_to(inv_unit, mean.shape)
+    relu = tuple(jnp.broadcast_to(v, shape) for v in relu)
   dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
       dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view),
-      relu=relu, inv_unit=inv_unit)
-  return dx, sum_dy.reshape(mean.shape), sum_dy_xc.reshape(mean.shape)
+      relu=relu)
+  return dx, sum_dy.reshape(shape), sum_dy_xc.reshape(shape)
 
 
 @_backward_in_one_call.defjvp
@@ -242,8 +252,9 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
-  """``dx = a * dy + w * (c * (x - mean) + d)`` in the statistics dtype, cast
+def _input_gradient(dy, x, weights, coefficients, axes, inv_unit=None):
+  """``dx = a * dy + w * (c * (x - mean) + d)``, ``coefficients`` being
+  ``(a, c, d, mean)`` per channel, in the statistics dtype, cast
   to x's; 0 in padding (``w == 0``), whatever it holds. Centred on the mean
   as the forward is: ``c x + (d - c mean)`` cancels where ``|mean| >> std``.
   With ``inv_unit``: that of ``x / unit`` (``mean`` in units), times ``1 /
@@ -252,6 +263,7 @@ def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
   On CPU through the kernel where it applies (no mask), which writes big
   outputs with streaming stores; otherwise one XLA elementwise pass.
   """
+  a, c, d, mean = coefficients
   sd = d.dtype
 
   def in_xla():
@@ -266,8 +278,8 @@ def _input_gradient(dy, x, weights, a, c, d, mean, axes, inv_unit=None):
     return in_xla()
 
   def in_kernel():
-    coefficients = _channel_rows((a, c, d, mean), d, view)
-    return cpu_kernels.input_grad(dy, x, coefficients, view,
+    return cpu_kernels.input_grad(dy, x, _channel_rows(coefficients, d, view),
+                                  view,
                                   rows=_rows(weights, x, view))
 
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)

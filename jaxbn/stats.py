@@ -37,6 +37,26 @@ from jax import lax
 from jaxbn import manual_axes, modes
 
 
+class Devices(NamedTuple):
+  """The devices a batch's statistics are combined over: the mapped
+  ``axis_name`` (a name or tuple; None: this device alone) and its
+  ``axis_index_groups``."""
+
+  axis_name: object = None
+  groups: tuple | None = None
+
+
+class InUnits(NamedTuple):
+  """A batch's normalization statistics as ``in_units`` gives them, per
+  channel (keepdims): ``variance`` in units of ``unit^2``, ``inv_unit``
+  None without units."""
+
+  count: jax.Array
+  mean: jax.Array
+  variance: jax.Array
+  inv_unit: jax.Array | None
+
+
 class Moments(NamedTuple):
   """Per-channel statistics, each with the input's rank (reduced axes = 1)."""
 

@@ -136,7 +136,7 @@ def test_fused_path_gradients_equal_autodiff_path():
 def test_custom_vjp_differentiates_every_output():
   # jaxbn.apply stops gradients into the state, but the fused building block
   # is differentiable in all its outputs (statistics included).
-  from jaxbn.closed_form import batch_norm_train
+  from jaxbn.closed_form import TrainingPlan, batch_norm_train
   with jax.enable_x64(True):
     rng = np.random.RandomState(3)
     x = jnp.asarray(rng.randn(6, 3) * 2 + 1)
@@ -144,8 +144,8 @@ def test_custom_vjp_differentiates_every_output():
     c = jnp.asarray(rng.randn(3))
 
     def f(x, gamma, beta):
-      y, (mean, var, _), _ = batch_norm_train(x, gamma, beta, w, (), (0,),
-                                              1e-3, None, None, None)
+      y, (mean, var, _), _ = batch_norm_train(x, gamma, beta, w, (),
+                                              TrainingPlan((0,), 1e-3))
       return (jnp.sum(jnp.where(w > 0, jnp.sin(y), 0)) + jnp.sum(mean * c)
               + jnp.sum(var ** 2))
 

@@ -419,8 +419,8 @@ def test_backward_in_units_is_that_of_x_times_the_unit(shape, axes, dtype):
   per = lambda v: np.asarray(v).reshape(1, view.g, 1, view.c, 1)
   x_units = jnp.asarray((in_view(x) * per(unit)).reshape(shape), dtype)
   run = jax.jit(cpu_kernels.backward, static_argnums=(3, 4, 5))
-  got = run(dy, x, per_channel, view, 1e-3, False, rows, relu,
-            jnp.asarray(unit))
+  got = run(dy, x, (*per_channel, jnp.asarray(unit)), view, 1e-3, False,
+            rows, relu)
   # epsilon in units is epsilon u^2; the vector loops take one epsilon: 0
   # here, the variance given with it added
   eps_units = 1e-3 * unit.astype(np.float64) ** 2

@@ -11,12 +11,10 @@ namespace {
 
 // The backward in one call. Its two passes run back to back, so the second
 // finds in cache what the first left there, where XLA would schedule other
-// work between two separate calls. Per channel, with n the count,
-// inv = 1 / sqrt(var + epsilon), S1 = sum dy and S2 = sum dy (x - mean):
-//   a = gamma inv,  dL/dmean = -a S1 + dmean,  dL/dvar = -gamma inv^3 S2 / 2 + dvar,
-//   c = 2 dL/dvar / n,  d = dL/dmean / n - c mean   (c = d = 0 where n = 0),
-// in double, then dx = a dy + c x + d. With a fused ReLU, dy is gated
-// (ReluGate) in both passes.
+// work between two separate calls. Per channel the coefficients a, c, d of
+// jaxbn.affine.backward_coefficients (in double) from S1 = sum dy and
+// S2 = sum dy (x - mean), then dx = a dy + c (x - mean) + d. With a fused
+// ReLU, dy is gated (ReluGate) in both passes.
 //
 // With units (jaxbn.stats.in_units: a channel spread beyond 2^30 is
 // measured in units, u = 1 / unit a power of two per channel), the
