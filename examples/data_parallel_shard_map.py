@@ -20,7 +20,10 @@ import argparse
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # four CPU devices, beside any other XLA flag already set
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

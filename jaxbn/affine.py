@@ -101,6 +101,22 @@ def backward_coefficients(scale, variance, epsilon, cotangents, sums, count):
           stats.safe_divide(dl_dmean, count))
 
 
+def input_gradient(dy, x, weights, coefficients, inv_unit=None):
+  """``dx = a dy + w (c (x - mean) + d)`` with ``coefficients = (a, c, d,
+  mean)`` per channel (:func:`backward_coefficients`), in their dtype, cast
+  to x's; 0 in padding (``w == 0``), whatever it holds. Centred on the mean
+  as the forward is: ``c x + (d - c mean)`` cancels where ``|mean| >>
+  std``. With ``inv_unit``: that of ``x / unit`` (``mean`` in units), times
+  ``1 / unit`` (the gradient with respect to x)."""
+  a, c, d, mean = coefficients
+  sd = d.dtype
+  correction = c * (stats.to_units(x.astype(sd), inv_unit) - mean) + d
+  if weights is not None:
+    correction = weights.astype(sd) * correction
+  dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
+  return stats.to_units(dx, inv_unit).astype(x.dtype)
+
+
 def compose(scale, offset, then_scale, then_offset):
   """The affine map ``z -> (z * scale + offset) * then_scale + then_offset``.
 

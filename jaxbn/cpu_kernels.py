@@ -667,12 +667,6 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
 # fallback), the view as in the kernels.
 
 
-def _xla_rows(rows, view, masked):
-  if not masked:
-    return jnp.ones((), jnp.float32)
-  return _per_row(rows, view)
-
-
 def _xla_moments(x, rows, *, view, masked):
   # the XLA path's corrected two-pass statistics (stats.local_moments), not
   # a plain two-pass: an exported program keeps the live one's accuracy
@@ -686,24 +680,24 @@ def _xla_moments(x, rows, *, view, masked):
 def _xla_grad_sums(dy, x, mean, w=None, *, view):
   dyv, xv = _in_view(dy, view), _in_view(x, view)
   centered = xv - _per_channel(mean, view)
-  valid = lambda v: v if w is None else jnp.where(w != 0, v, 0)
-  return (_channel_sum(valid(dyv), view),
-          _channel_sum(valid(dyv * centered), view))
+  return (_channel_sum(stats.where_valid(w, dyv), view),
+          _channel_sum(stats.where_valid(w, dyv * centered), view))
 
 
 def _xla_input_grad(dy, x, per_problem, rows, *, view, masked):
-  a, c, d, m = (_per_channel(per_problem[:, i], view) for i in range(4))
-  dyv, xv = _in_view(dy, view), _in_view(x, view)
-  w = _xla_rows(rows, view, masked)
-  dx = jnp.where(w != 0, a * dyv + w * (c * (xv - m) + d), 0)
+  coefficients = tuple(_per_channel(per_problem[:, i], view)
+                       for i in range(4))
+  dx = affine.input_gradient(_in_view(dy, view), _in_view(x, view),
+                             _per_row(rows, view) if masked else None,
+                             coefficients)
   return (dx.astype(x.dtype).reshape(x.shape),)
 
 
 def _xla_normalize(x, per_problem, *, view, relu):
+  # the terms (u, mean in units, a, b): the normalization of x u
   u, m, a, b = (_per_channel(per_problem[:, i], view) for i in range(4))
-  y = (_in_view(x, view) * u - m) * a + b
-  if relu:
-    y = jax.nn.relu(y)
+  y = affine.normalize(_in_view(x, view) * u, m, a, b,
+                       "relu" if relu else None)
   return (y.astype(x.dtype).reshape(x.shape),)
 
 
@@ -721,7 +715,7 @@ def _xla_backward(dy, x, *operands, view, masked, epsilon, relu, units):
         *(_per_channel(v, view) for v in (mean, relu_a, relu_b)))
     dy = gated.astype(dy.dtype).reshape(dy.shape)
   sum_dy, sum_dy_xc = _xla_grad_sums(
-      dy, x, mean, _xla_rows(rows, view, masked) if masked else None, view=view)
+      dy, x, mean, _per_row(rows, view) if masked else None, view=view)
   a, c, d = affine.backward_coefficients(scale, var, epsilon, (d_mean, d_var),
                                          (sum_dy, sum_dy_xc), count)
   per_problem = jnp.stack([v.reshape(view.g, view.c)

@@ -253,26 +253,12 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
 
 
 def _input_gradient(dy, x, weights, coefficients, axes, inv_unit=None):
-  """``dx = a * dy + w * (c * (x - mean) + d)``, ``coefficients`` being
-  ``(a, c, d, mean)`` per channel, in the statistics dtype, cast
-  to x's; 0 in padding (``w == 0``), whatever it holds. Centred on the mean
-  as the forward is: ``c x + (d - c mean)`` cancels where ``|mean| >> std``.
-  With ``inv_unit``: that of ``x / unit`` (``mean`` in units), times ``1 /
-  unit`` (the gradient with respect to x), in XLA.
-
-  On CPU through the kernel where it applies (no mask), which writes big
-  outputs with streaming stores; otherwise one XLA elementwise pass.
-  """
-  a, c, d, mean = coefficients
-  sd = d.dtype
-
-  def in_xla():
-    correction = c * (stats.to_units(x.astype(sd), inv_unit) - mean) + d
-    if weights is not None:
-      correction = weights.astype(sd) * correction
-    dx = stats.where_valid(weights, a * dy.astype(sd) + correction)
-    return stats.to_units(dx, inv_unit).astype(x.dtype)
-
+  """``affine.input_gradient``: on CPU through the kernel where it applies
+  (no mask, no units), which writes big outputs with streaming stores;
+  otherwise one XLA elementwise pass."""
+  d = coefficients[2]
+  in_xla = functools.partial(affine.input_gradient, dy, x, weights,
+                             coefficients, inv_unit)
   view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
   if view is None or inv_unit is not None:
     return in_xla()

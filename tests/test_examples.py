@@ -15,8 +15,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def _run(script, *args, timeout=300, default_compile=True):
   """Runs an example: at XLA's default compile settings, as users compile
   it, or at the tests' fast settings where what it shows does not depend on
-  them (training runs compared with each other, a plot)."""
+  them (training runs compared with each other, a plot). Either way in the
+  users' modes: the kernels' default (``auto``) and the device count the
+  example sets, not the test session's."""
   env = default_compile_env() if default_compile else dict(os.environ)
+  env.pop("JAXBN_CPU_KERNELS", None)
+  env["XLA_FLAGS"] = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count"))
   result = subprocess.run([sys.executable, str(ROOT / "examples" / script),
                            *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
@@ -78,6 +84,7 @@ def test_batch_renorm_beats_plain_bn_on_non_iid_batches_for_every_seed(
 def test_synced_bn_beats_local_bn_on_small_shards_for_every_seed(tmp_path):
   out = _run("data_parallel_shard_map.py", "--seeds", "0", "1", "2", "--out",
              str(tmp_path / "plot.png"), default_compile=False)
+  assert out.startswith("4 devices, 2 examples per device"), out
   [(seeds, conclusion)] = _sections(out)
   assert len(seeds) == 3, out
   for seed in seeds:
