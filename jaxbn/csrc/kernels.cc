@@ -34,9 +34,12 @@
 // that depends on the shape only and results are merged in part order, so the
 // answer is bit-identical whatever the thread count or scheduling.
 
-#include "backward.h"
+// The passes in the order they run.
 #include "moments.h"
+#include "gradient_sums.h"
+#include "input_gradient.h"
 #include "output.h"
+#include "backward.h"
 
 
 namespace {
