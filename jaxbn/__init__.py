@@ -39,9 +39,10 @@ The package, from the layers users call down to the passes over the data::
 The route of x through ``apply(..., training=True)``: ``core.apply``
 checks the input, resolves the config for its shape and lays out ghost
 batches and masks (``core._batch_view``); ``closed_form.train`` runs the
-forward: ``stats.in_units`` takes the moments through ``passes.moments`` (a
-CPU kernel or XLA's sibling reductions, in power-of-two units where a
-channel's spread needs them), ``stats.merge_across_devices`` combines them
+forward: ``passes.decide`` settles once whether the CPU kernels take its
+passes, ``stats.in_units`` takes the moments through ``passes.moments`` (a
+CPU kernel or XLA's reductions, in power-of-two units where a channel's
+spread needs them), ``stats.merge_across_devices`` combines them
 with one all-reduce under ``axis_name``, renorm's corrections come from
 ``core._corrections``, and ``passes.normalize`` writes y. The moving
 statistics then update in ``core._updated_state`` (``moving_averages.ema``).

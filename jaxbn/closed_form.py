@@ -88,7 +88,11 @@ def _forward(x, scale, offset, weights, correction_inputs,
   CPU kernel where one applies), else in XLA alone (the reference)."""
   sd = stats.stat_dtype(x.dtype)
   epsilon, devices = plan.epsilon, plan.devices
-  local_moments = passes.moments if fast else stats.platform_moments
+  if fast:  # where the passes run: decided once for the call
+    where = passes.decide(x, plan.axes, weights)
+    local_moments = functools.partial(passes.moments, where=where)
+  else:
+    local_moments = stats.platform_moments
   count, mean, m2, inv_unit = stats.in_units(local_moments)(x, plan.axes,
                                                             weights)
   if devices.axis_name is not None:
@@ -109,7 +113,7 @@ def _forward(x, scale, offset, weights, correction_inputs,
   if d is not None:
     b = b + d * scale
   if fast:
-    y = passes.normalize(x, mean, a, b, plan.axes, plan.activation, inv_unit)
+    y = passes.normalize(x, mean, a, b, where, plan.activation, inv_unit)
   else:
     y = affine.normalize(x, mean, a, b, plan.activation, inv_unit)
   statistics = (mean, stats.unscaled_variance(var, inv_unit), count)
@@ -201,8 +205,9 @@ def _bwd(plan, residuals, cotangents):
     mean, dmean, dvar = mean * inv_unit, dmean * unit, dvar * unit * unit
   terms = passes.BackwardTerms(mean, var, total_scale, dmean, dvar, count,
                                inv_unit)
+  where = passes.decide(x, plan.axes, weights)  # as the forward decided
   dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc) = passes.backward(
-      dy, x, weights, terms, plan.axes, epsilon, plan.devices, relu)
+      dy, x, weights, terms, where, epsilon, plan.devices, relu)
   # Inside shard_map, parameters shared by devices (not varying over an axis
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a

@@ -1,8 +1,10 @@
 """The fast path's passes over the data: a CPU kernel where one applies, XLA
 otherwise.
 
-This is the one door to jaxbn's optional CPU kernels (``jaxbn.cpu_kernels``):
-the closed-form batch norm (``jaxbn.closed_form``) asks for
+This is the one door to jaxbn's optional CPU kernels (``jaxbn.cpu_kernels``).
+Whether they apply to a training call's x is decided once, by :func:`decide`
+(mode, device count, dtype, mask, layout, sharding: see
+``cpu_kernels.applicable``), and each pass follows that :class:`Where`:
 
 * :func:`moments`: one device's ``(count, mean, M2)`` (keepdims),
 * :func:`normalize`: the forward's output pass, and
@@ -10,11 +12,10 @@ the closed-form batch norm (``jaxbn.closed_form``) asks for
   ``jaxbn.closed_form``): the sums ``S1 = sum dy`` and ``S2 = sum dy (x -
   mean)`` over the valid elements, combined across devices between the
   passes, then ``dx = a dy + w (c (x - mean) + d)`` (0 in padding), with
-  dy gated by a fused ReLU first where there is one,
+  dy gated by a fused ReLU first where there is one.
 
-and never asks whether a kernel applies. Each function decides once per
-traced call (platform, mode, dtype, mask, layout: see
-``cpu_kernels.applicable``) and otherwise runs the same math in XLA.
+Where a kernel applies, the platform still chooses (``modes.platform_dependent``:
+the kernel on CPU, the same math in XLA on GPU/TPU).
 """
 from __future__ import annotations
 
@@ -28,14 +29,40 @@ from jax import lax
 from jaxbn import affine, cpu_kernels, modes, stats
 
 
-def moments(x, reduction_axes, weights=None):
-  """``(count, mean, M2)`` of one device's data, keepdims.
+class Where(NamedTuple):
+  """Where a training call's passes over x run (:func:`decide`).
 
-  One read through the kernel on CPU where it applies; otherwise
-  ``stats.platform_moments`` (two XLA passes on CPU, shifted sums elsewhere).
+  ``axes``: x's reduction axes; ``view``: the CPU kernels' view of x with
+  its mask, None for XLA; ``output_view``: the output pass's (rows of
+  ``cpu_kernels.WIDE_ROW_CHANNELS`` channels or more), None for XLA.
   """
+
+  axes: tuple
+  view: cpu_kernels.ChannelView | None = None
+  output_view: cpu_kernels.ChannelView | None = None
+
+
+def decide(x, reduction_axes, weights=None) -> Where:
+  """Where the passes over ``x`` (and its cotangent, of x's dtype) run: the
+  one place that asks whether the CPU kernels apply."""
   axes = tuple(reduction_axes)
   view = cpu_kernels.applicable(x, axes, weights)
+  # the output pass reads no mask: its view is that of x alone
+  plain = view if weights is None else cpu_kernels.applicable(x, axes)
+  wide = (plain is not None and plain.b == 1
+          and plain.c >= cpu_kernels.WIDE_ROW_CHANNELS)
+  return Where(axes, view, plain if wide else None)
+
+
+def moments(x, reduction_axes, weights=None, *, where: Where | None = None):
+  """``(count, mean, M2)`` of one device's data, keepdims.
+
+  One read through the kernel on CPU where it applies (``where``, by
+  default :func:`decide`'s); otherwise ``stats.platform_moments`` (two XLA
+  passes on CPU, shifted sums elsewhere).
+  """
+  axes = tuple(reduction_axes)
+  view = (where or decide(x, axes, weights)).view
   if view is None:
     return stats.platform_moments(x, axes, weights)
 
@@ -51,14 +78,15 @@ def moments(x, reduction_axes, weights=None):
       default=lambda: stats.local_moments_shifted(x, axes, weights))
 
 
-def normalize(x, mean, a, b, axes, activation=None, inv_unit=None):
+def normalize(x, mean, a, b, where: Where, activation=None, inv_unit=None):
   """``affine.normalize(x, mean, a, b, activation, inv_unit)`` (per-channel
   values keepdims), through the kernel on CPU for rows of
-  ``cpu_kernels.WIDE_ROW_CHANNELS`` channels or more; in XLA otherwise."""
-  view = cpu_kernels.applicable(x, axes, per_channel=mean)
+  ``cpu_kernels.WIDE_ROW_CHANNELS`` channels or more (``where.output_view``);
+  in XLA otherwise."""
+  view = where.output_view
   in_xla = functools.partial(affine.normalize, x, mean, a, b, activation,
                              inv_unit)
-  if view is None or view.b != 1 or view.c < cpu_kernels.WIDE_ROW_CHANNELS:
+  if view is None:
     return in_xla()
 
   def in_kernel():
@@ -88,7 +116,7 @@ class BackwardTerms(NamedTuple):
   inv_unit: jax.Array | None = None
 
 
-def backward(dy, x, weights, terms: BackwardTerms, axes, epsilon,
+def backward(dy, x, weights, terms: BackwardTerms, where: Where, epsilon,
              devices=stats.Devices(), relu=None):
   """``(dx, (S1, S2), (global S1, global S2))``, per-channel sums keepdims.
 
@@ -109,19 +137,16 @@ def backward(dy, x, weights, terms: BackwardTerms, axes, epsilon,
   first pass left in cache). Elsewhere the gate is one more XLA
   elementwise op, fused into the passes on GPU/TPU.
   """
-  if devices.axis_name is None:
-    view = cpu_kernels.applicable(x, axes, weights, dy=dy,
-                                  per_channel=terms.mean)
-    if view is not None:
-      args = (dy, x, weights, terms, relu)
-      dx, sum_dy, sum_dy_xc = modes.platform_dependent(
-          cpu=functools.partial(_backward_in_one_call, *args, view=view,
-                                axes=axes, epsilon=epsilon),
-          default=functools.partial(_one_device_backward, *args, axes=axes,
-                                    epsilon=epsilon))
-      return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
-  return _backward_in_two_calls(dy, x, weights, terms, axes, epsilon, devices,
-                                relu)
+  if devices.axis_name is None and where.view is not None:
+    args = (dy, x, weights, terms, relu)
+    dx, sum_dy, sum_dy_xc = modes.platform_dependent(
+        cpu=functools.partial(_backward_in_one_call, *args, where=where,
+                              epsilon=epsilon),
+        default=functools.partial(_one_device_backward, *args, where=where,
+                                  epsilon=epsilon))
+    return dx, (sum_dy, sum_dy_xc), (sum_dy, sum_dy_xc)
+  return _backward_in_two_calls(dy, x, weights, terms, where, epsilon,
+                                devices, relu)
 
 
 def _gate(dy, x, mean, relu, inv_unit=None):
@@ -134,14 +159,14 @@ def _gate(dy, x, mean, relu, inv_unit=None):
   return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
 
 
-def _backward_in_two_calls(dy, x, weights, terms, axes, epsilon, devices,
+def _backward_in_two_calls(dy, x, weights, terms, where, epsilon, devices,
                            relu=None):
   """Two passes over dy and x, the sums combined across devices between
   (with ``terms.inv_unit``: over ``x / unit``, in XLA; see
   :func:`backward`)."""
   mean, inv_unit = terms.mean, terms.inv_unit
   gated = _gate(dy, x, mean, relu, inv_unit)
-  sum_dy, sum_dy_xc = _gradient_sums(gated, x, weights, mean, axes, inv_unit)
+  sum_dy, sum_dy_xc = _gradient_sums(gated, x, weights, mean, where, inv_unit)
   dmean, dvar = terms.d_mean, terms.d_variance
   if devices.axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
@@ -153,19 +178,19 @@ def _backward_in_two_calls(dy, x, weights, terms, axes, epsilon, devices,
   a, c, d = affine.backward_coefficients(
       terms.scale, terms.variance, affine.epsilon_in_units(epsilon, inv_unit),
       (dmean, dvar), (g_sum_dy, g_sum_dy_xc), terms.count)
-  dx = _input_gradient(gated, x, weights, (a, c, d, mean), axes, inv_unit)
+  dx = _input_gradient(gated, x, weights, (a, c, d, mean), where, inv_unit)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
-def _one_device_backward(dy, x, weights, terms, relu=None, *, axes, epsilon):
+def _one_device_backward(dy, x, weights, terms, relu=None, *, where, epsilon):
   """``(dx, S1, S2)`` on one device, in two calls (``epsilon`` plain)."""
   dx, (sum_dy, sum_dy_xc), _ = _backward_in_two_calls(
-      dy, x, weights, terms, axes, epsilon, stats.Devices(), relu)
+      dy, x, weights, terms, where, epsilon, stats.Devices(), relu)
   return dx, sum_dy, sum_dy_xc
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
-def _backward_in_one_call(dy, x, weights, terms, relu, view, axes, epsilon):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _backward_in_one_call(dy, x, weights, terms, relu, where, epsilon):
   """``_one_device_backward`` as one CPU kernel call (sums shaped like mean).
 
   Differentiated as ``_one_device_backward``, whose kernels have JVP rules,
@@ -178,6 +203,7 @@ def _backward_in_one_call(dy, x, weights, terms, relu, view, axes, epsilon):
     per_channel = per_channel[:-1]
   if relu is not None:
     relu = tuple(jnp.broadcast_to(v, shape) for v in relu)
+  view = where.view
   dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
       dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view),
       relu=relu)
@@ -185,15 +211,10 @@ def _backward_in_one_call(dy, x, weights, terms, relu, view, axes, epsilon):
 
 
 @_backward_in_one_call.defjvp
-def _backward_in_one_call_jvp(view, axes, epsilon, primals, tangents):
-  del view
+def _backward_in_one_call_jvp(where, epsilon, primals, tangents):
   return jax.jvp(
-      functools.partial(_one_device_backward, axes=axes, epsilon=epsilon),
+      functools.partial(_one_device_backward, where=where, epsilon=epsilon),
       primals, tangents)
-
-
-def _sum(x, axes):
-  return jnp.sum(x, axis=axes, keepdims=True)
 
 
 def _channel_rows(values, like, view):
@@ -208,7 +229,7 @@ def _rows(weights, x, view):
           cpu_kernels.row_weights(weights, x.shape, view))
 
 
-def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
+def _gradient_sums(dy, x, weights, mean, where, inv_unit=None):
   """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims), over
   the valid (mask nonzero) elements (``x / unit`` for ``x`` with
   ``inv_unit``, in XLA).
@@ -219,6 +240,7 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   both read is written out in full).
   """
   sd = mean.dtype
+  axes = where.axes
   valid = functools.partial(stats.where_valid, weights)
 
   def two_reads():  # XLA:CPU: two fast passes
@@ -239,10 +261,8 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   def in_xla():
     return modes.platform_dependent(cpu=two_reads, default=one_read)
 
-  if weights is not None or inv_unit is not None:
-    return in_xla()
-  view = cpu_kernels.applicable(x, axes, dy=dy, per_channel=mean)
-  if view is None:
+  view = where.view
+  if view is None or weights is not None or inv_unit is not None:
     return in_xla()
 
   def in_kernel():
@@ -252,20 +272,19 @@ def _gradient_sums(dy, x, weights, mean, axes, inv_unit=None):
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def _input_gradient(dy, x, weights, coefficients, axes, inv_unit=None):
+def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None):
   """``affine.input_gradient``: on CPU through the kernel where it applies
   (no mask, no units), which writes big outputs with streaming stores;
   otherwise one XLA elementwise pass."""
   d = coefficients[2]
   in_xla = functools.partial(affine.input_gradient, dy, x, weights,
                              coefficients, inv_unit)
-  view = cpu_kernels.applicable(x, axes, weights, dy=dy, per_channel=d)
+  view = where.view
   if view is None or inv_unit is not None:
     return in_xla()
 
   def in_kernel():
     return cpu_kernels.input_grad(dy, x, _channel_rows(coefficients, d, view),
-                                  view,
-                                  rows=_rows(weights, x, view))
+                                  view, rows=_rows(weights, x, view))
 
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
