@@ -361,15 +361,15 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
     return BatchView(x, weights, resolved.reduction_axes, None)
   batch = x.shape[0]
   if config.virtual_batch_layout == "strided":
-    view, group_axis, batch_axis = (vbs, batch // vbs), 1, 0
+    batch_axes, group_axis, batch_axis = (vbs, batch // vbs), 1, 0
   else:
-    view, group_axis, batch_axis = (batch // vbs, vbs), 0, 1
-  shape = view + x.shape[1:]
+    batch_axes, group_axis, batch_axis = (batch // vbs, vbs), 0, 1
+  shape = batch_axes + x.shape[1:]
   axes = (batch_axis,) + tuple(a + 1 for a in resolved.reduction_axes if a)
   if weights is not None:  # split the batch axis like x's; others as given
     weights = weights.reshape((1,) * (x.ndim - weights.ndim) + weights.shape)
     weights = jnp.broadcast_to(weights, x.shape[:1] + weights.shape[1:])
-    weights = weights.reshape(view + weights.shape[1:])
+    weights = weights.reshape(batch_axes + weights.shape[1:])
   return BatchView(x.reshape(shape), weights, axes, group_axis)
 
 

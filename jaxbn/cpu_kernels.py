@@ -403,17 +403,17 @@ def _per_channel(vector, view: ChannelView):
   return vector.reshape(1, view.g, 1, view.c, 1)
 
 
-def _rows_per_channel(rows, view: ChannelView):
-  """Each row of ``(n, G * C)`` per-channel values, shaped to broadcast
-  against ``x`` in the view."""
-  return tuple(_per_channel(row, view)
-               for row in rows.reshape(rows.shape[0], view.channels))
+def _operand_per_channel(operand, view: ChannelView):
+  """Each of the ``n`` per-channel vectors of an ``(n, G * C)`` operand,
+  shaped to broadcast against ``x`` in the view."""
+  return tuple(_per_channel(values, view) for values in
+               operand.reshape(operand.shape[0], view.channels))
 
 
-def _per_problem(rows, view: ChannelView):
-  """``(n, G * C)`` per-channel rows as the kernels take them: ``(G, n, C)``,
-  the n rows of each problem together."""
-  return jnp.swapaxes(rows.reshape(rows.shape[0], view.g, view.c), 0, 1)
+def _per_problem(operand, view: ChannelView):
+  """An ``(n, G * C)`` per-channel operand as the kernels take it: ``(G, n,
+  C)``, the n vectors of each problem together."""
+  return jnp.swapaxes(operand.reshape(operand.shape[0], view.g, view.c), 0, 1)
 
 
 def _per_row(rows, view: ChannelView):
@@ -553,8 +553,8 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
   out = _input_grad(dy, x, coefficients, rows, view, stream, masked)
   f32 = lambda v: _in_view(v, view)
   w = _per_row(rows, view) if masked else jnp.ones((), jnp.float32)
-  a, c, _, m = _rows_per_channel(coefficients, view)
-  da, dc, dd, dm = _rows_per_channel(dcoefficients, view)
+  a, c, _, m = _operand_per_channel(coefficients, view)
+  da, dc, dd, dm = _operand_per_channel(dcoefficients, view)
   tangent = jnp.where(w > 0, a * f32(ddy) + da * f32(dy)
                       + w * (c * (f32(dx) - dm) + dc * (f32(x) - m) + dd), 0)
   return out, tangent.astype(out.dtype).reshape(out.shape)
@@ -601,8 +601,8 @@ def _normalize_jvp(view, relu, stream, primals, tangents):
   # the closed-form batch norm's forward is differentiated by grad of grad
   (x, terms), (dx, dterms) = primals, tangents
   y = _normalize(x, terms, view, relu, stream)
-  u, m, a, b = _rows_per_channel(terms, view)
-  du, dm, da, db = _rows_per_channel(dterms, view)
+  u, m, a, b = _operand_per_channel(terms, view)
+  du, dm, da, db = _operand_per_channel(dterms, view)
   t = _in_view(x, view) * u - m
   tangent = (_in_view(dx, view) * u + _in_view(x, view) * du - dm) * a \
       + t * da + db

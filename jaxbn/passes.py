@@ -68,8 +68,7 @@ def moments(x, reduction_axes, weights=None, *, where: Where | None = None):
 
   def in_kernel():
     kept = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
-    rows = _rows(weights, x, view)
-    mean, m2 = cpu_kernels.moments(x, view, rows)
+    mean, m2 = cpu_kernels.moments(x, view, _row_weights(weights, x, view))
     count = stats.reduce_count(x.shape, axes, weights, mean.dtype)
     return count, mean.reshape(kept), m2.reshape(kept)
 
@@ -92,8 +91,8 @@ def normalize(x, mean, a, b, where: Where, activation=None, inv_unit=None):
   def in_kernel():
     u = jnp.ones_like(mean) if inv_unit is None else inv_unit
     b_or_0 = jnp.zeros_like(mean) if b is None else b
-    terms = _channel_rows((u, stats.to_units(mean, inv_unit), a, b_or_0),
-                          mean, view)
+    terms = _channel_operand((u, stats.to_units(mean, inv_unit), a, b_or_0),
+                             mean, view)
     return cpu_kernels.normalize(x, view, terms, relu=activation == "relu")
 
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
@@ -205,7 +204,7 @@ def _backward_in_one_call(dy, x, weights, terms, relu, where, epsilon):
     relu = tuple(jnp.broadcast_to(v, shape) for v in relu)
   view = where.view
   dx, sum_dy, sum_dy_xc = cpu_kernels.backward(
-      dy, x, per_channel, view, epsilon, rows=_rows(weights, x, view),
+      dy, x, per_channel, view, epsilon, rows=_row_weights(weights, x, view),
       relu=relu)
   return dx, sum_dy.reshape(shape), sum_dy_xc.reshape(shape)
 
@@ -217,14 +216,15 @@ def _backward_in_one_call_jvp(where, epsilon, primals, tangents):
       primals, tangents)
 
 
-def _channel_rows(values, like, view):
+def _channel_operand(values, like, view):
   """Per-channel ``values`` (broadcastable to ``like``, keepdims) as the
-  kernels' ``(len(values), G * C)`` rows in ``like``'s dtype."""
+  kernels' ``(len(values), G * C)`` operand in ``like``'s dtype."""
   return jnp.stack([jnp.broadcast_to(v.astype(like.dtype), like.shape).reshape(
       view.channels) for v in values])
 
 
-def _rows(weights, x, view):
+def _row_weights(weights, x, view):
+  """The mask as the kernels' row weights (None without a mask)."""
   return (None if weights is None else
           cpu_kernels.row_weights(weights, x.shape, view))
 
@@ -284,7 +284,7 @@ def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None):
     return in_xla()
 
   def in_kernel():
-    return cpu_kernels.input_grad(dy, x, _channel_rows(coefficients, d, view),
-                                  view, rows=_rows(weights, x, view))
+    return cpu_kernels.input_grad(dy, x, _channel_operand(coefficients, d, view),
+                                  view, rows=_row_weights(weights, x, view))
 
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
