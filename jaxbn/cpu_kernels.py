@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import dispatch as jax_dispatch
+from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jax_core
 from jax.interpreters import batching as jax_batching
 from jax.interpreters import mlir
@@ -257,6 +258,38 @@ def _kernel_call_batching(args, dims, *, target, results, fallback,
 
 
 jax_batching.primitive_batchers[_kernel_call_p] = _kernel_call_batching
+
+
+def _kernel_call_dce(used_outputs, eqn):
+  """Dead-code elimination of a kernel call (``jax.jit`` runs it before
+  lowering). A call none of whose results is used goes; the one-call
+  backward whose input gradient is unused (gradients with respect to the
+  parameters alone, as for a batch norm on the network's input) becomes
+  the same call without the input gradient's pass: its ``dx`` a one-element
+  placeholder the kernel does not write."""
+  params = eqn.params
+  if not any(used_outputs):
+    return [False] * len(eqn.invars), None
+  if params["target"] != "jaxbn_backward" or used_outputs[0]:
+    return [True] * len(eqn.invars), eqn
+  dx, *sums = params["results"]
+  placeholder = jax.ShapeDtypeStruct((1,), dx.dtype)
+  fallback = params["fallback"]
+
+  def sums_only(*args):
+    return (jnp.zeros(placeholder.shape, placeholder.dtype),
+            *fallback(*args)[1:])
+
+  attributes = dict(params["attributes"], input_grad=False)
+  new_params = dict(params, results=(placeholder, *sums), fallback=sums_only,
+                    attributes=tuple(sorted(attributes.items())))
+  dropped = jax_core.DropVar(eqn.outvars[0].aval.update(
+      shape=placeholder.shape))
+  return [True] * len(eqn.invars), eqn.replace(
+      params=new_params, outvars=[dropped, *eqn.outvars[1:]])
+
+
+pe.dce_rules[_kernel_call_p] = _kernel_call_dce
 
 
 def _call(target, results, fallback, *args, **attributes):
@@ -655,7 +688,7 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
                         epsilon=epsilon, relu=relu is not None, units=units),
       dy, x, *per_channel, unit, operand, *gate, stream=bool(stream),
       epsilon=np.float32(epsilon), masked=masked, relu=relu is not None,
-      units=units, **_view_attributes(x, view))
+      units=units, input_grad=True, **_view_attributes(x, view))
   return manual_axes.like_inputs(results, dy, x, *per_channel, unit, operand,
                                  *gate)
 

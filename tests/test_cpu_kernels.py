@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxbn
-from jaxbn import affine, cpu_kernels, stats
+from jaxbn import affine, cpu_kernels, modes, stats
 
 # data of ordinary range: the overflow guard stays off here (conftest.py)
 ORDINARY_DATA = True
@@ -844,3 +844,44 @@ def test_info_explains_the_kernels():
   assert registered.startswith("yes") == cpu_kernels.available()
   with cpu_kernels.use("off"):
     assert "mode 'off'" in info.report()["kernels used for float32 NHWC on CPU"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["plain", "mask", "relu", "units",
+                                  "bfloat16"])
+def test_parameter_gradients_alone_skip_the_input_gradient_pass(case):
+  # A batch norm on the network's input: nothing reads its dx. The one-call
+  # backward's DCE rule keeps the call's sums and drops its input-gradient
+  # pass (dx a one-element placeholder): same parameter gradients, no
+  # input-sized buffer; an exported program (the XLA fallback) agrees.
+  rng = np.random.RandomState(3)
+  shape = (32, 16, 16, 64)
+  x = rng.randn(*shape) * 3 + 1
+  if case == "units":
+    x[..., 5] *= 1e25  # a channel measured in units: the plain loops
+  dtype = jnp.bfloat16 if case == "bfloat16" else jnp.float32
+  x, dy = jnp.asarray(x, dtype), jnp.asarray(rng.randn(*shape), dtype)
+  config = jaxbn.BatchNormConfig(
+      activation="relu" if case == "relu" else None)
+  mask = jnp.asarray(rng.rand(shape[0]) > 0.3) if case == "mask" else None
+  params, state = jaxbn.init(config, shape)
+
+  def loss(params, x, dy):
+    y, _ = jaxbn.apply(config, params, state, x, training=True, mask=mask)
+    return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+  # the overflow guard on (this module runs without it): units need it
+  with cpu_kernels.use("on"), modes.overflow_guard("on"):
+    alone = jax.jit(jax.grad(loss))
+    compiled = alone.lower(params, x, dy).compile()
+    got = alone(params, x, dy)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x, dy)[0]
+    exported = jax.export.export(alone)(params, x, dy).call(params, x, dy)
+  calls = [line for line in compiled.as_text().splitlines()
+           if 'custom_call_target="jaxbn_backward"' in line]
+  assert len(calls) == 1 and re.search(r"= \((f32|bf16)\[1\]", calls[0]), calls
+  assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
+  for name in ("gamma", "beta"):
+    np.testing.assert_array_equal(got[name], want[name])
+    np.testing.assert_allclose(exported[name], want[name], rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(want[name]).max()))

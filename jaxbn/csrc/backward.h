@@ -14,7 +14,8 @@ namespace {
 // work between two separate calls. Per channel the coefficients a, c, d of
 // jaxbn.affine.backward_coefficients (in double) from S1 = sum dy and
 // S2 = sum dy (x - mean), then dx = a dy + c (x - mean) + d. With a fused
-// ReLU, dy is gated (ReluGate) in both passes.
+// ReLU, dy is gated (ReluGate) in both passes. dx == nullptr: the sums
+// alone (the call's input gradient unused: jaxbn.cpu_kernels' DCE rule).
 //
 // With units (jaxbn.stats.in_units: a channel spread beyond 2^30 is
 // measured in units, u = 1 / unit a power of two per channel), the
@@ -76,6 +77,7 @@ void UnitBackward(const View& v, const In* dy, const In* x, const ChannelTerms& 
     sum_dy[k] = static_cast<float>(s1[k]);
     sum_dy_xc[k] = static_cast<float>(s2[k]);
   }
+  if (dx == nullptr) return;  // the sums alone (see ComputeBackward)
   const std::vector<float> acd = coefficients();  // a, c, d per channel
   ForEachElement(v, [&](int64_t e, int64_t k, int64_t row) {
     const float weight = w == nullptr ? 1.f : w[row];
@@ -131,6 +133,7 @@ void ComputeBackward(ffi::ThreadPool& pool, const View& v, const In* dy, const I
     return;
   }
   ComputeGradSums(pool, v, dy, x, t.mean, w, relu, sum_dy, sum_dy_xc);
+  if (dx == nullptr) return;
   std::vector<float> coefficients(v.problems * 4 * v.c);
   for (int64_t i = 0; i < channels; ++i) {
     double a, c, d;
@@ -155,15 +158,16 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
                           ffi::Result<ffi::AnyBuffer> sum_dy_buf,
                           ffi::Result<ffi::AnyBuffer> sum_dy_xc_buf, int64_t rank, int64_t a1,
                           int64_t g, int64_t a, int64_t c, int64_t b, bool stream,
-                          float epsilon, bool masked, bool relu, bool units) {
+                          float epsilon, bool masked, bool relu, bool units,
+                          bool input_grad) {
   const std::optional<View> view = ViewOf(x_buf.dimensions(), rank, a1, g, a, c, b);
   const std::optional<const float*> weights =
       view ? RowWeights(w_buf, masked, *view, x_buf.element_count()) : std::nullopt;
   bool valid = view.has_value() && weights.has_value() &&
                dy_buf.element_type() == x_buf.element_type() &&
-               dx_buf->element_type() == x_buf.element_type() &&
                dy_buf.element_count() == x_buf.element_count() &&
-               dx_buf->element_count() == x_buf.element_count();
+               (!input_grad || (dx_buf->element_type() == x_buf.element_type() &&
+                                dx_buf->element_count() == x_buf.element_count()));
   for (const ffi::AnyBuffer* channel : {&mean_buf, &variance_buf, &scale_buf, &d_mean_buf,
                                         &d_variance_buf, &count_buf, &unit_buf, &relu_a_buf,
                                         &relu_b_buf}) {
@@ -203,7 +207,8 @@ ffi::Error BackwardKernel(ffi::ThreadPool pool, ffi::AnyBuffer dy_buf, ffi::AnyB
                          using T = std::remove_pointer_t<decltype(type)>;
                          ComputeBackward(pool, v, Data<T>(dy_buf), Data<T>(x_buf), terms,
                                          *weights, gate, epsilon, stream,
-                                         Data<T>(*dx_buf), sum_dy, sum_dy_xc);
+                                         input_grad ? Data<T>(*dx_buf) : nullptr,
+                                         sum_dy, sum_dy_xc);
                        });
 }
 

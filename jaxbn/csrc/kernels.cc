@@ -118,4 +118,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, BackwardKernel,
                                   .Attr<float>("epsilon")
                                   .Attr<bool>("masked")
                                   .Attr<bool>("relu")
-                                  .Attr<bool>("units"));
+                                  .Attr<bool>("units")
+                                  .Attr<bool>("input_grad"));
