@@ -81,6 +81,7 @@ from typing import Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as jax_src_core
 from jax._src import dispatch as jax_dispatch
 from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jax_core
@@ -283,7 +284,7 @@ def _kernel_call_dce(used_outputs, eqn):
   attributes = dict(params["attributes"], input_grad=False)
   new_params = dict(params, results=(placeholder, *sums), fallback=sums_only,
                     attributes=tuple(sorted(attributes.items())))
-  dropped = jax_core.DropVar(eqn.outvars[0].aval.update(
+  dropped = jax_src_core.DropVar(eqn.outvars[0].aval.update(
       shape=placeholder.shape))
   return [True] * len(eqn.invars), eqn.replace(
       params=new_params, outvars=[dropped, *eqn.outvars[1:]])
