@@ -141,9 +141,12 @@ def report(batch_size, epochs, seeds):
   training = np.array([r["BN training"] for r in results])
   pretrained = np.array([r["pretrained"] for r in results])
   wins, losses = int(np.sum(frozen > training)), int(np.sum(frozen < training))
-  verdict = {len(seeds): "frozen BN wins for every seed"}.get(wins, "mixed")
-  if losses == len(seeds):
+  if wins == len(seeds):
+    verdict = "frozen BN wins for every seed"
+  elif losses == len(seeds):
     verdict = "BN training wins for every seed"
+  else:
+    verdict = "mixed"
   print(f"conclusion (batches of {batch_size}): {verdict}: ahead in {wins} of "
         f"{len(seeds)} seeds, behind in {losses}, mean difference "
         f"{np.mean(frozen - training):+.4f}; BN training ends below the "

@@ -654,8 +654,9 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
 
   ``per_channel`` is ``(mean, variance, scale, d_mean, d_variance, count)``
   (``passes.BackwardTerms``' order), each ``(G * C,)`` float32, optionally
-  followed by ``inv_unit``. From the sums ``S1 = sum dy`` and ``S2 = sum
-  dy (x - mean)``, the coefficients of ``affine.backward_coefficients`` and::
+  followed by ``inv_unit`` (None: no units). From the sums ``S1 = sum dy``
+  and ``S2 = sum dy (x - mean)``, the coefficients of
+  ``affine.backward_coefficients`` and::
 
     dx = a dy + w (c (x - mean) + d)
 
@@ -671,8 +672,7 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
   differentiable by itself: ``jaxbn.passes`` gives it the derivative of the
   two-call backward it equals.
   """
-  per_channel, inv_unit = tuple(per_channel[:6]), (
-      per_channel[6] if len(per_channel) > 6 else None)
+  per_channel, inv_unit = tuple(per_channel[:6]), (*per_channel[6:], None)[0]
   if stream is None:
     stream = x.nbytes >= streaming_threshold_bytes()
   channel = jax.ShapeDtypeStruct((view.channels,), jnp.float32)

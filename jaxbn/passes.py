@@ -198,8 +198,6 @@ def _backward_in_one_call(dy, x, weights, terms, relu, where, epsilon):
   shape = terms.mean.shape
   per_channel = tuple(None if v is None else jnp.broadcast_to(v, shape)
                       for v in terms)
-  if per_channel[-1] is None:
-    per_channel = per_channel[:-1]
   if relu is not None:
     relu = tuple(jnp.broadcast_to(v, shape) for v in relu)
   view = where.view
