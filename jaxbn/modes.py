@@ -76,3 +76,15 @@ def platform_dependent(cpu, default):
   if mode == "cpu":
     return cpu()
   return lax.platform_dependent(cpu=cpu, default=default)
+
+
+def for_compiler(cpu, default):
+  """``cpu()`` where XLA:CPU compiles the program, ``default()`` where
+  XLA:GPU/TPU do: one computation written for each compiler's fusion rules
+  (the same numbers; see ``stats.sibling_sums``). Decided when the program
+  is lowered, under every statistics mode but ``'cpu'`` (at trace time):
+  the GPU/TPU algorithm compiled for CPU (``'accelerator'``, or a mesh
+  with an automatic axis) is laid out for XLA:CPU too."""
+  if statistics.value == "cpu":
+    return cpu()
+  return lax.platform_dependent(cpu=cpu, default=default)

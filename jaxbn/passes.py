@@ -233,31 +233,19 @@ def _gradient_sums(dy, x, weights, mean, where, inv_unit=None):
   ``inv_unit``, in XLA).
 
   On CPU one read of ``dy`` and ``x`` through the kernel where it applies
-  (no mask); otherwise two XLA reductions, each with its own copy of its
-  inputs, the units included (see ``stats.separate``: a broadcast unit that
-  both read is written out in full).
+  (no mask); otherwise sibling sums in XLA (``stats.sibling_sums``: one
+  read on GPU/TPU, two fast passes on CPU).
   """
   sd = mean.dtype
-  axes = where.axes
-  valid = functools.partial(stats.where_valid, weights)
 
-  def two_reads():  # XLA:CPU: two fast passes
-    valid_rows = None if weights is None else (weights != 0).astype(sd)
-    dy_for_sum, dy_for_dot, x_for_dot, mean_for_dot, inv_for_dot = (
-        stats.separate(dy, dy, x, mean, inv_unit))
-    centered = (stats.to_units(x_for_dot.astype(sd), inv_for_dot)
-                - mean_for_dot)
-    return (stats.weighted_sum(valid_rows, dy_for_sum.astype(sd), axes),
-            stats.weighted_sum(valid_rows, dy_for_dot.astype(sd) * centered,
-                               axes))
-
-  def one_read():  # GPU/TPU: sibling sums, fused into one read
+  def summands(dy, x, mean, inv_unit):
     dys = dy.astype(sd)
-    centered = stats.to_units(x.astype(sd), inv_unit) - mean
-    return stats.sibling_sums((valid(dys), valid(dys * centered)), axes)
+    return dys, dys * (stats.to_units(x.astype(sd), inv_unit) - mean)
 
   def in_xla():
-    return modes.platform_dependent(cpu=two_reads, default=one_read)
+    valid_rows = None if weights is None else (weights != 0).astype(sd)
+    return stats.sibling_sums(summands, (dy, x, mean, inv_unit), where.axes,
+                              valid_rows)
 
   view = where.view
   if view is None or weights is not None or inv_unit is not None:

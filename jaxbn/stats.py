@@ -333,6 +333,9 @@ def _sample_valid(x, w, masked_axes, counts, grid):
           jnp.moveaxis(valid, range(len(masked_axes)), masked_axes))
 
 
+_RANK_BLOCK = 32
+
+
 def _lower_median(sample):
   """Per column of ``sample`` (``(k, ...)``, NaN = not valid): the lower
   middle of its valid values, 0 where there is none.
@@ -345,11 +348,22 @@ def _lower_median(sample):
   spends some microseconds per column, 11 ms for 2048 channels of 64 values.
   """
   k = sample.shape[0]
-  value, other = sample[:, None], sample[None, :]
-  position = jnp.arange(k).reshape((k,) + (1,) * (sample.ndim - 1))
+  # the others in blocks of at most _RANK_BLOCK (NaN pads, which count for
+  # nothing), each block's count a sum over its own axis: XLA:CPU rewrites
+  # a longer sum into a reduce-window and writes its k x k x channels
+  # comparisons out in full (64x the input of a 64 x 1024 batch)
+  blocks = -(-k // _RANK_BLOCK)
+  block = -(-k // blocks)
+  padded = jnp.pad(sample, [(0, blocks * block - k)] + [(0, 0)] * (
+      sample.ndim - 1), constant_values=jnp.nan)
+  value = sample[:, None, None]
+  other = padded.reshape((1, blocks, block) + sample.shape[1:])
+  position = jnp.arange(blocks * block).reshape(
+      (1, blocks, block) + (1,) * (sample.ndim - 1))
+  own = jnp.arange(k).reshape((k, 1, 1) + (1,) * (sample.ndim - 1))
   below = ((other < value) | (jnp.isnan(value) & ~jnp.isnan(other))
-           | ((other == value) & (position[None] < position[:, None])))
-  rank = jnp.sum(below, axis=1)
+           | ((other == value) & (position < own)))
+  rank = jnp.sum(jnp.sum(below, axis=2, dtype=jnp.int32), axis=1)
   count = jnp.sum(~jnp.isnan(sample), axis=0)
   middle = jnp.maximum(count - 1, 0) // 2
   median = jnp.sum(jnp.where(rank == middle, jnp.nan_to_num(sample), 0),
@@ -357,14 +371,44 @@ def _lower_median(sample):
   return jnp.where(count > 0, median, 0)
 
 
-def sibling_sums(values, reduction_axes):
-  """``sum v`` over ``reduction_axes`` (keepdims) for each of ``values``:
-  sibling reductions of one producer, which XLA:GPU/TPU fuse into one read
-  of their common input (multi-output fusion). (One variadic reduction would
-  say so explicitly, but XLA:CPU runs that as a sequential loop whose
-  float32 error grows with the count: 1e-3 at a million rows.)"""
+def sibling_sums(elementwise, inputs, reduction_axes, w=None):
+  """``sum w v`` over ``reduction_axes`` (keepdims) for each ``v`` of
+  ``elementwise(*inputs)`` (values of one shape; ``w`` None: plain sums),
+  padding (``w == 0``) left out whatever it holds: sibling reductions of one
+  read of the inputs.
+
+  XLA:GPU/TPU fuse siblings into one read of their common input
+  (multi-output fusion). XLA:CPU fuses none, and writes out in full an
+  elementwise producer that two reductions share: there each sum gets its
+  own copy of the inputs (:func:`separate`) and computes its own values,
+  so every producer stays inside the reduction that reads it (the same
+  numbers; ``modes.for_compiler`` picks the layout).
+
+  As :func:`weighted_sum`, the weights apply to each row's sums (over the
+  axes ``w`` does not vary along), so the passes over the inputs hold no
+  select, which XLA:CPU's reduction fusions would also write out (a mask
+  that varies along every reduced axis still selects per element). (One
+  variadic reduction would say "siblings" explicitly, but XLA:CPU runs it
+  as a sequential loop whose float32 error grows with the count: 1e-3 at a
+  million rows.)"""
   axes = tuple(reduction_axes)
-  return tuple(jnp.sum(v, axis=axes, keepdims=True) for v in values)
+
+  def sums(values):
+    if w is None:
+      return tuple(_sum(v, axes) for v in values)
+    weights, along_rows, across_rows = _row_axes(w, values[0], axes)
+    partial = (tuple(_sum(v, along_rows) for v in values) if along_rows
+               else values)
+    return tuple(_sum(_weighted(weights, p), across_rows) for p in partial)
+
+  def apart():
+    count, k = len(elementwise(*inputs)), len(inputs)
+    copies = separate(*inputs * count)  # one barrier: XLA merges equal ones
+    return tuple(sums((elementwise(*copies[i * k:(i + 1) * k])[i],))[0]
+                 for i in range(count))
+
+  return modes.for_compiler(cpu=apart,
+                            default=lambda: sums(elementwise(*inputs)))
 
 
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
@@ -383,10 +427,13 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
   shift = sampled_shift(x, axes, weights, sd, ONE_READ_SHIFT_ROWS)
-  centered = x.astype(sd) - shift
   w = None if weights is None else weights.astype(sd)
-  s1, s2 = sibling_sums((_weighted(w, centered),
-                         _weighted(w, jnp.square(centered))), axes)
+
+  def centered_powers(x, shift):
+    centered = x.astype(sd) - shift
+    return centered, jnp.square(centered)
+
+  s1, s2 = sibling_sums(centered_powers, (x, shift), axes, w)
   mean_shifted = safe_divide(s1, count)
   m2 = nonnegative(s2 - s1 * mean_shifted)
   return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
@@ -523,40 +570,66 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
   return count, mean, m2, inv_unit
 
 
-# The scaled sums' split (:func:`scaled_sums`): a centred value ``z`` beyond
-# 2^SPLIT_EXPONENT is summed in units of B = 2^BIG_EXPONENT. No term nor sum
-# leaves float32's normal range: below the split ``z^2 <= 2^80`` (sums of
-# fewer than 2^47 elements), above it ``(z / B)^2`` lies within 2^-112..2^64.
-SPLIT_EXPONENT = 40
+# The scaled sums (:func:`scaled_sums`): the centred values ``z`` clamped to
+# +-2^CLAMP_EXPONENT, and all of them in units of B = 2^BIG_EXPONENT. Neither
+# leaves float32's range: clamped, ``c^2 <= 2^80`` (sums of fewer than 2^47
+# elements); in units of B, ``|z / B| <= 2^33``.
+CLAMP_EXPONENT = 40
 BIG_EXPONENT = 96
 
 
 class ScaledSums(NamedTuple):
-  """Per-channel sums of ``z = x - shift`` split by magnitude: ``|z| <=
-  2^40`` as is, larger ones in units of ``B = 2^96`` (keepdims)."""
+  """Per-channel sums (keepdims) of ``z = x - shift``, with ``c = clamp(z,
+  -T, T)``, ``T = 2^40``, and ``z_B = x / B - shift / B``, ``B = 2^96``:
+  the clamped sums are those of ``z`` where no value was clamped
+  (``excess == 0``), the sums in units of B hold every value (ones
+  within 2^-30 of the shift flush to 0 there, which only a clamped
+  channel's spread beyond 2^40 reads)."""
 
-  small: jax.Array          # sum w z           over |z| <= 2^40
-  big: jax.Array            # sum w z / B       over |z| >  2^40
-  small_squares: jax.Array  # sum w z^2
-  big_squares: jax.Array    # sum w (z / B)^2
+  clamped: jax.Array          # sum w c
+  clamped_squares: jax.Array  # sum w c^2
+  in_b: jax.Array             # sum w z_B
+  squares_in_b: jax.Array     # sum w z_B^2
+  excess: jax.Array           # sum w max(|z_B| - T / B, 0)
 
 
 def scaled_sums(x, reduction_axes, weights, shift, dtype) -> ScaledSums:
-  """:class:`ScaledSums` of ``x`` around ``shift``: four sibling reductions
-  of one read of x (:func:`sibling_sums`). A NaN lands among the small
-  values, an infinity among the big ones: either way it reaches the sums."""
+  """:class:`ScaledSums` of ``x`` around ``shift``: five sibling reductions
+  of one read of x (:func:`sibling_sums`), in arithmetic alone (no compare
+  or select per element: XLA:CPU's reduction fusions take none).
+
+  The clamps are maxima, whose NaN handling is not to be trusted; none
+  needs to be. A NaN in x reaches ``in_b`` through plain arithmetic and
+  ``clamped`` too (``_clip`` subtracts from the value itself), so a NaN
+  channel's statistics are NaN from either kind of sums; an infinity makes
+  ``excess`` infinite, so the channel takes the sums in units of B, which
+  hold it.
+  """
   w = None if weights is None else weights.astype(dtype)
-  x = x.astype(dtype)
-  z = x - shift
-  big = jnp.abs(z) > 2.0 ** SPLIT_EXPONENT
-  small_z = jnp.where(big, 0, z)
-  # scaled before the difference, which may be beyond float32's range
-  unit = 2.0 ** -BIG_EXPONENT
-  big_z = jnp.where(big, x * unit - shift * unit, 0)
-  return ScaledSums(*sibling_sums(
-      (_weighted(w, small_z), _weighted(w, big_z),
-       _weighted(w, jnp.square(small_z)), _weighted(w, jnp.square(big_z))),
-      reduction_axes))
+
+  def summands(x, shift, zero, bound, unit):
+    x = x.astype(dtype)
+    clamped = _clip(x - shift, zero, bound)
+    # scaled before the difference, which may be beyond float32's range
+    z_b = x * unit - shift * unit
+    excess = jnp.maximum(jnp.abs(z_b) - bound * unit, zero)
+    return clamped, jnp.square(clamped), z_b, jnp.square(z_b), excess
+
+  # the constants are inputs, so that each XLA:CPU sum has its own (see
+  # sibling_sums): one broadcast constant that several read is written out
+  constants = tuple(jnp.asarray(c, dtype) for c in (
+      0, 2.0 ** CLAMP_EXPONENT, 2.0 ** -BIG_EXPONENT))
+  return ScaledSums(*sibling_sums(summands, (x, shift, *constants),
+                                  reduction_axes, w))
+
+
+def _clip(value, zero, bound):
+  """``value`` within ``[-bound, bound]`` as two maxima: XLA rewrites a
+  ``min`` of a ``max`` into a ``clamp``, which no XLA:CPU reduction fusion
+  takes. Exact where ``|value| <= bound``; a value beyond it is not
+  (``value - (value - bound)`` rounds): the caller uses only the exact."""
+  return (value - jnp.maximum(value - bound, zero)
+          + jnp.maximum(-value - bound, zero))
 
 
 def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
@@ -564,19 +637,20 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   """``(count, mean, M2, inv_unit)`` from one read of x, with no conditional
   (GPU/TPU; any spread within float32's range).
 
-  :func:`scaled_sums` around the sampled shift ``s`` (:func:`sampled_shift`),
-  with ``B = 2^96``: ``mean = s + (small + big B) / n``. A channel with no
-  value beyond the split has ``M2 = S2 - S1^2 / n`` from its small sums, as
+  :func:`scaled_sums` around the sampled shift ``s`` (:func:`sampled_shift`).
+  A channel with no value clamped has ``mean = s + S1 / n`` and ``M2 = S2 -
+  S1^2 / n`` from its clamped sums, which are exact sums of z, as
   :func:`local_moments_shifted`; it is in units (``u``, the power of two
   ``>= std``: its variance in units lies in (1/4, 1]) where that variance
   is beyond ``UNIT_FREE_VARIANCE_LIMIT``, and unit-free (``inv_unit = 1``,
-  the shifted sums' numbers) otherwise. A channel with values beyond the
-  split is always in units, its ``M2`` formed in units of ``B`` first
-  (``big_squares + small_squares / B^2 - n (S1 / B n)^2``), which cannot
-  overflow. Non-finite channels keep non-finite statistics and unit 1.
-  Every choice is per channel (``jnp.where``), and every factor out of
-  float32's range is applied in steps (:func:`_times_power_of_two`), so
-  that autodiff through the side not taken stays finite.
+  the shifted sums' numbers) otherwise. A channel with a value clamped
+  (beyond 2^40 of the shift, or not finite) takes both from its sums in
+  units of ``B = 2^96`` (``M2 = S2_B - S1_B^2 / n`` in units of ``B^2``,
+  which cannot overflow) and is always in units. Non-finite channels keep
+  non-finite statistics and unit 1. Every choice is per channel
+  (``jnp.where``), and every factor out of float32's range is applied in
+  steps (:func:`_times_power_of_two`), so that autodiff through the side
+  not taken stays finite.
   """
   axes = tuple(reduction_axes)
   sd = stat_dtype(x.dtype)
@@ -588,31 +662,28 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   else:
     shift = sampled_shift(x, axes, weights, sd, ONE_READ_SHIFT_ROWS)
   sums = scaled_sums(x, axes, weights, shift, sd)
-  n = jnp.broadcast_to(count, sums.small.shape)
+  n = jnp.broadcast_to(count, sums.clamped.shape)
   mean = shift + _scaled_offset(sums, n)
-  has_big = sums.big_squares != 0
-  # no value beyond the split: the shifted sums, in units where the
-  # variance is beyond the limit
-  m2_small = sums.small_squares - sums.small * safe_divide(sums.small, n)
-  m2_small = nonnegative(m2_small)
+  was_clamped = sums.excess != 0
+  # nothing clamped: the shifted sums, in units where the variance is
+  # beyond the limit
+  m2_small = nonnegative(
+      sums.clamped_squares - sums.clamped * safe_divide(sums.clamped, n))
   beyond_limit = needs_units(n, mean, m2_small)
   inv_small = jnp.where(
       beyond_limit & jnp.isfinite(mean) & jnp.isfinite(m2_small),
       inverse_unit(_root(safe_divide(m2_small, n))), 1)
-  # values beyond it: M2 in units of B, then in units of u (B / u = b_over_u)
-  offset_in_b = safe_divide(sums.big, n) + _times_power_of_two(
-      safe_divide(sums.small, n), -BIG_EXPONENT)
-  m2_in_b = (sums.big_squares
-             + _times_power_of_two(sums.small_squares, -2 * BIG_EXPONENT)
-             - n * offset_in_b * offset_in_b)
-  m2_in_b = nonnegative(m2_in_b)
+  # clamped: M2 in units of B, then in units of u (B / u = b_over_u)
+  m2_in_b = nonnegative(
+      sums.squares_in_b - sums.in_b * safe_divide(sums.in_b, n))
   inv_big = jnp.maximum(_times_power_of_two(inverse_unit(
       _root(safe_divide(m2_in_b, n))), -BIG_EXPONENT),
                         2.0 ** -_UNIT_EXPONENT_LIMIT)  # a normal number
-  b_over_u = jnp.where(has_big, _times_power_of_two(inv_big, BIG_EXPONENT), 0)
-  inv_unit = jnp.where(has_big, jnp.where(
+  b_over_u = jnp.where(was_clamped,
+                       _times_power_of_two(inv_big, BIG_EXPONENT), 0)
+  inv_unit = jnp.where(was_clamped, jnp.where(
       jnp.isfinite(mean) & jnp.isfinite(m2_in_b), inv_big, 1), inv_small)
-  m2 = jnp.where(has_big, m2_in_b * b_over_u * b_over_u,
+  m2 = jnp.where(was_clamped, m2_in_b * b_over_u * b_over_u,
                  m2_small * inv_small * inv_small)
   return n, mean, m2, inv_unit
 
@@ -623,9 +694,11 @@ def _root(value):
 
 
 def _scaled_offset(sums: ScaledSums, count):
-  """``S1 / n`` of :class:`ScaledSums`."""
-  return safe_divide(sums.small, count) + _times_power_of_two(
-      safe_divide(sums.big, count), BIG_EXPONENT)
+  """``S1 / n`` of :class:`ScaledSums`: from the clamped sums where nothing
+  was clamped, from the sums in units of B otherwise."""
+  return jnp.where(sums.excess != 0, _times_power_of_two(
+      safe_divide(sums.in_b, count), BIG_EXPONENT),
+                   safe_divide(sums.clamped, count))
 
 
 def _times_power_of_two(value, exponent: int):

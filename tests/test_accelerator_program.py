@@ -250,14 +250,15 @@ def test_one_read_per_pass_and_no_more_reads_than_flax(name, platform, dtype):
   size = int(np.prod(SHAPE))
   ours = _reductions(text, size)
   x, dy = 2, 3  # the arguments after gamma and beta
-  # the forward's statistics: the scaled sums, siblings reading x alone
+  # the forward's statistics: the five scaled sums (stats.ScaledSums),
+  # siblings reading x alone
   statistics = [k for k, r in ours.items() if r.reads == {x}]
-  assert len(statistics) == 4 and _siblings(ours, statistics), ours
+  assert len(statistics) == 5 and _siblings(ours, statistics), ours
   # the backward's sums: S1 and S2, siblings reading dy (and x)
   sums = [k for k, r in ours.items() if dy in r.reads]
   assert len(sums) == 2 and _siblings(ours, sums), ours
   assert all(ours[k].reads <= {x, dy} for k in sums)
-  assert len(ours) == 6
+  assert len(ours) == 7
   # no more sequential passes than flax's, no more data read in each
   theirs = _reads_per_level(_reductions(_flax_program(platform, dtype), size))
   mine = _reads_per_level(ours)

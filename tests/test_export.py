@@ -131,11 +131,11 @@ def test_gpu_and_tpu_statistics_read_x_once_without_custom_calls(platform):
   # siblings: neither depends on the other (a two-pass mean would)
   (a, anc_a), (b, anc_b) = reductions.items()
   assert a not in anc_b and b not in anc_a
-  # with the guard on, the statistics are the scaled sums: four siblings
+  # with the guard on, the statistics are the scaled sums: five siblings
   # of one read and no retake (the one region is lax.platform_dependent's,
   # chosen by a constant: test_accelerator_program)
   regions = _reductions_by_region(texts["on"], shape)
-  assert [sorted(r) for r in regions.values()] == [["add"] * 4], regions
+  assert [sorted(r) for r in regions.values()] == [["add"] * 5], regions
   guarded = _full_size_reductions(texts["on"], shape)
   assert not any(a in guarded[b] for a in guarded for b in guarded)
 

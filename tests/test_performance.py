@@ -109,6 +109,54 @@ def test_a_masked_training_step_needs_no_input_sized_buffer(dtype, mode):
   assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_gpu_tpu_algorithm_needs_no_input_sized_buffer(dtype):
+  # compiled for CPU (what a CPU mesh with an automatic axis runs): the
+  # one-read sums are siblings on GPU/TPU and, for XLA:CPU, each its own
+  # pass in arithmetic alone (stats.sibling_sums, stats.scaled_sums), the
+  # guard on, a row mask applied to each row's sums
+  config_shape = (32, 16, 16, 64)
+  mask = jnp.arange(32) % 3 != 0
+  cases = [({}, None, (0, 1)), ({}, mask, (0, 1)),
+           ({"activation": "relu"}, None, (0, 1)), ({}, None, 0),
+           ({}, mask, 0)]
+  for kwargs, m, wrt in cases:
+    config = jaxbn.BatchNormConfig(**kwargs)
+    params, state = jaxbn.init(config, config_shape)
+    x = jnp.ones(config_shape, dtype)
+
+    def step(params, x, dy):
+      def loss(p, x):
+        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+      return jax.grad(loss, argnums=wrt)(params, x)
+
+    with modes.statistics("accelerator"):
+      compiled = jax.jit(step).lower(params, x, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
+
+
+def test_the_shift_of_a_small_batch_needs_no_batch_sized_buffer():
+  # the sampled shift's ranks (stats._lower_median) of 64 rows x 1024
+  # channels: 64 x 64 comparisons per channel, counted in blocks that
+  # XLA:CPU fuses into their sums (one sum over the 64 was written out in
+  # full first: 66x the input)
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, (64, 1024))
+  x = jnp.ones((64, 1024))
+
+  def step(params, x, dy):
+    f = lambda p, x: jnp.sum(jaxbn.apply(config, p, state, x,
+                                         training=True)[0] * dy)
+    return jax.grad(f, argnums=(0, 1))(params, x)
+
+  with modes.statistics("accelerator"):
+    compiled = jax.jit(step).lower(params, x, x).compile()
+  channel_vector = 4 * 1024
+  assert compiled.memory_analysis().temp_size_in_bytes <= 16 * channel_vector
+
+
 @pytest.mark.parametrize("shape,axis,dtype", CASES)
 def test_inference_is_one_pass(shape, axis, dtype):
   config, params, state, x = _setup(shape, axis, dtype)
