@@ -20,7 +20,11 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
   0 where ``var + epsilon`` is 0: a constant channel with ``epsilon=0``
   normalizes to beta (its ``x - mean`` is 0) instead of 0 * inf = NaN."""
   total = var + jnp.asarray(epsilon, var.dtype)
-  return jnp.where(total == 0, 0, lax.rsqrt(jnp.where(total == 0, 1, total)))
+  # rsqrt(inf) = 0, and the rsqrt last: XLA:CPU forms an expensive op once
+  # per channel rather than in the passes it feeds, and the select before
+  # it goes with it (fused into the output pass, it was recomputed there
+  # per element, reading every vector it comes from)
+  return lax.rsqrt(jnp.where(total == 0, jnp.inf, total))
 
 
 def epsilon_in_units(epsilon, inv_unit: jax.Array | None):
