@@ -93,6 +93,26 @@ def test_batch_variance_is_accurate(case, path, masked):
                              atol=tolerance * np.sqrt(want_var).max() + ulps)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("scale,offset", [(3e11, 1e12), (1e12, 0.0),
+                                          (2e12, -5e12)])
+def test_one_read_statistics_either_side_of_the_clamp(scale, offset, masked):
+  # the one read's sums clamp x - s at 2^40 (about 1.1e12, stats.scaled_sums):
+  # a channel with nothing clamped takes the clamped sums, one with some
+  # values clamped (a quarter to a half of them here) the sums in units of
+  # 2^96; either way within 1e-5 of float64
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(offset, scale, (257, 6)), jnp.float32)
+  mask = rng.random((257, 1)) > 0.3 if masked else None
+  with modes.statistics("accelerator"):
+    got = jax.jit(lambda x, w: stats.moments(x, (0,), weights=w))(
+        x, None if mask is None else jnp.asarray(mask, jnp.float32))
+  want_mean, want_var = _reference(x, mask)
+  np.testing.assert_allclose(np.ravel(got.variance), want_var, rtol=1e-5)
+  np.testing.assert_allclose(np.ravel(got.mean), want_mean, rtol=0,
+                             atol=1e-5 * np.sqrt(want_var).max())
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_across_devices_too(path):
   # 8 devices, uneven masks, the outlier on the first device's first row
