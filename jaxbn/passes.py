@@ -54,8 +54,9 @@ def decide(x, reduction_axes, weights=None) -> Where:
   return Where(axes, view, plain if wide else None)
 
 
-def moments(x, reduction_axes, weights=None, *, where: Where | None = None):
-  """``(count, mean, M2)`` of one device's data, keepdims.
+def moments(x, reduction_axes, weights=None, *,
+            where: Where | None = None) -> stats.Triple:
+  """The ``stats.Triple`` of one device's data.
 
   One read through the kernel on CPU where it applies (``where``, by
   default :func:`decide`'s); otherwise ``stats.platform_moments`` (two XLA
@@ -70,7 +71,7 @@ def moments(x, reduction_axes, weights=None, *, where: Where | None = None):
     kept = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
     mean, m2 = cpu_kernels.moments(x, view, _row_weights(weights, x, view))
     count = stats.reduce_count(x.shape, axes, weights, mean.dtype)
-    return count, mean.reshape(kept), m2.reshape(kept)
+    return stats.Triple(count, mean.reshape(kept), m2.reshape(kept))
 
   return modes.platform_dependent(
       cpu=in_kernel,

@@ -7,7 +7,8 @@ For weights ``w`` (a mask, 1 where an element counts) over reduction axes::
   M2   = sum(w * (x - mean)^2)          (two-pass: no E[x^2] - E[x]^2 cancellation)
   var  = M2 / n                         (biased; 0 when n == 0)
 
-Across devices, each device's ``(n_i, mean_i, M2_i)`` is merged with Chan's
+(a :class:`Triple`, what every moments algorithm here returns). Across
+devices, each device's ``(n_i, mean_i, M2_i)`` is merged with Chan's
 formula, which stays exact for data with a large mean::
 
   n = sum n_i,  mean = sum n_i mean_i / n,  M2 = sum M2_i + sum n_i (mean_i - mean)^2
@@ -55,6 +56,19 @@ class InUnits(NamedTuple):
   mean: jax.Array
   variance: jax.Array
   inv_unit: jax.Array | None
+
+
+class Triple(NamedTuple):
+  """One group's statistics (a device's, a virtual batch's), per channel
+  with the input's rank (reduced axes = 1): the valid elements' ``count``,
+  their ``mean`` and ``m2 = sum w (x - mean)^2``; what :func:`merge`
+  combines. jaxbn's one ``(count, mean, M2)`` type: every moments
+  algorithm returns it (with ``inv_unit`` beside it where the overflow
+  guard may put M2 in units, :func:`in_units`)."""
+
+  count: jax.Array
+  mean: jax.Array
+  m2: jax.Array
 
 
 class Moments(NamedTuple):
@@ -178,8 +192,8 @@ def _row_axes(w, values, axes):
 
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None, inv_unit=None,
-                  shift=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(count, mean, M2)`` of one device's data: two passes, keepdims.
+                  shift=None) -> Triple:
+  """The :class:`Triple` of one device's data: two passes.
 
   The corrected two-pass algorithm. Pass one sums around a data value ``s``
   (:func:`sampled_shift`): ``S1 = sum w (x - s)``, ``m = s + S1 / n``. Pass
@@ -210,7 +224,7 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
   q = weighted_sum(w, squares, axes)
   residual = s1 - count * (mean - shift)
   m2 = nonnegative(q - safe_divide(residual * residual, count))
-  return jnp.broadcast_to(count, mean.shape), mean, m2
+  return Triple(jnp.broadcast_to(count, mean.shape), mean, m2)
 
 
 # Enough that one outlier (or a few) cannot move their median far from the
@@ -412,9 +426,8 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
 
 
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
-                          weights: jax.Array | None = None
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(count, mean, M2)`` from one read of shifted sums (GPU/TPU).
+                          weights: jax.Array | None = None) -> Triple:
+  """The :class:`Triple` from one read of shifted sums (GPU/TPU).
 
   With a per-channel shift ``s`` (:func:`sampled_shift`),
   ``S1 = sum w (x - s)`` and ``S2 = sum w (x - s)^2`` are sibling
@@ -436,7 +449,7 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   s1, s2 = sibling_sums(centered_powers, (x, shift), axes, w)
   mean_shifted = safe_divide(s1, count)
   m2 = nonnegative(s2 - s1 * mean_shifted)
-  return jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2
+  return Triple(jnp.broadcast_to(count, s1.shape), shift + mean_shifted, m2)
 
 
 # A channel whose variance exceeds this (a spread beyond 2^30, about 1e9) has
@@ -481,7 +494,8 @@ def needs_units(count, mean, m2) -> jax.Array:
 
 
 def in_units(local_moments_fn):
-  """``local_moments_fn`` returning ``(count, mean, M2, inv_unit)``.
+  """``local_moments_fn`` (returning a :class:`Triple`) returning
+  ``(triple, inv_unit)``.
 
   Batch norm is invariant to scaling a channel (with epsilon scaled alike),
   so a channel whose data spread beyond float32's range for squares (see
@@ -509,7 +523,7 @@ def in_units(local_moments_fn):
   def moments(x, reduction_axes, weights=None):
     axes = tuple(reduction_axes)
     if modes.overflow_guard.value == "off":
-      return (*local_moments_fn(x, axes, weights), None)
+      return local_moments_fn(x, axes, weights), None
     return where_a_cond_is_cheap(
         lambda: retaken_in_units(local_moments_fn, x, axes, weights),
         lambda: scaled_moments(x, axes, weights))
@@ -545,7 +559,7 @@ def _automatic_mesh_axes() -> bool:
 
 
 def retaken_in_units(local_moments_fn, x, axes, weights=None):
-  """``(count, mean, M2, inv_unit)``: ``local_moments_fn``'s statistics,
+  """``(triple, inv_unit)``: ``local_moments_fn``'s :class:`Triple`,
   taken again in units (``u`` a power of two ``>= max |x|``, within
   2^-126..2^126) for the channels that need them (:func:`needs_units`), in
   a ``lax.cond`` that runs only when one does (:func:`guard_cond`)."""
@@ -559,15 +573,14 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
     # around the first estimate of the mean where it is finite (a shift
     # near the data keeps S1's rounding small; no second sample needed)
     shift = jnp.where(jnp.isfinite(mean), mean, 0) * inv_unit
-    _, scaled_mean, scaled_m2 = local_moments(x, axes, weights, inv_unit,
-                                              shift)
-    return (jnp.where(retaken, scaled_mean / inv_unit, mean),
-            jnp.where(retaken, scaled_m2, m2), inv_unit)
+    scaled = local_moments(x, axes, weights, inv_unit, shift)
+    return (jnp.where(retaken, scaled.mean / inv_unit, mean),
+            jnp.where(retaken, scaled.m2, m2), inv_unit)
 
   mean, m2, inv_unit = guard_cond(
       jnp.any(needs_units(count, mean, m2)), retake,
       lambda: (mean, m2, jnp.ones_like(mean)))
-  return count, mean, m2, inv_unit
+  return Triple(count, mean, m2), inv_unit
 
 
 # The scaled sums (:func:`scaled_sums`): the centred values ``z`` clamped to
@@ -634,8 +647,8 @@ def _clip(value, zero, bound):
 
 def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
                    weights: jax.Array | None = None):
-  """``(count, mean, M2, inv_unit)`` from one read of x, with no conditional
-  (GPU/TPU; any spread within float32's range).
+  """``(triple, inv_unit)`` (a :class:`Triple`) from one read of x, with
+  no conditional (GPU/TPU; any spread within float32's range).
 
   :func:`scaled_sums` around the sampled shift ``s`` (:func:`sampled_shift`).
   A channel with no value clamped has ``mean = s + S1 / n`` and ``M2 = S2 -
@@ -685,7 +698,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
       jnp.isfinite(mean) & jnp.isfinite(m2_in_b), inv_big, 1), inv_small)
   m2 = jnp.where(was_clamped, m2_in_b * b_over_u * b_over_u,
                  m2_small * inv_small * inv_small)
-  return n, mean, m2, inv_unit
+  return Triple(n, mean, m2), inv_unit
 
 
 def _root(value):
@@ -879,8 +892,8 @@ def _vmapped(axis_name) -> bool:
   return not any(name in mesh_axes for name in names)
 
 
-def platform_moments(x, reduction_axes, weights=None):
-  """``(count, mean, M2)`` in XLA: two passes on CPU, shifted sums elsewhere
+def platform_moments(x, reduction_axes, weights=None) -> Triple:
+  """The :class:`Triple` in XLA: two passes on CPU, shifted sums elsewhere
   (and everywhere under ``JAXBN_STATISTICS=accelerator``, see ``jaxbn.modes``).
 
   On GPU/TPU the shifted sums' two reductions are siblings XLA fuses into
@@ -905,7 +918,7 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
     axis_name: optional named axis (or tuple) to combine devices over.
     axis_index_groups: optional device groups for ``axis_name``.
   """
-  count, mean, m2, inv_unit = in_units(platform_moments)(
+  (count, mean, m2), inv_unit = in_units(platform_moments)(
       x, reduction_axes, weights)
   if axis_name is not None:
     count, mean, m2, inv_unit = merge_across_devices(
