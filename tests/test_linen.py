@@ -276,3 +276,27 @@ def test_dtype_and_param_dtype_as_flax(dtype):
   with pytest.raises(TypeError, match="float dtype"):
     jaxbn.BatchNormalization(param_dtype=jnp.int32).init(
         jax.random.PRNGKey(0), x)
+
+
+def test_the_layer_builds_its_config_once(monkeypatch):
+  # a Linen module is rebuilt on every apply; its BatchNormConfig (and the
+  # validation in it) is built once for each set of arguments
+  built = []
+  original = jaxbn.BatchNormConfig.__post_init__
+
+  def counting(self):
+    built.append(self)
+    original(self)
+
+  monkeypatch.setattr(jaxbn.BatchNormConfig, "__post_init__", counting)
+  layer = jaxbn.BatchNormalization(momentum=0.8125, epsilon=2e-3)
+  x = jnp.ones((4, 3))
+  # traced (an eager call keys its program on a config of its own)
+  variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+  for _ in range(3):  # every trace runs the module's Python again
+    jax.make_jaxpr(lambda v, x: layer.apply(
+        v, x, training=True, mutable=["batch_stats"]))(variables, x)
+  assert len(built) == 1
+  # 1 and 1.0 are equal but different arguments (get_config writes them)
+  assert jaxbn.BatchNormalization(momentum=1).config.momentum == 1
+  assert type(jaxbn.BatchNormalization(momentum=1.0).config.momentum) is float
