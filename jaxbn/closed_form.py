@@ -93,8 +93,8 @@ def _forward(x, scale, offset, weights, correction_inputs,
     local_moments = functools.partial(passes.moments, where=where)
   else:
     local_moments = stats.platform_moments
-  (count, mean, m2), inv_unit = stats.in_units(local_moments)(x, plan.axes,
-                                                              weights)
+  (count, mean, m2), inv_unit = stats.in_units(local_moments, x, plan.axes,
+                                               weights)
   if devices.axis_name is not None:
     count, mean, m2, inv_unit = stats.merge_across_devices(
         count, mean, m2, devices.axis_name, devices.groups, inv_unit=inv_unit)

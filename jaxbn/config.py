@@ -11,6 +11,7 @@ received and the fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -59,6 +60,9 @@ class Resolved(NamedTuple):
   param_shape: tuple  # Keras' variable shape (without the virtual-batch axis)
   broadcast_shape: tuple  # param values reshaped to broadcast against x
   keras_fused: bool  # Keras would run its fused kernel for this input
+  # moving_variance follows the Bessel-corrected batch variance
+  # (``moving_variance_estimator``)
+  bessel: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +229,16 @@ class BatchNormConfig:
   # ---------------------------------------------------------------- shapes
 
   def resolve(self, input_shape: Sequence[int]) -> Resolved:
-    """Axes and shapes for an input; raises ValueError for misfits."""
+    """Axes and shapes for an input; raises ValueError for misfits. Kept
+    for each (config, shape): a layer and ``apply`` resolve the same input
+    shape on every call."""
     shape = tuple(input_shape)
+    try:
+      return _resolved(self, shape)
+    except TypeError:  # an unhashable field: resolved again each time
+      return _resolved.__wrapped__(self, shape)
+
+  def _resolve(self, shape: tuple) -> Resolved:
     ndim = len(shape)
     if ndim < 2:
       raise ValueError(
@@ -263,13 +275,15 @@ class BatchNormConfig:
       raise ValueError(
           f"`fused=True` needs axis 1 or {ndim - 1} for a {ndim}-D input; got "
           f"axis={self.axis!r}. Use fused=None or fused=False.")
+    bessel = (keras_fused if self.moving_variance_estimator == "keras"
+              else self.moving_variance_estimator == "unbiased")
     return Resolved(axes, reduction_axes, param_shape, broadcast_shape,
-                    keras_fused)
+                    keras_fused, bessel)
 
   def bessel_corrected_moving_variance(self, resolved: Resolved) -> bool:
-    if self.moving_variance_estimator == "keras":
-      return resolved.keras_fused
-    return self.moving_variance_estimator == "unbiased"
+    """Whether ``moving_variance`` follows the Bessel-corrected batch
+    variance for inputs ``resolved`` describes."""
+    return resolved.bessel
 
   # ---------------------------------------------------------------- configs
 
@@ -462,3 +476,8 @@ def _check_renorm_clipping(value):
         f"`renorm_clipping['rmin']`={rmin!r} is above 1, so r could never be "
         "1; use 0 <= rmin <= 1 (e.g. 1 / rmax).")
   return RenormClipping(**items)
+
+
+@functools.lru_cache(maxsize=512)
+def _resolved(config: BatchNormConfig, shape: tuple) -> Resolved:
+  return config._resolve(shape)

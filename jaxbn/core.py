@@ -403,7 +403,7 @@ def _pool(config, resolved, group_axis, devices,
   applied per virtual batch.
   """
   count, mean, var, inv_unit = lax.stop_gradient(tuple(batch))
-  bessel = config.bessel_corrected_moving_variance(resolved)
+  bessel = resolved.bessel
   count = jnp.broadcast_to(count, mean.shape)
   if group_axis is None:
     update = var * stats.bessel_factor(count) if bessel else var

@@ -493,9 +493,10 @@ def needs_units(count, mean, m2) -> jax.Array:
           | (m2 > UNIT_FREE_VARIANCE_LIMIT * count))
 
 
-def in_units(local_moments_fn):
-  """``local_moments_fn`` (returning a :class:`Triple`) returning
-  ``(triple, inv_unit)``.
+def in_units(local_moments_fn, x, reduction_axes, weights=None):
+  """``(triple, inv_unit)``: the :class:`Triple` of ``x`` that
+  ``local_moments_fn(x, reduction_axes, weights)`` takes, with the units
+  the overflow guard chose.
 
   Batch norm is invariant to scaling a channel (with epsilon scaled alike),
   so a channel whose data spread beyond float32's range for squares (see
@@ -520,15 +521,12 @@ def in_units(local_moments_fn):
   None (no units: every consumer then builds the program it built without
   them) and a spread beyond about 1e18 overflows.
   """
-  def moments(x, reduction_axes, weights=None):
-    axes = tuple(reduction_axes)
-    if modes.overflow_guard.value == "off":
-      return local_moments_fn(x, axes, weights), None
-    return where_a_cond_is_cheap(
-        lambda: retaken_in_units(local_moments_fn, x, axes, weights),
-        lambda: scaled_moments(x, axes, weights))
-
-  return moments
+  axes = tuple(reduction_axes)
+  if modes.overflow_guard.value == "off":
+    return local_moments_fn(x, axes, weights), None
+  return where_a_cond_is_cheap(
+      lambda: retaken_in_units(local_moments_fn, x, axes, weights),
+      lambda: scaled_moments(x, axes, weights))
 
 
 def where_a_cond_is_cheap(guarded, branch_free):
@@ -918,8 +916,8 @@ def moments(x: jax.Array, reduction_axes: Sequence[int], *,
     axis_name: optional named axis (or tuple) to combine devices over.
     axis_index_groups: optional device groups for ``axis_name``.
   """
-  (count, mean, m2), inv_unit = in_units(platform_moments)(
-      x, reduction_axes, weights)
+  (count, mean, m2), inv_unit = in_units(platform_moments, x,
+                                        reduction_axes, weights)
   if axis_name is not None:
     count, mean, m2, inv_unit = merge_across_devices(
         count, mean, m2, axis_name, axis_index_groups, inv_unit=inv_unit)

@@ -225,3 +225,24 @@ def test_jaxbn_arguments_round_trip_through_get_config():
                                  skip_nonfinite_updates=True)
   assert jaxbn.BatchNormConfig.from_config(config.get_config()) == config
   assert "activation" not in jaxbn.BatchNormConfig().get_config()
+
+
+def test_an_input_shape_is_resolved_once_per_config():
+  # a layer and apply resolve the same shape on every call: kept per
+  # (config, shape); a config with an unhashable field resolves each time
+  config = jaxbn.BatchNormConfig(axis=[1, 2])
+  first = config.resolve((4, 3, 5, 2))
+  assert config.resolve([4, 3, 5, 2]) is first
+  assert first.param_shape == (1, 3, 5, 1) and first.reduction_axes == (0, 3)
+
+  class Adjustment:
+    __hash__ = None
+
+    def __call__(self, shape):
+      return jnp.ones(shape[-1:]), jnp.zeros(shape[-1:])
+
+  unhashable = jaxbn.BatchNormConfig(adjustment=Adjustment())
+  assert unhashable.resolve((4, 3)) == unhashable.resolve((4, 3))
+  assert unhashable.resolve((4, 3)).bessel is False
+  with pytest.raises(ValueError, match="out of range"):
+    jaxbn.BatchNormConfig(axis=5).resolve((4, 3))

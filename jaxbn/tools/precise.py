@@ -73,8 +73,8 @@ def _moments(x, mask, reduction_axes, param_shape):
   weights = None if mask is None else jnp.broadcast_to(
       jnp.asarray(mask, sd).reshape(
           jnp.shape(mask) + (1,) * (x.ndim - jnp.ndim(mask))), x.shape)
-  (count, mean, m2), inv_unit = stats_lib.in_units(stats_lib.local_moments)(
-      x.astype(sd), reduction_axes, weights)
+  (count, mean, m2), inv_unit = stats_lib.in_units(
+      stats_lib.local_moments, x.astype(sd), reduction_axes, weights)
   if inv_unit is None:  # the overflow guard is off: no units
     inv_unit = jnp.ones_like(mean)
   count = jnp.broadcast_to(count, mean.shape)
