@@ -494,9 +494,9 @@ def needs_units(count, mean, m2) -> jax.Array:
 
 
 def in_units(local_moments_fn, x, reduction_axes, weights=None):
-  """``(triple, inv_unit)``: the :class:`Triple` of ``x`` that
-  ``local_moments_fn(x, reduction_axes, weights)`` takes, with the units
-  the overflow guard chose.
+  """``(triple, inv_unit)``: the :class:`Triple` that
+  ``local_moments_fn(x, reduction_axes, weights)`` gives, taken in units
+  where the overflow guard needs them.
 
   Batch norm is invariant to scaling a channel (with epsilon scaled alike),
   so a channel whose data spread beyond float32's range for squares (see
@@ -514,8 +514,9 @@ def in_units(local_moments_fn, x, reduction_axes, weights=None):
     >= max |x|``) in a ``lax.cond`` that ordinary batches skip.
   * **GPU, TPU and** ``JAXBN_STATISTICS=accelerator``: no conditional (XLA:GPU
     copies a conditional's predicate to the host and drains the stream):
-    :func:`scaled_moments` reads x once, with its sums split by magnitude so
-    that none can overflow, and picks the units from the sums (``u >= std``).
+    :func:`scaled_moments` reads x once, its sums clamped and in units of
+    2^96 so that none can overflow, and picks the units from the sums (``u
+    >= std``).
 
   Under ``jaxbn.modes.overflow_guard('off')`` neither runs: ``inv_unit`` is
   None (no units: every consumer then builds the program it built without
