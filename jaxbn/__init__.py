@@ -19,8 +19,9 @@ The package, from the layers users call down to the passes over the data::
                 every argument's validation, resolved per input shape
   math          closed_form.py: training-mode batch norm as one custom VJP
                 (the closed-form backward) and its autodiff reference;
-                stats.py: moments, units, the (count, mean, M2) merge across
-                devices and virtual batches, the overflow guard;
+                stats.py: moments (each algorithm's a stats.Triple: count,
+                mean, M2), units, their merge across devices and virtual
+                batches, the overflow guard;
                 affine.py: (x - mean) a + b, epsilon, the ReLU gate;
                 moving_averages.py: the EMA
   passes        passes.py: the one door to the CPU kernels (moments, output,
@@ -28,7 +29,8 @@ The package, from the layers users call down to the passes over the data::
                 and when they apply; csrc/: the C++ (common.h, one header
                 per pass, kernels.cc: the FFI handlers, python_module.cc)
   switches      modes.py: kernels on/off/auto, the statistics algorithm
-                (CPU or GPU/TPU), the overflow guard; eager.py: eager calls
+                (CPU or GPU/TPU), the overflow guard, sibling sums laid out
+                per compiler; eager.py: eager calls
                 as cached compiled programs; manual_axes.py, sharding.py
   beside        penalties.py, model_penalties.py (regularizers,
                 constraints); initializers.py, keras_names.py; interop/
