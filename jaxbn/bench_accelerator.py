@@ -10,6 +10,12 @@ on the device JAX runs on.
   20 batch norms and more, at a launch-bound size (small images and
   widths: the step is mostly kernel launches) and a bandwidth-bound one.
 
+* **Memory**: the temporary memory the device's compiler reserves for a
+  training step (``memory_analysis()``, per input byte) and the
+  conditionals in its compiled program, for jaxbn (plain, a row mask, the
+  fused ReLU; gradients of the parameters and x, and of the parameters
+  alone) and flax.linen (goal: temp <= 0.05x the input, no conditional).
+
 It prints the medians and the ratios jaxbn / flax (goal: layers <= 0.8,
 network steps <= 1.0) and writes ``bench_accelerator.json`` and
 ``bench_accelerator.png``. Timings are interleaved rounds, as on CPU
@@ -26,6 +32,16 @@ from typing import NamedTuple
 # ResNet-50's batch norms (channels last): (spatial, channels)
 RESNET50_LAYERS = [(112, 64), (56, 64), (56, 256), (28, 128), (28, 512),
                    (14, 256), (14, 1024), (7, 512), (7, 2048)]
+
+
+# The memory section's training steps: (name, config arguments, row mask,
+# gradient with respect to: 'all' (parameters and x) or 'params')
+MEMORY_CASES = [("plain", {}, False, "all"), ("row mask", {}, True, "all"),
+                ("activation='relu'", {"activation": "relu"}, False, "all"),
+                ("plain", {}, False, "params"),
+                ("activation='relu'", {"activation": "relu"}, False,
+                 "params")]
+MEMORY_SHAPE = (64, 56, 56, 64)
 
 
 class Network(NamedTuple):
@@ -188,7 +204,7 @@ def run(quick: bool = False, repeats: int | None = None, burst: int = 3,
   device = jax.devices()[0]
   report = {"device": getattr(device, "device_kind", str(device)),
             "platform": device.platform, "versions": versions(),
-            "repeats": repeats, "layers": [], "networks": []}
+            "repeats": repeats, "layers": [], "networks": [], "memory": []}
   for dtype in (jnp.float32, jnp.bfloat16):
     for spatial, channels in layers:
       shape = (batch, spatial, spatial, channels)
@@ -206,6 +222,10 @@ def run(quick: bool = False, repeats: int | None = None, burst: int = 3,
       report["networks"].append(_summary(
           {"network": network.name, "dtype": jnp.dtype(dtype).name,
            "batch_norms": batch_norms}, times))
+  shape = (2, 8, 8, 64) if quick else MEMORY_SHAPE
+  for dtype in (jnp.float32, jnp.bfloat16):
+    print(f"memory {shape} {jnp.dtype(dtype).name} ...", flush=True)
+    report["memory"] += _memory_rows(shape, dtype)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "bench_accelerator.json"), "w") as f:
     json.dump(report, f, indent=1)
@@ -216,6 +236,54 @@ def run(quick: bool = False, repeats: int | None = None, burst: int = 3,
   print(table)
   print(f"wrote {out}/bench_accelerator.json, .md, .png")
   return report
+
+
+def _memory_rows(shape, dtype) -> list:
+  """Temp memory ÷ input bytes and conditionals of each compiled training
+  step of :data:`MEMORY_CASES` (loss ``sum(y * dy)``), then flax.linen's."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import jaxbn
+  x = jnp.ones(shape, dtype)
+  rows = []
+
+  def measure(step, args, what):
+    compiled = jax.jit(step).lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    rows.append(dict(what, shape=shape, dtype=jnp.dtype(dtype).name,
+                     temp_over_input=temp / x.nbytes,
+                     conditionals=compiled.as_text().count(" conditional(")))
+
+  for name, arguments, masked, wrt in MEMORY_CASES:
+    config = jaxbn.BatchNormConfig(**arguments)
+    params, state = jaxbn.init(config, shape)
+    mask = (jnp.arange(shape[0]) % 3 != 0) if masked else None
+
+    def step(params, x, dy, config=config, state=state, mask=mask, wrt=wrt):
+      def loss(params, x):
+        y, _ = jaxbn.apply(config, params, state, x, training=True,
+                           mask=mask)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+      return jax.grad(loss, argnums=(0, 1) if wrt == "all" else 0)(params, x)
+
+    measure(step, (params, x, x), {"implementation": "jaxbn", "case": name,
+                                   "gradient": wrt})
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3,
+                    dtype=dtype)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+
+  def flax_step(params, x, dy):
+    def loss(params, x):
+      y, _ = bn.apply({"params": params,
+                       "batch_stats": variables["batch_stats"]}, x,
+                      mutable=["batch_stats"])
+      return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  measure(flax_step, (variables["params"], x, x),
+          {"implementation": "flax.linen", "case": "plain", "gradient": "all"})
+  return rows
 
 
 def _summary(what, times):
@@ -246,6 +314,15 @@ def format_report(report) -> str:
     lines.append(f"| {row['network']} | {row['dtype']} | "
                  f"{row['batch_norms']} | {ms['jaxbn']:.3f} | "
                  f"{ms['flax.linen']:.3f} | {row['jaxbn_over_flax']:.2f} |")
+  lines += ["", "## Compiled training step: temp memory and conditionals "
+            "(goal: temp <= 0.05x the input, no conditional)",
+            "| implementation | case | gradient of | shape | dtype | "
+            "temp (x input) | conditionals |", "|---|---|---|---|---|---|---|"]
+  for row in report.get("memory", []):
+    lines.append(f"| {row['implementation']} | {row['case']} | "
+                 f"{'parameters and x' if row['gradient'] == 'all' else 'parameters'} | "
+                 f"{tuple(row['shape'])} | {row['dtype']} | "
+                 f"{row['temp_over_input']:.3f} | {row['conditionals']} |")
   return "\n".join(lines)
 
 

@@ -70,6 +70,15 @@ def test_accelerator_suite_runs_layers_and_networks(tmp_path):
     assert row["jaxbn_over_flax"] == (row["median_ms"]["jaxbn"]
                                       / row["median_ms"]["flax.linen"])
   assert all(r["batch_norms"] >= 20 for r in report["networks"])
+  # the compiled training steps' temp memory and conditionals, each case in
+  # both dtypes, and flax's (here the CPU program: the guard's one cond)
+  memory = report["memory"]
+  assert len(memory) == 2 * (len(bench_accelerator.MEMORY_CASES) + 1)
+  for row in memory:
+    assert 0 <= row["temp_over_input"] < 5 and row["conditionals"] >= 0
+  assert {r["conditionals"] for r in memory
+          if r["implementation"] == "jaxbn"} == {1}
+  assert "temp (x input)" in (tmp_path / "bench_accelerator.md").read_text()
   assert "jaxbn / flax" in (tmp_path / "bench_accelerator.md").read_text()
   assert (tmp_path / "bench_accelerator.png").stat().st_size > 1000
   assert json.loads((tmp_path / "bench_accelerator.json").read_text())[
