@@ -52,6 +52,23 @@ class RenormClipping:
                               ("dmax", self.dmax)) if v is not None}
 
 
+def cached_when_hashable(maxsize: int):
+  """``functools.lru_cache(maxsize)`` for facts derived from a config, which
+  may hold an unhashable field (a user's callable): those calls compute
+  the answer each time instead."""
+  def wrap(fn):
+    cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+      try:
+        return cached(*args)
+      except TypeError:  # an unhashable argument
+        return fn(*args)
+    return call
+  return wrap
+
+
 class Resolved(NamedTuple):
   """What a config means for one input shape (computed at trace time)."""
 
@@ -232,11 +249,7 @@ class BatchNormConfig:
     """Axes and shapes for an input; raises ValueError for misfits. Kept
     for each (config, shape): a layer and ``apply`` resolve the same input
     shape on every call."""
-    shape = tuple(input_shape)
-    try:
-      return _resolved(self, shape)
-    except TypeError:  # an unhashable field: resolved again each time
-      return _resolved.__wrapped__(self, shape)
+    return _resolved(self, tuple(input_shape))
 
   def _resolve(self, shape: tuple) -> Resolved:
     ndim = len(shape)
@@ -279,11 +292,6 @@ class BatchNormConfig:
               else self.moving_variance_estimator == "unbiased")
     return Resolved(axes, reduction_axes, param_shape, broadcast_shape,
                     keras_fused, bessel)
-
-  def bessel_corrected_moving_variance(self, resolved: Resolved) -> bool:
-    """Whether ``moving_variance`` follows the Bessel-corrected batch
-    variance for inputs ``resolved`` describes."""
-    return resolved.bessel
 
   # ---------------------------------------------------------------- configs
 
@@ -478,6 +486,6 @@ def _check_renorm_clipping(value):
   return RenormClipping(**items)
 
 
-@functools.lru_cache(maxsize=512)
+@cached_when_hashable(maxsize=512)
 def _resolved(config: BatchNormConfig, shape: tuple) -> Resolved:
   return config._resolve(shape)

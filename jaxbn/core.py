@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import affine, closed_form, eager, stats
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import BatchNormConfig, cached_when_hashable
 from jaxbn.moving_averages import ema
 
 Params = dict
@@ -128,16 +128,9 @@ def state_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+@cached_when_hashable(maxsize=256)
 def state_names(config: BatchNormConfig) -> tuple:
   """Names of the state entries ``init_state`` creates for this config."""
-  try:
-    return _state_names(config)
-  except TypeError:  # an unhashable argument: no cache
-    return _state_names.__wrapped__(config)
-
-
-@functools.lru_cache(maxsize=256)
-def _state_names(config):
   shapes = jax.eval_shape(
       lambda key: init_state(config, (1,), key=key), jax.random.key(0))
   return tuple(shapes)

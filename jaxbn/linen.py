@@ -13,7 +13,6 @@ statistics). Training updates need ``mutable=['batch_stats']``::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -21,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import core
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import BatchNormConfig, cached_when_hashable
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchNormConfig))
 
 
-@functools.lru_cache(maxsize=256)
+@cached_when_hashable(maxsize=256)
 def _built_config(arguments: tuple) -> BatchNormConfig:
   return BatchNormConfig(**{f: v for f, (_, v) in zip(CONFIG_FIELDS,
                                                        arguments)})
@@ -76,12 +75,8 @@ class BatchNormalization(nn.Module):
     """The layer's ``BatchNormConfig``, built and validated once for each
     set of arguments (a Linen module is rebuilt on every ``apply``)."""
     # typed: equal values of different types (1 and 1.0) are told apart
-    arguments = tuple((type(v), v) for v in (getattr(self, f)
-                                             for f in CONFIG_FIELDS))
-    try:
-      return _built_config(arguments)
-    except TypeError:  # an unhashable argument: built again each time
-      return _built_config.__wrapped__(arguments)
+    return _built_config(tuple((type(v), v) for v in (
+        getattr(self, f) for f in CONFIG_FIELDS)))
 
   def get_config(self) -> dict:
     """Keras' ``get_config()`` dict for this layer."""

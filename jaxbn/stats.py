@@ -416,7 +416,7 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
     return tuple(_sum(_weighted(weights, p), across_rows) for p in partial)
 
   def apart():
-    count, k = len(elementwise(*inputs)), len(inputs)
+    count, k = len(jax.eval_shape(elementwise, *inputs)), len(inputs)
     copies = separate(*inputs * count)  # one barrier: XLA merges equal ones
     return tuple(sums((elementwise(*copies[i * k:(i + 1) * k])[i],))[0]
                  for i in range(count))
@@ -604,6 +604,11 @@ class ScaledSums(NamedTuple):
   squares_in_b: jax.Array     # sum w z_B^2
   excess: jax.Array           # sum w max(|z_B| - T / B, 0)
 
+  @property
+  def clamped_any(self) -> jax.Array:
+    """Per channel: was a value clamped (or not finite)?"""
+    return self.excess != 0
+
 
 def scaled_sums(x, reduction_axes, weights, shift, dtype) -> ScaledSums:
   """:class:`ScaledSums` of ``x`` around ``shift``: five sibling reductions
@@ -676,7 +681,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   sums = scaled_sums(x, axes, weights, shift, sd)
   n = jnp.broadcast_to(count, sums.clamped.shape)
   mean = shift + _scaled_offset(sums, n)
-  was_clamped = sums.excess != 0
+  was_clamped = sums.clamped_any
   # nothing clamped: the shifted sums, in units where the variance is
   # beyond the limit
   m2_small = nonnegative(
@@ -708,7 +713,7 @@ def _root(value):
 def _scaled_offset(sums: ScaledSums, count):
   """``S1 / n`` of :class:`ScaledSums`: from the clamped sums where nothing
   was clamped, from the sums in units of B otherwise."""
-  return jnp.where(sums.excess != 0, _times_power_of_two(
+  return jnp.where(sums.clamped_any, _times_power_of_two(
       safe_divide(sums.in_b, count), BIG_EXPONENT),
                    safe_divide(sums.clamped, count))
 

@@ -56,7 +56,7 @@ def test_training_matches_float64_reference(case):
       momentum=0.8, epsilon=1e-3, mask=mask,
       virtual_batch_size=case.get("virtual_batch_size"),
       renorm=case.get("renorm", False), **clip,
-      bessel=config.bessel_corrected_moving_variance(resolved))
+      bessel=resolved.bessel)
   np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
   for k in state_ref:
     np.testing.assert_allclose(new_state[k], state_ref[k], rtol=2e-5,
@@ -288,7 +288,7 @@ def test_padding_never_reaches_statistics_or_gradients(shape, kwargs,
     y_ref, s_ref = numpy_reference.batch_norm_train(
         x, params["gamma"], params["beta"], np_state, axes=resolved.axes,
         momentum=0.5, epsilon=1e-3, mask=full,
-        bessel=config.bessel_corrected_moving_variance(resolved))
+        bessel=resolved.bessel)
     np.testing.assert_allclose(np.asarray(y_clean)[full], y_ref[full],
                                rtol=1e-4, atol=1e-4)
     for k in ("moving_mean", "moving_variance"):

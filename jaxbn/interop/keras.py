@@ -127,7 +127,7 @@ def keras_config(module: BatchNormalization, input_shape,
         f"skip_nonfinite_updates=True has no {name} equivalent; use "
         "module.clone(skip_nonfinite_updates=False) to export (Keras then "
         "lets a non-finite batch into the moving statistics).")
-  unbiased = config.bessel_corrected_moving_variance(resolved)
+  unbiased = resolved.bessel
   if target == "keras3":
     return _keras3_config(config, keras, unbiased, input_shape)
   if config.fused is not None:

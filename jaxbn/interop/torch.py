@@ -168,7 +168,7 @@ def to_torch(module: BatchNormalization, variables, dims: int = 2):
     raise ValueError(f"`dims` must be 1, 2 or 3 (BatchNorm1d/2d/3d); got "
                      f"{dims!r}.")
   resolved = config.resolve((2,) * (dims + 2))  # torch's input rank
-  if not config.bessel_corrected_moving_variance(resolved):
+  if not resolved.bessel:
     raise ValueError(
         f"moving_variance_estimator={config.moving_variance_estimator!r} "
         f"gives a biased moving variance for BatchNorm{dims}d inputs, but "

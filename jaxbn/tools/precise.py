@@ -59,7 +59,7 @@ class Target(NamedTuple):
 def _jaxbn_target(config: BatchNormConfig, input_shape) -> Target:
   resolved = config.resolve(input_shape)
   return Target("moving_mean", "moving_variance",
-                config.bessel_corrected_moving_variance(resolved),
+                resolved.bessel,
                 config.epsilon, "moving_stddev" if config.renorm else None)
 
 
