@@ -149,14 +149,19 @@ def backward(dy, x, weights, terms: BackwardTerms, where: Where, epsilon,
                                 devices, relu)
 
 
-def _gate(dy, x, mean, relu, inv_unit=None):
-  """dy through the fused ReLU's gate, in dy's dtype (a select: exact);
-  with ``inv_unit``, ``mean`` is that of ``x / unit``."""
+def _gate(dy, x, mean, relu, inv_unit=None, half=None):
+  """dy through the fused ReLU's gate, in dy's dtype (exact): a select
+  (``affine.relu_gate``), or with ``half`` (1/2) its product form
+  (``affine.relu_gate_product``); with ``inv_unit``, ``mean`` is that of ``x
+  / unit``."""
   if relu is None:
     return dy
   if inv_unit is not None:  # relu_gate scales the plain mean (exactly)
     mean = mean / inv_unit
-  return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
+  if half is None:
+    return affine.relu_gate(dy, x, mean, *relu, inv_unit).astype(dy.dtype)
+  return affine.relu_gate_product(dy, x, mean, *relu, inv_unit,
+                                  half).astype(dy.dtype)
 
 
 def _backward_in_two_calls(dy, x, weights, terms, where, epsilon, devices,
@@ -165,8 +170,8 @@ def _backward_in_two_calls(dy, x, weights, terms, where, epsilon, devices,
   (with ``terms.inv_unit``: over ``x / unit``, in XLA; see
   :func:`backward`)."""
   mean, inv_unit = terms.mean, terms.inv_unit
-  gated = _gate(dy, x, mean, relu, inv_unit)
-  sum_dy, sum_dy_xc = _gradient_sums(gated, x, weights, mean, where, inv_unit)
+  sum_dy, sum_dy_xc = _gradient_sums(dy, x, weights, mean, where, inv_unit,
+                                     relu)
   dmean, dvar = terms.d_mean, terms.d_variance
   if devices.axis_name is not None:
     packed = jnp.stack([sum_dy, sum_dy_xc, dmean, dvar])
@@ -178,7 +183,8 @@ def _backward_in_two_calls(dy, x, weights, terms, where, epsilon, devices,
   a, c, d = affine.backward_coefficients(
       terms.scale, terms.variance, affine.epsilon_in_units(epsilon, inv_unit),
       (dmean, dvar), (g_sum_dy, g_sum_dy_xc), terms.count)
-  dx = _input_gradient(gated, x, weights, (a, c, d, mean), where, inv_unit)
+  dx = _input_gradient(_gate(dy, x, mean, relu, inv_unit), x, weights,
+                       (a, c, d, mean), where, inv_unit)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
@@ -228,27 +234,49 @@ def _row_weights(weights, x, view):
           cpu_kernels.row_weights(weights, x.shape, view))
 
 
-def _gradient_sums(dy, x, weights, mean, where, inv_unit=None):
-  """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (keepdims), over
+def _gradient_sums(dy, x, weights, mean, where, inv_unit=None, relu=None):
+  """``sum(g)`` and ``sum(g * (x - mean))`` per channel (keepdims), over
   the valid (mask nonzero) elements (``x / unit`` for ``x`` with
-  ``inv_unit``, in XLA).
+  ``inv_unit``, in XLA), ``g`` being dy through ``relu``'s gate (see
+  :func:`backward`) or dy.
 
   On CPU one read of ``dy`` and ``x`` through the kernel where it applies
   (no mask); otherwise sibling sums in XLA (``stats.sibling_sums``: one
-  read on GPU/TPU, two fast passes on CPU).
+  read on GPU/TPU, two fast passes on CPU), the gate inside each sum. A
+  select is written out in full before an XLA:CPU reduction, so there the
+  gate is its product form, and where that leaves a channel non-finite (a
+  non-finite dy or x, perhaps behind a closed gate) the channel's sums are
+  taken again with the select (:func:`stats.guard_cond`; ordinary steps
+  skip it).
   """
   sd = mean.dtype
+  valid_rows = None if weights is None else (weights != 0).astype(sd)
+  inputs = (dy, x, mean, inv_unit, relu)
 
-  def summands(dy, x, mean, inv_unit):
-    dys = dy.astype(sd)
+  def summands(dy, x, mean, inv_unit, relu, half=None):
+    dys = _gate(dy, x, mean, relu, inv_unit, half).astype(sd)
     return dys, dys * (stats.to_units(x.astype(sd), inv_unit) - mean)
 
-  def in_xla():
-    valid_rows = None if weights is None else (weights != 0).astype(sd)
-    return stats.sibling_sums(summands, (dy, x, mean, inv_unit), where.axes,
+  def in_xla(*half):
+    return stats.sibling_sums(summands, inputs + half, where.axes,
                               valid_rows)
 
+  def gated_on_cpu():
+    # the constant an input: one broadcast constant read by several XLA:CPU
+    # sums is written out in full (see stats.sibling_sums)
+    sums = in_xla(jnp.asarray(0.5, sd))
+    finite = jnp.isfinite(sums[0]) & jnp.isfinite(sums[1])
+
+    def retaken():
+      exact = stats.sums_in_one_loop(summands(*inputs), where.axes,
+                                     valid_rows)
+      return tuple(jnp.where(finite, s, e) for s, e in zip(sums, exact))
+
+    return stats.guard_cond(~jnp.all(finite), retaken, lambda: sums)
+
   view = where.view
+  if relu is not None:
+    return modes.for_compiler(cpu=gated_on_cpu, default=in_xla)
   if view is None or weights is not None or inv_unit is not None:
     return in_xla()
 

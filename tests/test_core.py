@@ -476,6 +476,54 @@ def test_fused_relu_equals_a_relu_after_the_layer(kwargs):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("wrt", [0, (0, 1)])
+@pytest.mark.parametrize("path", ["kernels", "xla", "accelerator"])
+def test_a_non_finite_cotangent_behind_a_closed_relu_gate_stays_out(path,
+                                                                    wrt):
+  # jax.nn.relu's rule gives 0 behind a closed gate whatever dy holds there
+  # (the cotangent of sqrt(relu(z)) is infinite exactly there): every path
+  # keeps it so, XLA:CPU's product-form gate included (its sums are taken
+  # again with the select for the channels it leaves non-finite), masked or
+  # not, for the gradients of the parameters alone and of x too
+  from jaxbn import cpu_kernels, modes
+  shape = (16, 6, 3, 5)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(0.5, 2, shape), jnp.float32)
+  dy = rng.normal(0, 1, shape).astype(np.float32)
+  mask = jnp.arange(16) % 4 != 0
+  plain = jaxbn.BatchNormConfig()
+  params, state = _random_state(plain, shape, rng=np.random.default_rng(1))
+  for m in (None, mask):
+    z, _ = jaxbn.apply(plain, params, state, x, training=True, mask=m)
+    closed = np.asarray(z) <= 0
+    closed[:, :, :, 1] = False  # a channel with every gate open stays exact
+    poison = np.array([np.inf, -np.inf, np.nan], np.float32)
+    d = dy.copy()
+    d[closed] = poison[np.arange(closed.sum()) % 3]
+    results = {}
+    for activation in (None, "relu"):
+      config = jaxbn.BatchNormConfig(activation=activation)
+
+      def loss(p, x, config=config, m=m, d=jnp.asarray(d)):
+        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
+        y = jax.nn.relu(y) if config.activation is None else y
+        return jnp.sum(y * d)
+
+      if activation is None:  # the reference: relu after the layer, in XLA
+        with cpu_kernels.use("off"):
+          results[activation] = jax.jit(jax.grad(loss, wrt))(params, x)
+        continue
+      scope = {"kernels": cpu_kernels.use("on"),
+               "xla": cpu_kernels.use("off"),
+               "accelerator": modes.statistics("accelerator")}[path]
+      with scope:
+        results[activation] = jax.jit(jax.grad(loss, wrt))(params, x)
+    got, want = (jax.tree_util.tree_leaves(results[k]) for k in ("relu", None))
+    assert np.isfinite(np.asarray(got[0])).all()
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_an_eager_call_runs_as_one_compiled_program_per_configuration():
   # Eagerly, apply compiles its whole computation once per configuration
   # and shapes (a second call reuses it), with the numbers of a jitted call;

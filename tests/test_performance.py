@@ -91,22 +91,32 @@ def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype,
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_masked_training_step_needs_no_input_sized_buffer(dtype, mode):
+def test_a_masked_or_gated_training_step_needs_no_input_sized_buffer(dtype,
+                                                                      mode):
   # the masked sums take each row's sum first, then leave padding out (a
   # select over every element is written out in full by XLA:CPU), the
-  # guard's branches included (the module runs with the guard on)
-  config, params, state, x = _setup((32, 16, 16, 64), -1, dtype)
-  m = jnp.arange(32) % 3 != 0
+  # guard's branches included (the module runs with the guard on); the
+  # fused ReLU's gate enters XLA:CPU's sums as a product, also for the
+  # gradient of the parameters alone (no dx whose buffer the gated dy
+  # could share)
+  mask = jnp.arange(32) % 3 != 0
+  cases = [({}, mask, (0, 1)), ({"activation": "relu"}, None, 0),
+           ({"activation": "relu"}, mask, 0)]
+  for kwargs, m, wrt in cases:
+    config = jaxbn.BatchNormConfig(**kwargs)
+    params, state = jaxbn.init(config, (32, 16, 16, 64))
+    x = jnp.ones((32, 16, 16, 64), dtype)
 
-  def step(params, x, dy):
-    def loss(p, x):
-      y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
-      return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1))(params, x)
+    def step(params, x, dy):
+      def loss(p, x):
+        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+      return jax.grad(loss, argnums=wrt)(params, x)
 
-  with cpu_kernels.use(mode):
-    compiled = jax.jit(step).lower(params, x, x).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes <= 0.05 * x.nbytes
+    with cpu_kernels.use(mode):
+      compiled = jax.jit(step).lower(params, x, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -119,7 +129,8 @@ def test_the_gpu_tpu_algorithm_needs_no_input_sized_buffer(dtype):
   mask = jnp.arange(32) % 3 != 0
   cases = [({}, None, (0, 1)), ({}, mask, (0, 1)),
            ({"activation": "relu"}, None, (0, 1)), ({}, None, 0),
-           ({}, mask, 0)]
+           ({}, mask, 0), ({"activation": "relu"}, None, 0),
+           ({"activation": "relu"}, mask, 0)]
   for kwargs, m, wrt in cases:
     config = jaxbn.BatchNormConfig(**kwargs)
     params, state = jaxbn.init(config, config_shape)
