@@ -328,7 +328,7 @@ def _train(config, resolved, params, state, x, weights, key,
     y, _, (pooled, summary) = closed_form.reference(*args)
   else:
     y, _, (pooled, summary) = closed_form.train(*args)
-  return y.reshape(x.shape), _updated_state(config, resolved, state, pooled,
+  return stats.view_of(y, x.shape), _updated_state(config, resolved, state, pooled,
                                             summary)
 
 
@@ -363,7 +363,7 @@ def _batch_view(config, resolved, x, weights) -> BatchView:
     weights = weights.reshape((1,) * (x.ndim - weights.ndim) + weights.shape)
     weights = jnp.broadcast_to(weights, x.shape[:1] + weights.shape[1:])
     weights = weights.reshape(batch_axes + weights.shape[1:])
-  return BatchView(x.reshape(shape), weights, axes, group_axis)
+  return BatchView(stats.view_of(x, shape), weights, axes, group_axis)
 
 
 def _corrections(config, resolved, group_axis, devices,

@@ -27,7 +27,9 @@ more row for ``inv_unit``).
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import NamedTuple, Sequence
 
 import jax
@@ -118,6 +120,23 @@ def separate(*values):
   differentiable and costs nothing at run time.
   """
   return lax.optimization_barrier(values)
+
+
+def view_of(x, shape):
+  """``x.reshape(shape)`` (a free view); for a 16-bit ``x`` on XLA:CPU, one
+  whose only reader is an optimization barrier, as is its gradient's (the
+  barrier is linear).
+
+  XLA:CPU takes a reshape of a 16-bit array in float32 where a float32
+  computation reads it (its bf16 normalization), and hands every other
+  reader, such as the barrier that gives each sum its own copy
+  (:func:`separate`), a 16-bit copy written out in full. (A barrier keeps
+  what follows out of the fusion that writes ``x``, so only where needed.)"""
+  view = lambda: x.reshape(shape)
+  if tuple(shape) == x.shape or jnp.dtype(x.dtype).itemsize > 2:
+    return view()
+  return modes.for_compiler(cpu=lambda: lax.optimization_barrier(view()),
+                            default=view)
 
 
 def _sum(x, axes):
@@ -377,12 +396,30 @@ def _lower_median(sample):
   own = jnp.arange(k).reshape((k, 1, 1) + (1,) * (sample.ndim - 1))
   below = ((other < value) | (jnp.isnan(value) & ~jnp.isnan(other))
            | ((other == value) & (position < own)))
-  rank = jnp.sum(jnp.sum(below, axis=2, dtype=jnp.int32), axis=1)
-  count = jnp.sum(~jnp.isnan(sample), axis=0)
-  middle = jnp.maximum(count - 1, 0) // 2
-  median = jnp.sum(jnp.where(rank == middle, jnp.nan_to_num(sample), 0),
-                   axis=0)
+  # the k x channels ranks are written out between their sums and the
+  # choice: int8 keeps them a quarter of float32's size
+  ranks = jnp.int8 if k <= jnp.iinfo(jnp.int8).max else jnp.int32
+  rank = jnp.sum(jnp.sum(below, axis=2, dtype=ranks), axis=1, dtype=ranks)
+  count = _sum_in_blocks(~jnp.isnan(sample), jnp.int32)
+  middle = (jnp.maximum(count - 1, 0) // 2).astype(ranks)
+  # the chosen value's bits summed as integers (one term is nonzero: exact):
+  # XLA:CPU writes out a select before a float sum, not before an int sum
+  bits = jnp.dtype(f"int{8 * sample.dtype.itemsize}")
+  chosen = jnp.where(rank == middle,
+                     lax.bitcast_convert_type(jnp.nan_to_num(sample), bits), 0)
+  median = lax.bitcast_convert_type(_sum_in_blocks(chosen, bits), sample.dtype)
   return jnp.where(count > 0, median, 0)
+
+
+def _sum_in_blocks(values, dtype):
+  """The sum over axis 0 as a sum of slices' sums, each of at most
+  ``_RANK_BLOCK`` values: XLA:CPU splits a longer sum into a reduce-window
+  that writes its input out in full (a reshape into blocks is rewritten
+  into one too)."""
+  values = values.astype(dtype)
+  return functools.reduce(operator.add, (
+      jnp.sum(values[i:i + _RANK_BLOCK], axis=0, dtype=dtype)
+      for i in range(0, values.shape[0], _RANK_BLOCK)))
 
 
 def sibling_sums(elementwise, inputs, reduction_axes, w=None):

@@ -148,6 +148,38 @@ def test_the_gpu_tpu_algorithm_needs_no_input_sized_buffer(dtype):
     assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
 
 
+@pytest.mark.parametrize("path", ["xla", "accelerator"])
+def test_ghost_batches_and_axis_lists_in_bfloat16_need_no_input_sized_buffer(
+    path):
+  # bfloat16 on the XLA:CPU paths: a virtual-batch view of x or dy read by
+  # a float32 pass is taken in float32 by XLA:CPU, which wrote a bf16 copy
+  # out for the sums' barrier (1.0x; stats.view_of); the sampled shift of
+  # an axis list (2048 channels of 2048 values) wrote out its ranks, counts
+  # and choice in int32 and float32 (0.096x; stats._lower_median)
+  shape = (64, 32, 32, 64)
+  mask = jnp.arange(64) % 3 != 0
+  cases = [({"virtual_batch_size": 16}, None, (0, 1)),
+           ({"virtual_batch_size": 16, "activation": "relu"}, mask, (0, 1)),
+           ({"axis": [2, 3]}, None, 0)]
+  for kwargs, m, wrt in cases:
+    config = jaxbn.BatchNormConfig(**kwargs)
+    params, state = jaxbn.init(config, shape)
+    x = jnp.ones(shape, jnp.bfloat16)
+
+    def step(params, x, dy):
+      def loss(p, x):
+        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+      return jax.grad(loss, argnums=wrt)(params, x)
+
+    scope = (cpu_kernels.use("off") if path == "xla" else
+             modes.statistics("accelerator"))
+    with scope:
+      compiled = jax.jit(step).lower(params, x, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
+
+
 def test_the_shift_of_a_small_batch_needs_no_batch_sized_buffer():
   # the sampled shift's ranks (stats._lower_median) of 64 rows x 1024
   # channels: 64 x 64 comparisons per channel, counted in blocks that
