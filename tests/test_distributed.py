@@ -348,7 +348,8 @@ def _reduced_mesh_axis_sizes(hlo, dtype):
   the mesh axis (or axes) it reduces over."""
   sizes = []
   for line in hlo.splitlines():
-    if " all-reduce(" not in line or f"= {dtype}[" not in line:
+    result = re.search(r"= (.*?) all-reduce\(", line)  # one type or a tuple
+    if result is None or f"{dtype}[" not in result.group(1):
       continue
     axes = dict(re.findall(r"'(axis_\d+)'=(\d+)", line))
     reduced = re.search(r"\] \{([^}]*)\}", line).group(1)
