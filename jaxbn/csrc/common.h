@@ -14,6 +14,7 @@
 #include <optional>
 #include <thread>
 #include <type_traits>
+#include <unistd.h>
 #include <utility>
 #include <vector>
 
@@ -241,12 +242,23 @@ template <int R, class Step>
 // step load and store them once per step instead of once per row. But each
 // row of a step is a separate stream for the hardware prefetchers, which for
 // wide rows costs more than it saves: the call sites choose R per kernel
-// from measurements. From kWideRowChannels on, the partial sums and the
+// from measurements. From WideRowChannels() on, the partial sums and the
 // mean (3 C floats) no longer stay in L1 beside the rows streaming through
 // it, and loading and storing them once per row goes to L2: there four rows
 // per step win again (below it, with a 48 KB L1, one row per step is
-// faster; the figures are in CHANGELOG).
-constexpr int64_t kWideRowChannels = 3072;
+// faster; the figures are in CHANGELOG). That bound is the L1's: 3072
+// channels for a 48 KB L1, 2048 for a 32 KB one (L1 / 16 bytes), read from
+// the running machine once.
+inline int64_t WideRowChannels() {
+  static const int64_t channels = [] {
+    long l1 = 0;
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+    return static_cast<int64_t>(l1 > 0 ? l1 : 48 * 1024) / 16;
+  }();
+  return channels;
+}
 
 template <class Step>
 [[gnu::always_inline]] inline void ForEachRowStep(int64_t rows, int rows_per_step,

@@ -56,7 +56,7 @@ template <bool kGate, class In>
   float* __restrict q = scratch + channels;
   std::fill(scratch, scratch + 2 * channels, 0.f);
   const int64_t C = channels;
-  ForEachRowStep(rows, C <= 32 || C >= kWideRowChannels ? 4 : C <= 64 ? 2 : 1, [&](int64_t i, auto step) JAXBN_INLINE {
+  ForEachRowStep(rows, C <= 32 || C >= WideRowChannels() ? 4 : C <= 64 ? 2 : 1, [&](int64_t i, auto step) JAXBN_INLINE {
     ForEachLanes(C, [&](auto t, int64_t c) JAXBN_INLINE {
       const auto* g_row = dy + i * C + c;
       const auto* x_row = x + i * C + c;

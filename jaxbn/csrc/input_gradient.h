@@ -117,7 +117,7 @@ template <class In>
                                                      int64_t rows,
                                                      int64_t channels, bool stream, In* dx) {
   WithGate(gate.relu.on(), [&](auto gated) JAXBN_INLINE {
-    if (channels < kWideRowChannels) {
+    if (channels < WideRowChannels()) {
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t o = i * channels;
         WithStores(stream, dx + o, [&](auto kind) JAXBN_INLINE {
@@ -127,7 +127,7 @@ template <class In>
       }
       return;
     }
-    // From kWideRowChannels channels on, four rows at a time: the
+    // From WideRowChannels() channels on, four rows at a time: the
     // coefficients (4 floats a channel: 57 KB for 3584 channels) no longer
     // stay in L1 beside the rows streaming through it, and each is loaded
     // once for four rows instead of once a row.

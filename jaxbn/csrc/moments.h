@@ -77,7 +77,7 @@ template <class In>
   float* __restrict r = sums.r;
   float* __restrict q = sums.q;
   const int64_t C = channels;
-  ForEachRowStep(rows, C <= 64 || C >= kWideRowChannels ? 4 : 1, [&](int64_t i, auto step) JAXBN_INLINE {
+  ForEachRowStep(rows, C <= 64 || C >= WideRowChannels() ? 4 : 1, [&](int64_t i, auto step) JAXBN_INLINE {
     ForEachLanes(C, [&](auto t, int64_t c) JAXBN_INLINE {
       const auto* row = x + i * C + c;
       const auto first = LoadLanes(x + c, t);
