@@ -209,6 +209,7 @@ def _row_axes(w, values, axes):
   return w, along, tuple(a for a in axes if a not in along)
 
 
+@functools.partial(jax.jit, static_argnums=(1,), inline=True)
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None, inv_unit=None,
                   shift=None) -> Triple:
@@ -478,6 +479,7 @@ def sums_in_one_loop(values, reduction_axes, w=None):
                for total in lax.reduce(values, zeros, add, axes))
 
 
+@functools.partial(jax.jit, static_argnums=(1,), inline=True)
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
                           weights: jax.Array | None = None) -> Triple:
   """The :class:`Triple` from one read of shifted sums (GPU/TPU).
@@ -702,6 +704,10 @@ def _clip(value, zero, bound):
           + jnp.maximum(-value - bound, zero))
 
 
+# Traced once per input signature (and jaxbn mode) and inlined: every
+# training call traces the GPU/TPU algorithm beside the CPU one (see
+# modes.platform_dependent), and a model repeats its layers' shapes.
+@functools.partial(jax.jit, static_argnums=(1,), inline=True)
 def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
                    weights: jax.Array | None = None):
   """``(triple, inv_unit)`` (a :class:`Triple`) from one read of x, with

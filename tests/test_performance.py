@@ -283,3 +283,42 @@ def test_remat_can_keep_only_the_named_statistics():
   for a, b in zip(jax.tree_util.tree_leaves(g_plain),
                   jax.tree_util.tree_leaves(g_remat)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_repeated_shape_reuses_the_traced_statistics():
+  # a model repeats its layers' shapes, and jit traces a step again for a
+  # new closure: the statistics' algorithms (the GPU/TPU one is traced on
+  # CPU too, beside the CPU one) are traced once per input signature and
+  # mode, then inlined from JAX's cache
+  import sys
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, (8, 4, 4, 16))
+  x = jnp.ones((8, 4, 4, 16))
+  cached = {getattr(f, "__wrapped__", f).__code__ for f in (
+      stats.scaled_moments, stats.local_moments, stats.local_moments_shifted)}
+
+  def trace():
+    f = lambda p, x: jnp.sum(jaxbn.apply(config, p, state, x,
+                                         training=True)[0])
+    jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(params, x)
+
+  def entered_during(fn):
+    entered = set()
+
+    def profile(frame, event, arg):
+      if event == "call" and frame.f_code in cached:
+        entered.add(frame.f_code.co_name)
+    sys.setprofile(profile)
+    try:
+      fn()
+    finally:
+      sys.setprofile(None)
+    return entered
+
+  # users' default mode (both algorithms traced), the retake's two-pass
+  # moments in XLA too
+  with modes.statistics("auto"), cpu_kernels.use("off"):
+    jax.clear_caches()
+    assert entered_during(trace) == {"scaled_moments", "local_moments",
+                                     "local_moments_shifted"}
+    assert entered_during(trace) == set()
