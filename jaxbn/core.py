@@ -328,8 +328,8 @@ def _train(config, resolved, params, state, x, weights, key,
     y, _, (pooled, summary) = closed_form.reference(*args)
   else:
     y, _, (pooled, summary) = closed_form.train(*args)
-  return stats.view_of(y, x.shape), _updated_state(config, resolved, state, pooled,
-                                            summary)
+  return stats.view_of(y, x.shape), _updated_state(config, resolved, state,
+                                                   pooled, summary)
 
 
 def _broadcasts_per_channel(value_shape, channel_shape):

@@ -122,6 +122,16 @@ def separate(*values):
   return lax.optimization_barrier(values)
 
 
+# A statistics algorithm traced once per input signature and jaxbn mode (the
+# modes are part of JAX's trace context), then inlined from JAX's cache into
+# each trace that calls it (the lowered program has no nested call): every
+# training call traces the GPU/TPU algorithm beside the CPU one (see
+# modes.platform_dependent), and a model repeats its layers' shapes.
+_traced_once = functools.partial(jax.jit, static_argnums=(1,),
+                                 static_argnames=("reduction_axes",),
+                                 inline=True)
+
+
 def view_of(x, shape):
   """``x.reshape(shape)`` (a free view); for a 16-bit ``x`` on XLA:CPU, one
   whose only reader is an optimization barrier, as is its gradient's (the
@@ -209,7 +219,7 @@ def _row_axes(w, values, axes):
   return w, along, tuple(a for a in axes if a not in along)
 
 
-@functools.partial(jax.jit, static_argnums=(1,), inline=True)
+@_traced_once
 def local_moments(x: jax.Array, reduction_axes: Sequence[int],
                   weights: jax.Array | None = None, inv_unit=None,
                   shift=None) -> Triple:
@@ -415,8 +425,9 @@ def _lower_median(sample):
 def _sum_in_blocks(values, dtype):
   """The sum over axis 0 as a sum of slices' sums, each of at most
   ``_RANK_BLOCK`` values: XLA:CPU splits a longer sum into a reduce-window
-  that writes its input out in full (a reshape into blocks is rewritten
-  into one too)."""
+  that writes its input out in full. (A reshape of these k-first values
+  into blocks is rewritten into one too; the ranks' comparisons, formed in
+  blocks from the start, are not, and fuse better than slices of them.)"""
   values = values.astype(dtype)
   return functools.reduce(operator.add, (
       jnp.sum(values[i:i + _RANK_BLOCK], axis=0, dtype=dtype)
@@ -479,7 +490,7 @@ def sums_in_one_loop(values, reduction_axes, w=None):
                for total in lax.reduce(values, zeros, add, axes))
 
 
-@functools.partial(jax.jit, static_argnums=(1,), inline=True)
+@_traced_once
 def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
                           weights: jax.Array | None = None) -> Triple:
   """The :class:`Triple` from one read of shifted sums (GPU/TPU).
@@ -704,10 +715,7 @@ def _clip(value, zero, bound):
           + jnp.maximum(-value - bound, zero))
 
 
-# Traced once per input signature (and jaxbn mode) and inlined: every
-# training call traces the GPU/TPU algorithm beside the CPU one (see
-# modes.platform_dependent), and a model repeats its layers' shapes.
-@functools.partial(jax.jit, static_argnums=(1,), inline=True)
+@_traced_once
 def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
                    weights: jax.Array | None = None):
   """``(triple, inv_unit)`` (a :class:`Triple`) from one read of x, with
