@@ -14,9 +14,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 
 # The test processes compile faster than users' processes do: LLVM's
-# optimizations off and XLA:CPU's older fusion code generator instead of its
-# MLIR fusion emitters; together they cut the suite's compile time by more
-# than half. Nothing the tests check depends on them: XLA:CPU keeps IEEE
+# optimizations off, XLA:CPU's older fusion code generator instead of its
+# MLIR fusion emitters, and each program's machine code generated as one
+# module (the split into modules compiled on parallel threads costs time
+# where the test workers already keep every core busy); together they cut
+# the suite's compile time by more than half. Nothing the tests check
+# depends on them: XLA:CPU keeps IEEE
 # semantics either way (no fast-math), the HLO that the byte and memory tests
 # read is built before code generation, and the whole suite passes at the
 # default settings too (``JAXBN_TEST_COMPILE=default`` runs it so). At those
@@ -25,7 +28,8 @@ os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 # and PyTorch ports included) and the numerics of non-finite and extreme data
 # (test_statistics::test_extremes_hold_at_the_default_compile_settings).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_cpu_use_fusion_emitters=false")
+                      "--xla_cpu_use_fusion_emitters=false",
+                      "--xla_cpu_parallel_codegen_split_count=1")
 if os.environ.get("JAXBN_TEST_COMPILE", "fast") == "fast":
   for _flag in FAST_COMPILE_FLAGS:
     if _flag not in os.environ["XLA_FLAGS"].split():
