@@ -124,9 +124,10 @@ def separate(*values):
 
 # A statistics algorithm traced once per input signature and jaxbn mode (the
 # modes are part of JAX's trace context), then inlined from JAX's cache into
-# each trace that calls it (the lowered program has no nested call): every
-# training call traces the GPU/TPU algorithm beside the CPU one (see
-# modes.platform_dependent), and a model repeats its layers' shapes.
+# each trace that calls it (the lowered program has no nested call): in the
+# default mode every training call traces the GPU/TPU algorithm beside the
+# CPU one (see modes.platform_dependent), and a model repeats its layers'
+# shapes.
 _traced_once = functools.partial(jax.jit, static_argnums=(1,),
                                  static_argnames=("reduction_axes",),
                                  inline=True)

@@ -19,13 +19,13 @@ os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 # module (the split into modules compiled on parallel threads costs time
 # where the test workers already keep every core busy); together they cut
 # the suite's compile time by more than half. Nothing the tests check
-# depends on them: XLA:CPU keeps IEEE
-# semantics either way (no fast-math), the HLO that the byte and memory tests
-# read is built before code generation, and the whole suite passes at the
-# default settings too (``JAXBN_TEST_COMPILE=default`` runs it so). At those
-# default settings, as users compile: the examples and the benchmark (in
-# subprocesses, default_compile_env: end-to-end trained numbers, the Keras
-# and PyTorch ports included) and the numerics of non-finite and extreme data
+# depends on them: XLA:CPU keeps IEEE semantics either way (no fast-math),
+# the HLO that the byte and memory tests read is built before code
+# generation, and the whole suite passes at the default settings too
+# (``JAXBN_TEST_COMPILE=default`` runs it so). At those default settings, as
+# users compile: the examples and the benchmark (in subprocesses,
+# default_compile_env: end-to-end trained numbers, the Keras and PyTorch
+# ports included) and the numerics of non-finite and extreme data
 # (test_statistics::test_extremes_hold_at_the_default_compile_settings).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                       "--xla_cpu_use_fusion_emitters=false",
