@@ -45,9 +45,10 @@ def stddev(variance, epsilon, inv_unit: jax.Array | None = None):
   return root if inv_unit is None else root / inv_unit
 
 
-def normalize(x, mean, a, b, activation=None, inv_unit=None):
+def normalize(x, mean, a, b, activation=None, inv_unit=None, floor=None):
   """``y = (x - mean) * a + b`` in the statistics dtype, cast back to x's;
-  with ``activation='relu'``, ``max(y, 0)`` before the cast. With
+  with ``activation='relu'``, ``max(y, 0)`` before the cast (0 given per
+  channel as ``floor``, or a constant: the same values). With
   ``inv_unit`` (``1 / unit``, a power of two per channel: see
   ``stats.in_units``), ``y = (x / unit - mean / unit) * a + b``, ``a`` being
   in the same units: exact scalings (by 1 for an ordinary channel).
@@ -61,7 +62,7 @@ def normalize(x, mean, a, b, activation=None, inv_unit=None):
   """
   y = _normalized(x, mean, a, b, inv_unit)
   if activation == "relu":
-    y = jax.nn.relu(y)
+    y = jax.nn.relu(y) if floor is None else jnp.maximum(y, floor)
   return y.astype(x.dtype)
 
 

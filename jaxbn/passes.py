@@ -84,8 +84,9 @@ def normalize(x, mean, a, b, where: Where, activation=None, inv_unit=None):
   ``cpu_kernels.WIDE_ROW_CHANNELS`` channels or more (``where.output_view``);
   in XLA otherwise."""
   view = where.output_view
-  in_xla = functools.partial(affine.normalize, x, mean, a, b, activation,
-                             inv_unit)
+  in_xla = functools.partial(modes.for_compiler, cpu=functools.partial(
+      _normalize_alone, x, mean, a, b, activation, inv_unit), default=
+      functools.partial(affine.normalize, x, mean, a, b, activation, inv_unit))
   if view is None:
     return in_xla()
 
@@ -97,6 +98,21 @@ def normalize(x, mean, a, b, where: Where, activation=None, inv_unit=None):
     return cpu_kernels.normalize(x, view, terms, relu=activation == "relu")
 
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
+
+
+def _normalize_alone(x, mean, a, b, activation, inv_unit):
+  """``affine.normalize`` laid out for XLA:CPU: its inputs (and the ReLU's
+  zero) come through a barrier of their own.
+
+  A consumer's reduction (a loss such as ``sum(y * r)``) takes in y's pass
+  only if nothing it reads is shared with another pass: XLA:CPU writes out
+  in full an elementwise producer that the backward shares (``x - mean``,
+  the broadcast scale) and a broadcast constant (the ReLU's zero). Apart,
+  the loss reads x and r once and writes nothing."""
+  floor = jnp.zeros_like(mean) if activation == "relu" else None
+  x, mean, a, b, inv_unit, floor = stats.separate(x, mean, a, b, inv_unit,
+                                                  floor)
+  return affine.normalize(x, mean, a, b, activation, inv_unit, floor)
 
 
 class BackwardTerms(NamedTuple):
@@ -183,8 +199,8 @@ def _backward_in_two_calls(dy, x, weights, terms, where, epsilon, devices,
   a, c, d = affine.backward_coefficients(
       terms.scale, terms.variance, affine.epsilon_in_units(epsilon, inv_unit),
       (dmean, dvar), (g_sum_dy, g_sum_dy_xc), terms.count)
-  dx = _input_gradient(_gate(dy, x, mean, relu, inv_unit), x, weights,
-                       (a, c, d, mean), where, inv_unit)
+  dx = _input_gradient(dy, x, weights, (a, c, d, mean), where, inv_unit,
+                       relu)
   return dx, (sum_dy, sum_dy_xc), (g_sum_dy, g_sum_dy_xc)
 
 
@@ -287,19 +303,29 @@ def _gradient_sums(dy, x, weights, mean, where, inv_unit=None, relu=None):
   return modes.platform_dependent(cpu=in_kernel, default=in_xla)
 
 
-def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None):
-  """``affine.input_gradient``: on CPU through the kernel where it applies
-  (no mask, no units), which writes big outputs with streaming stores;
-  otherwise one XLA elementwise pass."""
-  d = coefficients[2]
-  in_xla = functools.partial(affine.input_gradient, dy, x, weights,
-                             coefficients, inv_unit)
+def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None,
+                    relu=None):
+  """``affine.input_gradient`` of dy through ``relu``'s gate: on CPU through
+  the kernel where it applies (no mask, no units), which writes big outputs
+  with streaming stores; otherwise one XLA elementwise pass, its inputs
+  apart on XLA:CPU for the reason given in :func:`_normalize_alone` (a
+  loss's reduction over y shares no producer with dx's pass, such as dy's
+  float32 copy)."""
+  mean = coefficients[3]
+
+  def in_xla(dy, x, weights, coefficients, inv_unit, relu):
+    return affine.input_gradient(_gate(dy, x, mean, relu, inv_unit), x,
+                                 weights, coefficients, inv_unit)
+
+  args = (dy, x, weights, coefficients, inv_unit, relu)
   view = where.view
   if view is None or inv_unit is not None:
-    return in_xla()
+    return modes.for_compiler(cpu=lambda: in_xla(*stats.separate(*args)),
+                              default=lambda: in_xla(*args))
 
   def in_kernel():
-    return cpu_kernels.input_grad(dy, x, _channel_operand(coefficients, d, view),
-                                  view, rows=_row_weights(weights, x, view))
+    gated = _gate(dy, x, mean, relu, inv_unit)
+    return cpu_kernels.input_grad(gated, x, _channel_operand(
+        coefficients, mean, view), view, rows=_row_weights(weights, x, view))
 
-  return modes.platform_dependent(cpu=in_kernel, default=in_xla)
+  return modes.platform_dependent(cpu=in_kernel, default=lambda: in_xla(*args))

@@ -89,95 +89,86 @@ def test_training_step_traffic_temp_memory_and_residuals(shape, axis, dtype,
   assert saved - x.nbytes <= 0.05 * x.nbytes
 
 
+def _step_temp(kwargs, mask, wrt, dtype, shape, value):
+  """Temp bytes ÷ x's of a compiled training step under the current modes:
+  the gradient with respect to ``wrt`` (0: the parameters; 1: x) of the
+  loss ``sum(y r)``, with that loss too where ``value`` (a loop that
+  reports its loss: XLA:CPU's reduction over y then meets jaxbn's passes)."""
+  config = jaxbn.BatchNormConfig(**kwargs)
+  params, state = jaxbn.init(config, shape)
+  x = jnp.ones(shape, dtype)
+
+  def step(params, x, r):
+    def loss(p, x):
+      y, _ = jaxbn.apply(config, p, state, x, training=True, mask=mask)
+      return jnp.sum(y.astype(jnp.float32) * r.astype(jnp.float32))
+    take = jax.value_and_grad if value else jax.grad
+    return take(loss, argnums=wrt)(params, x)
+
+  compiled = jax.jit(step).lower(params, x, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / x.nbytes
+
+
+@pytest.mark.parametrize("value", [False, True], ids=["grad", "value_and_grad"])
 @pytest.mark.parametrize("mode", ["on", "off"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_masked_or_gated_training_step_needs_no_input_sized_buffer(dtype,
-                                                                      mode):
+def test_a_masked_or_gated_training_step_needs_no_input_sized_buffer(
+    dtype, mode, value):
   # the masked sums take each row's sum first, then leave padding out (a
   # select over every element is written out in full by XLA:CPU), the
   # guard's branches included (the module runs with the guard on); the
   # fused ReLU's gate enters XLA:CPU's sums as a product, also for the
   # gradient of the parameters alone (no dx whose buffer the gated dy
-  # could share)
+  # could share); with the loss returned, its reduction over y takes in
+  # the output pass, which shares nothing with the backward's passes
   mask = jnp.arange(32) % 3 != 0
   cases = [({}, mask, (0, 1)), ({"activation": "relu"}, None, 0),
            ({"activation": "relu"}, mask, 0)]
+  if value:
+    cases += [({}, None, (0, 1)), ({"activation": "relu"}, mask, (0, 1))]
   for kwargs, m, wrt in cases:
-    config = jaxbn.BatchNormConfig(**kwargs)
-    params, state = jaxbn.init(config, (32, 16, 16, 64))
-    x = jnp.ones((32, 16, 16, 64), dtype)
-
-    def step(params, x, dy):
-      def loss(p, x):
-        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
-        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-      return jax.grad(loss, argnums=wrt)(params, x)
-
     with cpu_kernels.use(mode):
-      compiled = jax.jit(step).lower(params, x, x).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
+      temp = _step_temp(kwargs, m, wrt, dtype, (32, 16, 16, 64), value)
+    assert temp <= 0.05, (kwargs, m is not None, wrt, temp)
 
 
+@pytest.mark.parametrize("value", [False, True], ids=["grad", "value_and_grad"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_gpu_tpu_algorithm_needs_no_input_sized_buffer(dtype):
+def test_the_gpu_tpu_algorithm_needs_no_input_sized_buffer(dtype, value):
   # compiled for CPU (what a CPU mesh with an automatic axis runs): the
   # one-read sums are siblings on GPU/TPU and, for XLA:CPU, each its own
   # pass in arithmetic alone (stats.sibling_sums, stats.scaled_sums), the
   # guard on, a row mask applied to each row's sums
-  config_shape = (32, 16, 16, 64)
   mask = jnp.arange(32) % 3 != 0
   cases = [({}, None, (0, 1)), ({}, mask, (0, 1)),
            ({"activation": "relu"}, None, (0, 1)), ({}, None, 0),
            ({}, mask, 0), ({"activation": "relu"}, None, 0),
            ({"activation": "relu"}, mask, 0)]
   for kwargs, m, wrt in cases:
-    config = jaxbn.BatchNormConfig(**kwargs)
-    params, state = jaxbn.init(config, config_shape)
-    x = jnp.ones(config_shape, dtype)
-
-    def step(params, x, dy):
-      def loss(p, x):
-        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
-        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-      return jax.grad(loss, argnums=wrt)(params, x)
-
     with modes.statistics("accelerator"):
-      compiled = jax.jit(step).lower(params, x, x).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
+      temp = _step_temp(kwargs, m, wrt, dtype, (32, 16, 16, 64), value)
+    assert temp <= 0.05, (kwargs, m is not None, wrt, temp)
 
 
+@pytest.mark.parametrize("value", [False, True], ids=["grad", "value_and_grad"])
 @pytest.mark.parametrize("path", ["xla", "accelerator"])
 def test_ghost_batches_and_axis_lists_in_bfloat16_need_no_input_sized_buffer(
-    path):
+    path, value):
   # bfloat16 on the XLA:CPU paths: a virtual-batch view of x or dy read by
   # a float32 pass is taken in float32 by XLA:CPU, which wrote a bf16 copy
   # out for the sums' barrier (1.0x; stats.view_of); the sampled shift of
   # an axis list (2048 channels of 2048 values) wrote out its ranks, counts
   # and choice in int32 and float32 (0.096x; stats._lower_median)
-  shape = (64, 32, 32, 64)
   mask = jnp.arange(64) % 3 != 0
   cases = [({"virtual_batch_size": 16}, None, (0, 1)),
            ({"virtual_batch_size": 16, "activation": "relu"}, mask, (0, 1)),
            ({"axis": [2, 3]}, None, 0)]
   for kwargs, m, wrt in cases:
-    config = jaxbn.BatchNormConfig(**kwargs)
-    params, state = jaxbn.init(config, shape)
-    x = jnp.ones(shape, jnp.bfloat16)
-
-    def step(params, x, dy):
-      def loss(p, x):
-        y, _ = jaxbn.apply(config, p, state, x, training=True, mask=m)
-        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-      return jax.grad(loss, argnums=wrt)(params, x)
-
     scope = (cpu_kernels.use("off") if path == "xla" else
              modes.statistics("accelerator"))
     with scope:
-      compiled = jax.jit(step).lower(params, x, x).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp <= 0.05 * x.nbytes, (kwargs, m is not None, wrt, temp)
+      temp = _step_temp(kwargs, m, wrt, "bfloat16", (64, 32, 32, 64), value)
+    assert temp <= 0.05, (kwargs, m is not None, wrt, temp)
 
 
 def test_the_shift_of_a_small_batch_needs_no_batch_sized_buffer():
