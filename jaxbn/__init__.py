@@ -52,7 +52,7 @@ Under ``grad`` the backward is ``closed_form._bwd`` -> ``passes.backward``:
 one CPU kernel call, or two XLA passes (sums, then dx) with one all-reduce
 between them across devices.
 """
-from jaxbn import interop, modes, nnx, tools
+from jaxbn import interop, modes, tools
 from jaxbn.interop import (from_flax, from_keras, from_torch, keras_config,
                            keras_model_variables, to_keras, to_torch,
                            torch_model_variables)
@@ -71,11 +71,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  # Equinox is optional (pip install jaxbn[equinox]): imported on first use
-  if name in ("equinox", "from_equinox"):
+  # imported on first use: Equinox is optional (pip install jaxbn[equinox]),
+  # and flax.nnx costs a third of jaxbn's import time
+  if name in ("equinox", "from_equinox", "nnx"):
     import importlib
-    module = importlib.import_module("jaxbn.equinox")
-    return module if name == "equinox" else module.from_equinox
+    module = importlib.import_module(f"jaxbn.{name.replace('from_', '')}")
+    return module.from_equinox if name == "from_equinox" else module
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 

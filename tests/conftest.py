@@ -84,6 +84,13 @@ def pytest_sessionfinish(session):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items):
+  # the tests that take seconds (marked long) first: xdist hands out tests in
+  # this order, so the workers' last tests are short ones and they finish
+  # together instead of one waiting for the other's subprocess
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
   from tests import keras_oracle

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxbn import bench
 
 
+@pytest.mark.long
 def test_bench_quick_writes_table_json_and_chart(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "jaxbn.bench", "--quick", "--repeats", "1",
@@ -59,6 +62,7 @@ def test_feature_and_mlp_cases_report_ratios_and_bytes():
   assert f"| {zoo} |" in table
 
 
+@pytest.mark.long
 def test_accelerator_suite_runs_layers_and_networks(tmp_path):
   # the GPU/TPU suite (the default on those devices), at its tiny sizes
   from jaxbn import bench_accelerator

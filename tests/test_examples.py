@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import default_compile_env
 
+pytestmark = pytest.mark.long
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

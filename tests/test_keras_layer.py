@@ -22,6 +22,7 @@ jax_backend_only = pytest.mark.skipif(
 ORDINARY_DATA = True
 
 
+@pytest.mark.long
 def test_the_keras_3_layer_on_the_jax_backend():
   if ON_JAX:
     pytest.skip("this is the subprocess")

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxbn
 from jaxbn import cpu_kernels
@@ -23,6 +24,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.long
 def test_two_processes_equal_one_process(tmp_path):
   out = tmp_path / "result.npz"
   port = str(_free_port())

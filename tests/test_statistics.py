@@ -56,6 +56,7 @@ def _reference(x, mask):
 AT_DEFAULT_COMPILE_SETTINGS = "non_finite or fused_clamp or renorm_beyond"
 
 
+@pytest.mark.long
 def test_extremes_hold_at_the_default_compile_settings():
   import os
   import subprocess

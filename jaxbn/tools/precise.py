@@ -25,18 +25,17 @@ batches)``, the batches being the layer's inputs, returns the new state).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable, Iterable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from flax.core import unfreeze
 
 from jaxbn import stats as stats_lib
 from jaxbn import linen as jaxbn_linen
-from jaxbn import nnx as jaxbn_nnx
 from jaxbn.config import BatchNormConfig
 from jaxbn.interop.flax_models import as_jaxbn_mask, flax_config
 
@@ -95,13 +94,24 @@ def _flax_layer_moments(bn, x, mask):
   return moments, FLAX_TARGET
 
 
+def _nnx_layers() -> tuple:
+  """``(jaxbn's NNX layer, nnx.BatchNorm)`` once flax.nnx is imported, else
+  ``()``: an NNX model exists only then, and importing flax.nnx for a Linen
+  or functional user would cost a third of jaxbn's import time."""
+  if "flax.nnx" not in sys.modules:
+    return ()
+  from flax import nnx
+  from jaxbn import nnx as jaxbn_nnx
+  return jaxbn_nnx.BatchNormalization, nnx.BatchNorm
+
+
 def _layer_moments(module, x, mask):
   """The moments of a batch-norm layer's input and their :class:`Target`,
   or None for any other module."""
-  if isinstance(module, (jaxbn_linen.BatchNormalization,
-                         jaxbn_nnx.BatchNormalization)):
+  nnx_layers = _nnx_layers()
+  if isinstance(module, (jaxbn_linen.BatchNormalization, *nnx_layers[:1])):
     return _jaxbn_layer_moments(module.config, x, mask)
-  if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
+  if isinstance(module, (nn.BatchNorm, *nnx_layers[1:])):
     return _flax_layer_moments(module, x, mask)
   return None
 
@@ -148,7 +158,7 @@ def precise_statistics(model, variables=None, batches: Iterable | None = None,
   if isinstance(model, BatchNormConfig):
     return _functional(model, variables, batches, method, num_batches,
                        progress)
-  if isinstance(model, nnx.Module):
+  if _nnx_layers() and isinstance(model, sys.modules["flax.nnx"].Module):
     if variables is not None:
       raise TypeError("An NNX model holds its variables: call "
                       "precise_statistics(model, batches=batches).")
@@ -200,8 +210,7 @@ def _at(tree, path):
 def _recording(paths: dict, found: dict):
   """While active, a call of jaxbn's NNX layer or ``nnx.BatchNorm`` whose
   id is in ``paths`` records its input's moments in ``found[path]``."""
-  originals = {cls: cls.__call__ for cls in (jaxbn_nnx.BatchNormalization,
-                                             nnx.BatchNorm)}
+  originals = {cls: cls.__call__ for cls in _nnx_layers()}
 
   def recorded(original):
     def call(self, *args, **kwargs):
@@ -221,6 +230,7 @@ def _recording(paths: dict, found: dict):
 
 
 def _nnx(model, batches, method, num_batches, progress, call_kwargs):
+  from flax import nnx
   graphdef, state = nnx.split(model)
   targets = {}
 
