@@ -183,33 +183,60 @@ def _weighted(w, values):
   return values if w is None else where_valid(w, w * values)
 
 
-def weighted_sum(w, values, axes):
-  """``sum(w * values)`` over ``axes`` (keepdims), padding (``w == 0``) left
-  out whatever it holds (see :func:`where_valid`); ``w`` None: a plain sum.
+def weighted_sum(w, elementwise, inputs, axes):
+  """``sum(w * elementwise(*inputs))`` over ``axes`` (keepdims), padding
+  (``w == 0``) left out whatever it holds (see :func:`where_valid`); ``w``
+  None: a plain sum.
 
   Summed first over the reduced axes the weights do not vary along (the
   image of a per-row mask), then weighted: the select that keeps a NaN in
-  padding out applies to those partial sums, not to every element.
-  XLA:CPU's reduction fusions (YNNPACK's) take in arithmetic but no select,
-  so a select over every element is written out in full before its sum.
-  For the GPU/TPU's sibling sums see :func:`sibling_sums` instead: two
-  reductions in a row are not siblings.
-  """
+  padding out applies to those partial sums, not to every element. A mask
+  that varies along every reduced axis is one pass of :func:`sibling_sums`
+  (see there). (Two reductions in a row are not siblings.)"""
+  values = elementwise(*inputs)
   if w is None:
     return _sum(values, axes)
   w, along_rows, across_rows = _row_axes(w, values, axes)
+  if not along_rows:
+    return sibling_sums(lambda *a: (elementwise(*a),), inputs, axes, w)[0]
   return _sum(_weighted(w, _sum(values, along_rows)), across_rows)
 
 
 def valid_max(w, values, axes):
   """The largest of nonnegative ``values`` over ``axes`` (keepdims) where
-  the weight is nonzero, 0 where there is none; as :func:`weighted_sum`,
-  each row's largest first, then the padding's left out."""
+  the weight is nonzero, 0 where there is none; as :func:`sibling_sums`,
+  each row's largest first, then the padding's left out. ``values``: a
+  function and its inputs. A mask that varies per element selects inside
+  one variadic loop on XLA:CPU (:func:`_maxima_in_one_loop`), whose
+  reduction fusions would write the select out."""
+  elementwise, inputs = values
   largest = lambda v, axes: jnp.max(v, axis=axes, keepdims=True, initial=0)
   if w is None:
-    return largest(values, axes)
-  w, along_rows, across_rows = _row_axes(w, values, axes)
-  return largest(where_valid(w, largest(values, along_rows)), across_rows)
+    return largest(elementwise(*inputs), axes)
+  w, along_rows, across_rows = _row_axes(w, jax.eval_shape(
+      elementwise, *inputs), axes)
+  if along_rows:
+    return largest(where_valid(w, largest(elementwise(*inputs), along_rows)),
+                   across_rows)
+  return modes.for_compiler(
+      cpu=lambda: _maxima_in_one_loop(where_valid(w, elementwise(*inputs)),
+                                      axes),
+      default=lambda: largest(where_valid(w, elementwise(*inputs)), axes))
+
+
+def _unless_non_finite(results, exact):
+  """``results`` (per-channel sums taken with a mask as a product: a NaN or
+  an infinity in padding spoils them), each channel that is not finite in
+  one of them taken again from ``exact()`` in a :func:`guard_cond` that
+  ordinary batches skip. ``exact`` recomputes from the passes' inputs (its
+  branch must not read a value computed for the products, which XLA would
+  then write out)."""
+  finite = functools.reduce(operator.and_, [jnp.isfinite(r) for r in results])
+
+  def retaken():
+    return tuple(jnp.where(finite, r, e) for r, e in zip(results, exact()))
+
+  return guard_cond(~jnp.all(finite), retaken, lambda: tuple(results))
 
 
 def _row_axes(w, values, axes):
@@ -247,12 +274,12 @@ def local_moments(x: jax.Array, reduction_axes: Sequence[int],
       inv_unit, inv_unit)
   if shift is None:
     shift = to_units(sampled_shift(x, axes, weights, sd), inv_for_mean)
-  s1 = weighted_sum(w, to_units(x_for_mean.astype(sd), inv_for_mean) - shift,
-                    axes)
+  s1 = weighted_sum(w, lambda x, inv, shift: to_units(x.astype(sd), inv)
+                    - shift, (x_for_mean, inv_for_mean, shift), axes)
   mean = shift + safe_divide(s1, count)
-  squares = jnp.square(to_units(x_for_m2.astype(sd), inv_for_m2)
-                       - separate(mean)[0])
-  q = weighted_sum(w, squares, axes)
+  q = weighted_sum(w, lambda x, inv, mean: jnp.square(
+      to_units(x.astype(sd), inv) - mean), (x_for_m2, inv_for_m2,
+                                             separate(mean)[0]), axes)
   residual = s1 - count * (mean - shift)
   m2 = nonnegative(q - safe_divide(residual * residual, count))
   return Triple(jnp.broadcast_to(count, mean.shape), mean, m2)
@@ -363,7 +390,15 @@ def _sample_valid(x, w, masked_axes, counts, grid):
   total = rank[-1]
   # the (j + 1/2) total / wanted -th valid position, j < wanted
   target = (2 * jnp.arange(wanted) + 1) * total // (2 * wanted)
-  position = jnp.searchsorted(rank, target + 1, method="compare_all")
+  # on GPU/TPU a compare of every position with every target (no loop: a
+  # while loop's predicate goes to the host each step on GPU); XLA:CPU writes
+  # that positions x targets array out (a quarter of a float32 (B, T, 64)
+  # input for a sequence mask), so there a binary search (a loop, free on
+  # CPU)
+  position = modes.for_compiler(
+      cpu=lambda: jnp.searchsorted(rank, target + 1, method="scan"),
+      default=lambda: jnp.searchsorted(rank, target + 1,
+                                       method="compare_all"))
   position = jnp.minimum(position, valid_flat.size - 1)
   moved = jnp.moveaxis(x_other, masked_axes, range(len(masked_axes)))
   flat = moved.reshape((-1,) + moved.shape[len(masked_axes):])
@@ -448,10 +483,15 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
   so every producer stays inside the reduction that reads it (the same
   numbers; ``modes.for_compiler`` picks the layout).
 
-  As :func:`weighted_sum`, the weights apply to each row's sums (over the
-  axes ``w`` does not vary along), so the passes over the inputs hold no
-  select, which XLA:CPU's reduction fusions would also write out (a mask
-  that varies along every reduced axis still selects per element). (One
+  The weights apply to each row's sums (over the axes ``w`` does not vary
+  along), so the passes over the inputs hold no select, which XLA:CPU's
+  reduction fusions (YNNPACK's: arithmetic only) would write out in full.
+  A mask that varies along every reduced axis (a sequence mask) applies per
+  element: a select on GPU/TPU, a product on XLA:CPU (each sum with its own
+  copy of the weights), where a channel whose sums come out non-finite (a
+  NaN or an infinity in padding: ``0 * inf``) has them taken again with the
+  select in one loop (:func:`sums_in_one_loop`, in a :func:`guard_cond`
+  that ordinary batches skip). (One
   variadic reduction would say "siblings" explicitly, but XLA:CPU runs it
   as a sequential loop whose float32 error grows with the count: 1e-3 at a
   million rows.)"""
@@ -466,13 +506,36 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
     return tuple(_sum(_weighted(weights, p), across_rows) for p in partial)
 
   def apart():
-    count, k = len(jax.eval_shape(elementwise, *inputs)), len(inputs)
-    copies = separate(*inputs * count)  # one barrier: XLA merges equal ones
-    return tuple(sums((elementwise(*copies[i * k:(i + 1) * k])[i],))[0]
-                 for i in range(count))
+    shapes = jax.eval_shape(elementwise, *inputs)
+    count, k = len(shapes), len(inputs)
+    per_element = w is not None and not _row_axes(w, shapes[0], axes)[1]
+    if not per_element:
+      copies = separate(*inputs * count)  # one barrier: XLA merges equal ones
+      return tuple(sums((elementwise(*copies[i * k:(i + 1) * k])[i],))[0]
+                   for i in range(count))
+    # each sum its own copy of the weights too: a broadcast of them that
+    # two sums share is written out in full
+    copies = separate(*(inputs + (w,)) * count)
+    results = tuple(
+        _sum(_row_axes(copies[i * (k + 1) + k], shapes[0], axes)[0]
+             * elementwise(*copies[i * (k + 1):i * (k + 1) + k])[i], axes)
+        for i in range(count))
+    return _unless_non_finite(results, lambda: sums_in_one_loop(
+        elementwise(*inputs), axes, w))
 
   return modes.for_compiler(cpu=apart,
                             default=lambda: sums(elementwise(*inputs)))
+
+
+def _maxima_in_one_loop(values, axes):
+  """``max(values, 0)`` over ``axes`` (keepdims) as one variadic reduction
+  (beside their sum), which XLA:CPU runs as a loop of its own that takes in
+  a select (see :func:`sums_in_one_loop`)."""
+  zero = jnp.zeros((), values.dtype)
+  both = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
+  largest, _ = lax.optimization_barrier(lax.reduce(
+      (values, values), (zero, zero), both, tuple(axes)))
+  return jnp.expand_dims(largest, tuple(axes))
 
 
 def sums_in_one_loop(values, reduction_axes, w=None):
@@ -482,10 +545,18 @@ def sums_in_one_loop(values, reduction_axes, w=None):
   XLA:CPU runs it as a loop of its own, which takes in any elementwise
   producer (a select included) where its reduction fusions take none, at a
   sequential float32 error that grows with the count (1e-3 relative at a
-  million rows): for a rare retake, not for every step."""
+  million rows): for a rare retake, not for every step. (One value is
+  reduced beside its maximum: XLA makes a reduction of one operand, or of
+  one operand twice, YNNPACK's again.)"""
   axes = tuple(reduction_axes)
   values = tuple(_weighted(w, v) for v in values)
   zeros = tuple(jnp.zeros((), v.dtype) for v in values)
+  if len(values) == 1:
+    # the barrier keeps the maximum, which XLA would otherwise drop
+    total, _ = lax.optimization_barrier(lax.reduce(
+        values * 2, zeros * 2, lambda a, b: (a[0] + b[0],
+                                             jnp.maximum(a[1], b[1])), axes))
+    return (jnp.expand_dims(total, axes),)
   add = lambda a, b: tuple(p + q for p, q in zip(a, b))
   return tuple(jnp.expand_dims(total, axes)
                for total in lax.reduce(values, zeros, add, axes))
@@ -632,8 +703,8 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
   count, mean, m2 = local_moments_fn(x, axes, weights)
 
   def retake():
-    values = separate(x)[0].astype(mean.dtype)
-    magnitude = valid_max(weights, jnp.abs(values), axes)
+    magnitude = valid_max(weights, (lambda x: jnp.abs(x.astype(mean.dtype)),
+                                    separate(x)), axes)
     retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
     inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
     # around the first estimate of the mean where it is finite (a shift

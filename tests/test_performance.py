@@ -171,6 +171,28 @@ def test_ghost_batches_and_axis_lists_in_bfloat16_need_no_input_sized_buffer(
     assert temp <= 0.05, (kwargs, m is not None, wrt, temp)
 
 
+@pytest.mark.parametrize("path", ["kernels", "xla", "accelerator"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_sequence_mask_needs_no_input_sized_buffer(dtype, path):
+  # a (batch, time) mask over (batch, time, channels) varies along every
+  # reduced axis, so its padding is left out per element: on XLA:CPU its
+  # sums are products (each sum with its own copy of the mask) with a
+  # select retake in one loop for non-finite channels, the overflow
+  # guard's magnitude a loop too, and the shift's search among the valid
+  # positions a binary search (comparing every position with every sample
+  # wrote out a quarter of x)
+  shape = (32, 128, 64)
+  mask = (jnp.arange(32 * 128) % 3 != 0).reshape(32, 128)
+  scope = {"kernels": lambda: cpu_kernels.use("on"),
+           "xla": lambda: cpu_kernels.use("off"),
+           "accelerator": lambda: modes.statistics("accelerator")}[path]
+  cases = [({}, (0, 1), True), ({"activation": "relu"}, 0, False)]
+  for kwargs, wrt, value in cases:
+    with scope():
+      temp = _step_temp(kwargs, mask, wrt, dtype, shape, value)
+    assert temp <= 0.05, (kwargs, wrt, value, temp)
+
+
 def test_the_shift_of_a_small_batch_needs_no_batch_sized_buffer():
   # the sampled shift's ranks (stats._lower_median) of 64 rows x 1024
   # channels: 64 x 64 comparisons per channel, counted in blocks that

@@ -332,6 +332,44 @@ def test_constant_channels_normalize_to_beta_on_every_path(magnitude,
                                rtol=1e-6, err_msg=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_non_finite_padding_of_a_sequence_mask_stays_out(path):
+  # a (batch, time) mask over (batch, time, channels) weighs each element:
+  # XLA:CPU takes its sums as products (0 * NaN = NaN), then takes the
+  # channels they spoil again with the select; the statistics, the valid
+  # outputs and the gradients are those of the valid positions alone
+  rng = np.random.default_rng(11)
+  shape = (6, 5, 4)
+  x = rng.normal(3, 2, shape).astype(np.float32)
+  r = rng.normal(0, 1, shape).astype(np.float32)
+  keep = rng.random(shape[:2]) > 0.4
+  keep[0, 0] = True
+  poisoned = np.where(keep[..., None], x, np.nan).astype(np.float32)
+  poisoned[np.argwhere(~keep)[0][0], np.argwhere(~keep)[0][1]] = np.inf
+  config = jaxbn.BatchNormConfig(momentum=0.5)
+  params, state = jaxbn.init(config, shape)
+
+  def loss(params, x, r, m):
+    y, new_state = jaxbn.apply(config, params, state, x, training=True,
+                               mask=m)
+    valid = np.ones(y.shape[:-1], bool) if m is None else m
+    return jnp.sum(jnp.where(valid[..., None], y * r, 0)), (y, new_state)
+
+  step = jax.jit(jax.grad(loss, has_aux=True), static_argnums=())
+  with _path(path):
+    grads, (y, new_state) = step(params, jnp.asarray(poisoned),
+                                 jnp.asarray(r), jnp.asarray(keep))
+    grads_ref, (y_ref, state_ref) = step(params, jnp.asarray(x[keep]),
+                                         jnp.asarray(r[keep]), None)
+  for name in new_state:
+    np.testing.assert_allclose(new_state[name], state_ref[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(np.asarray(y)[keep], y_ref, rtol=1e-5, atol=1e-5)
+  for name in grads:
+    np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-4,
+                               atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_value_spoils_its_channel_alone_alike_on_every_path(bad):
   rng = np.random.default_rng(3)
