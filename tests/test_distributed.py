@@ -435,6 +435,35 @@ def test_statistics_over_data_in_one_all_reduce_with_channels_over_model():
     assert collective not in hlo
 
 
+def test_a_sequence_mask_on_a_mesh_with_automatic_axes_takes_no_cond():
+  # a (batch, time) mask with x sharded by XLA over `data` and `model`: the
+  # masked sums stay selects (XLA:CPU's non-finite retake of them as
+  # products is a cond whose predicate, over every channel, would cost a
+  # collective over `model` on every step; the overflow guard is
+  # branch-free there too), and the statistics are the valid positions'
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, (16, 6, 32))
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 6, 32)) * 3 + 1
+  mask = jax.random.uniform(jax.random.PRNGKey(1), (16, 6)) > 0.3
+
+  def step(x, mask):
+    return jaxbn.apply(config, params, state, x, training=True, mask=mask)[1]
+
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None, "model")))
+  mask_sharded = jax.device_put(mask, NamedSharding(mesh, P("data")))
+  with cpu_kernels.use("auto"), jax.set_mesh(mesh):  # several devices: XLA
+    compiled = jax.jit(step).lower(x_sharded, mask_sharded).compile()
+    new_state = compiled(x_sharded, mask_sharded)
+  valid = np.asarray(x)[np.asarray(mask)]
+  want = jaxbn.apply(config, params, state, jnp.asarray(valid),
+                     training=True)[1]
+  for name in new_state:
+    np.testing.assert_allclose(new_state[name], want[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  assert " conditional(" not in compiled.as_text()
+
+
 def test_nnx_partition_names_shard_the_variables_over_model():
   from flax import nnx
   mesh = jax.make_mesh((2, 4), ("data", "model"),
