@@ -311,9 +311,8 @@ def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None,
   apart on XLA:CPU for the reason given in :func:`_normalize_alone` (a
   loss's reduction over y shares no producer with dx's pass, such as dy's
   float32 copy)."""
-  mean = coefficients[3]
-
   def in_xla(dy, x, weights, coefficients, inv_unit, relu):
+    mean = coefficients[3]
     return affine.input_gradient(_gate(dy, x, mean, relu, inv_unit), x,
                                  weights, coefficients, inv_unit)
 
@@ -324,8 +323,9 @@ def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None,
                               default=lambda: in_xla(*args))
 
   def in_kernel():
-    gated = _gate(dy, x, mean, relu, inv_unit)
-    return cpu_kernels.input_grad(gated, x, _channel_operand(
-        coefficients, mean, view), view, rows=_row_weights(weights, x, view))
+    gated = _gate(dy, x, coefficients[3], relu, inv_unit)
+    per_channel = _channel_operand(coefficients, coefficients[2], view)
+    return cpu_kernels.input_grad(gated, x, per_channel, view,
+                                  rows=_row_weights(weights, x, view))
 
   return modes.platform_dependent(cpu=in_kernel, default=lambda: in_xla(*args))
