@@ -193,13 +193,14 @@ def weighted_sum(w, elementwise, inputs, axes):
   padding out applies to those partial sums, not to every element. A mask
   that varies along every reduced axis is one pass of :func:`sibling_sums`
   (see there). (Two reductions in a row are not siblings.)"""
-  values = elementwise(*inputs)
   if w is None:
-    return _sum(values, axes)
-  w, along_rows, across_rows = _row_axes(w, values, axes)
+    return _sum(elementwise(*inputs), axes)
+  w, along_rows, across_rows = _row_axes(w, jax.eval_shape(
+      elementwise, *inputs), axes)
   if not along_rows:
     return sibling_sums(lambda *a: (elementwise(*a),), inputs, axes, w)[0]
-  return _sum(_weighted(w, _sum(values, along_rows)), across_rows)
+  return _sum(_weighted(w, _sum(elementwise(*inputs), along_rows)),
+              across_rows)
 
 
 def valid_max(w, values, axes):
@@ -532,14 +533,25 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
 
 
 def _maxima_in_one_loop(values, axes):
-  """``max(values, 0)`` over ``axes`` (keepdims) as one variadic reduction
-  (beside their sum), which XLA:CPU runs as a loop of its own that takes in
-  a select (see :func:`sums_in_one_loop`)."""
+  """``max(values, 0)`` over ``axes`` (keepdims), in one loop that takes in
+  a select (:func:`_sum_and_max_in_one_loop`)."""
+  return _sum_and_max_in_one_loop(values, axes)[1]
+
+
+def _sum_and_max_in_one_loop(values, axes):
+  """``(sum, max(., 0))`` of ``values`` over ``axes`` (keepdims) as one
+  variadic reduction, which XLA:CPU runs as a loop of its own that takes in
+  any elementwise producer, a select included (see
+  :func:`sums_in_one_loop`). XLA makes a reduction of one operand, or of one
+  operand twice, or one whose other result is unused, YNNPACK's again
+  (which writes a select out): two different reductions, kept both behind a
+  barrier."""
+  axes = tuple(axes)
   zero = jnp.zeros((), values.dtype)
-  both = lambda a, b: (jnp.maximum(a[0], b[0]), a[1] + b[1])
-  largest, _ = lax.optimization_barrier(lax.reduce(
-      (values, values), (zero, zero), both, tuple(axes)))
-  return jnp.expand_dims(largest, tuple(axes))
+  both = lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]))
+  results = lax.optimization_barrier(lax.reduce(
+      (values, values), (zero, zero), both, axes))
+  return tuple(jnp.expand_dims(r, axes) for r in results)
 
 
 def sums_in_one_loop(values, reduction_axes, w=None):
@@ -550,17 +562,12 @@ def sums_in_one_loop(values, reduction_axes, w=None):
   producer (a select included) where its reduction fusions take none, at a
   sequential float32 error that grows with the count (1e-3 relative at a
   million rows): for a rare retake, not for every step. (One value is
-  reduced beside its maximum: XLA makes a reduction of one operand, or of
-  one operand twice, YNNPACK's again.)"""
+  reduced beside its maximum: :func:`_sum_and_max_in_one_loop`.)"""
   axes = tuple(reduction_axes)
   values = tuple(_weighted(w, v) for v in values)
-  zeros = tuple(jnp.zeros((), v.dtype) for v in values)
   if len(values) == 1:
-    # the barrier keeps the maximum, which XLA would otherwise drop
-    total, _ = lax.optimization_barrier(lax.reduce(
-        values * 2, zeros * 2, lambda a, b: (a[0] + b[0],
-                                             jnp.maximum(a[1], b[1])), axes))
-    return (jnp.expand_dims(total, axes),)
+    return (_sum_and_max_in_one_loop(values[0], axes)[0],)
+  zeros = tuple(jnp.zeros((), v.dtype) for v in values)
   add = lambda a, b: tuple(p + q for p, q in zip(a, b))
   return tuple(jnp.expand_dims(total, axes)
                for total in lax.reduce(values, zeros, add, axes))
