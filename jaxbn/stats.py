@@ -391,16 +391,8 @@ def _sample_valid(x, w, masked_axes, counts, grid):
   total = rank[-1]
   # the (j + 1/2) total / wanted -th valid position, j < wanted
   target = (2 * jnp.arange(wanted) + 1) * total // (2 * wanted)
-  # on GPU/TPU a compare of every position with every target (no loop: a
-  # while loop's predicate goes to the host each step on GPU); XLA:CPU writes
-  # that positions x targets array out (a quarter of a float32 (B, T, 64)
-  # input for a sequence mask), so there a binary search (a loop, free on
-  # CPU)
-  position = modes.for_compiler(
-      cpu=lambda: jnp.searchsorted(rank, target + 1, method="scan"),
-      default=lambda: jnp.searchsorted(rank, target + 1,
-                                       method="compare_all"))
-  position = jnp.minimum(position, valid_flat.size - 1)
+  position = jnp.minimum(_first_reaching(rank, target + 1),
+                         valid_flat.size - 1)
   moved = jnp.moveaxis(x_other, masked_axes, range(len(masked_axes)))
   flat = moved.reshape((-1,) + moved.shape[len(masked_axes):])
   sample = jnp.take(flat, position, axis=0)
@@ -412,6 +404,36 @@ def _sample_valid(x, w, masked_axes, counts, grid):
   valid = valid.reshape(sample.shape)
   return (jnp.moveaxis(sample, range(len(masked_axes)), masked_axes),
           jnp.moveaxis(valid, range(len(masked_axes)), masked_axes))
+
+
+def _first_reaching(rank, target):
+  """For each ``target``, the first index ``i`` with ``rank[i] >= target``
+  (``rank.size`` if none); ``rank`` is non-decreasing and 1-D.
+
+  On GPU/TPU a compare of every position with every target (no loop: a
+  while loop's predicate goes to the host each step on GPU); XLA:CPU writes
+  that positions x targets array out (a quarter of a float32 (B, T, 64)
+  input for a sequence mask), so there a binary search (a loop, free on
+  CPU). Written out rather than ``jnp.searchsorted``, which fails to trace
+  where the data vary along a manual mesh axis beside automatic ones
+  (``shard_map`` with ``axis_names``)."""
+  n = rank.size
+
+  def compare_all():
+    return jnp.sum(rank[None, :] < target[:, None], axis=1, dtype=jnp.int32)
+
+  def bisect():
+    def halve(_, bounds):  # the answer stays in [low, high]
+      low, high = bounds
+      middle = (low + high) // 2
+      below = (low < high) & (rank[jnp.minimum(middle, n - 1)] < target)
+      at_or_above = (low < high) & ~below
+      return (jnp.where(below, middle + 1, low),
+              jnp.where(at_or_above, middle, high))
+    bounds = (jnp.zeros_like(target), jnp.full_like(target, n))
+    return lax.fori_loop(0, n.bit_length(), halve, bounds)[0]
+
+  return modes.for_compiler(cpu=bisect, default=compare_all)
 
 
 _RANK_BLOCK = 32

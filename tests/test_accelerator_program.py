@@ -154,7 +154,7 @@ def _size(value):
 
 
 class Reduction(NamedTuple):
-  level: int         # 1 + the latest level among the data reductions upstream
+  level: int         # passes over the data up to and including this one
   reads: frozenset   # the data arguments it reads (through data-sized values)
   upstream: frozenset  # the data reductions it depends on
 
@@ -204,13 +204,17 @@ def _reductions(text, size):
       return frozenset(result)
 
     ups = {key: upstream(op) for key, op in found.items()}
+    data = {key: reads(op) for key, op in found.items()}
 
     @functools.lru_cache(maxsize=None)
     def level(key):
-      return 1 + max((level(k) for k in ups[key]), default=0)
+      # a pass over the data is a level; a reduction that reads none of it
+      # (a mask's search, of x's size at a small shape) adds none
+      below = max((level(k) for k in ups[key]), default=0)
+      return below + 1 if data[key] else below
 
-    return {key: Reduction(level(key), reads(op), ups[key])
-            for key, op in found.items()}
+    return {key: Reduction(level(key), data[key], ups[key])
+            for key in found}
 
 
 def _siblings(reductions, keys):
@@ -220,7 +224,8 @@ def _siblings(reductions, keys):
 def _reads_per_level(reductions):
   levels = {}
   for r in reductions.values():
-    levels[r.level] = levels.get(r.level, frozenset()) | r.reads
+    if r.reads:
+      levels[r.level] = levels.get(r.level, frozenset()) | r.reads
   return levels
 
 

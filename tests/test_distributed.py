@@ -464,6 +464,35 @@ def test_a_sequence_mask_on_a_mesh_with_automatic_axes_takes_no_cond():
   assert " conditional(" not in compiled.as_text()
 
 
+def test_a_sequence_mask_in_a_shard_map_over_data_beside_automatic_model():
+  # shard_map manual over `data` only (axis_names), `model` left to XLA: the
+  # mask's shift search traces where the mask varies along `data`, and the
+  # statistics and outputs are one device's over the valid positions
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  config = jaxbn.BatchNormConfig()
+  params, state = jaxbn.init(config, (8, 16, 6))
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 6)) * 3 + 2
+  mask = jax.random.uniform(jax.random.PRNGKey(1), (8, 16)) > 0.3
+
+  def step(x, mask):
+    return jaxbn.apply(config, params, state, x, training=True, mask=mask,
+                       axis_name="data")
+
+  with jax.set_mesh(mesh):
+    y, new_state = jax.jit(jax.shard_map(
+        step, in_specs=(P("data"), P("data")),
+        out_specs=(P("data"), P()), axis_names={"data"}))(x, mask)
+  want_y, want_state = jaxbn.apply(config, params, state, x, training=True,
+                                   mask=mask)
+  valid = np.asarray(mask)[..., None]
+  np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, want_y, 0),
+                             rtol=1e-5, atol=1e-5)
+  for name in new_state:
+    np.testing.assert_allclose(new_state[name], want_state[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+
+
 def test_nnx_partition_names_shard_the_variables_over_model():
   from flax import nnx
   mesh = jax.make_mesh((2, 4), ("data", "model"),
