@@ -531,11 +531,7 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
   def apart():
     shapes = jax.eval_shape(elementwise, *inputs)
     count, k = len(shapes), len(inputs)
-    # (not on a mesh with an automatic axis, which may shard the channels:
-    # the retake's predicate would cost a collective over it on every step,
-    # as the overflow guard's would; see where_a_cond_is_cheap)
-    per_element = (w is not None and not _row_axes(w, shapes[0], axes)[1]
-                   and not _automatic_mesh_axes())
+    per_element = w is not None and not _row_axes(w, shapes[0], axes)[1]
     if not per_element:
       copies = separate(*inputs * count)  # one barrier: XLA merges equal ones
       return tuple(sums((elementwise(*copies[i * k:(i + 1) * k])[i],))[0]
