@@ -280,15 +280,9 @@ def _gradient_sums(dy, x, weights, mean, where, inv_unit=None, relu=None):
   def gated_on_cpu():
     # the constant an input: one broadcast constant read by several XLA:CPU
     # sums is written out in full (see stats.sibling_sums)
-    sums = in_xla(jnp.asarray(0.5, sd))
-    finite = jnp.isfinite(sums[0]) & jnp.isfinite(sums[1])
-
-    def retaken():
-      exact = stats.sums_in_one_loop(summands(*inputs), where.axes,
-                                     valid_rows)
-      return tuple(jnp.where(finite, s, e) for s, e in zip(sums, exact))
-
-    return stats.guard_cond(~jnp.all(finite), retaken, lambda: sums)
+    return stats.unless_non_finite(
+        in_xla(jnp.asarray(0.5, sd)), lambda: stats.sums_in_one_loop(
+            summands(*inputs), where.axes, valid_rows))
 
   view = where.view
   if relu is not None:
@@ -323,8 +317,9 @@ def _input_gradient(dy, x, weights, coefficients, where, inv_unit=None,
                               default=lambda: in_xla(*args))
 
   def in_kernel():
-    gated = _gate(dy, x, coefficients[3], relu, inv_unit)
-    per_channel = _channel_operand(coefficients, coefficients[2], view)
+    mean = coefficients[3]
+    gated = _gate(dy, x, mean, relu, inv_unit)
+    per_channel = _channel_operand(coefficients, mean, view)
     return cpu_kernels.input_grad(gated, x, per_channel, view,
                                   rows=_row_weights(weights, x, view))
 

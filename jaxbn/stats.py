@@ -208,7 +208,7 @@ def valid_max(w, values, axes):
   the weight is nonzero, 0 where there is none; as :func:`sibling_sums`,
   each row's largest first, then the padding's left out. ``values``: a
   function and its inputs. A mask that varies per element selects inside
-  one variadic loop on XLA:CPU (:func:`_maxima_in_one_loop`), whose
+  one variadic loop on XLA:CPU (:func:`_sum_and_max_in_one_loop`), whose
   reduction fusions would write the select out."""
   elementwise, inputs = values
   largest = lambda v, axes: jnp.max(v, axis=axes, keepdims=True, initial=0)
@@ -220,14 +220,15 @@ def valid_max(w, values, axes):
     return largest(where_valid(w, largest(elementwise(*inputs), along_rows)),
                    across_rows)
   return modes.for_compiler(
-      cpu=lambda: _maxima_in_one_loop(where_valid(w, elementwise(*inputs)),
-                                      axes),
+      cpu=lambda: _sum_and_max_in_one_loop(
+          where_valid(w, elementwise(*inputs)), axes)[1],
       default=lambda: largest(where_valid(w, elementwise(*inputs)), axes))
 
 
-def _unless_non_finite(results, exact):
-  """``results`` (per-channel sums taken with a mask as a product: a NaN or
-  an infinity in padding spoils them), each channel that is not finite in
+def unless_non_finite(results, exact):
+  """``results`` (per-channel sums taken with a mask or the ReLU's gate as a
+  product: a NaN or an infinity in padding, or behind a closed gate, spoils
+  them: ``0 * inf``), each channel that is not finite in
   one of them taken again from ``exact()`` in a :func:`guard_cond` that
   ordinary batches skip. ``exact`` recomputes from the passes' inputs (its
   branch must not read a value computed for the products, which XLA would
@@ -425,11 +426,10 @@ def _first_reaching(rank, target):
   def bisect():
     def halve(_, bounds):  # the answer stays in [low, high]
       low, high = bounds
-      middle = (low + high) // 2
-      below = (low < high) & (rank[jnp.minimum(middle, n - 1)] < target)
-      at_or_above = (low < high) & ~below
-      return (jnp.where(below, middle + 1, low),
-              jnp.where(at_or_above, middle, high))
+      middle = (low + high) // 2  # == high once low == high: no move
+      below = rank[jnp.minimum(middle, n - 1)] < target
+      return (jnp.where(below & (low < high), middle + 1, low),
+              jnp.where(below, high, middle))
     bounds = (jnp.zeros_like(target), jnp.full_like(target, n))
     return lax.fori_loop(0, n.bit_length(), halve, bounds)[0]
 
@@ -543,17 +543,11 @@ def sibling_sums(elementwise, inputs, reduction_axes, w=None):
         _sum(_row_axes(copies[i * (k + 1) + k], shapes[0], axes)[0]
              * elementwise(*copies[i * (k + 1):i * (k + 1) + k])[i], axes)
         for i in range(count))
-    return _unless_non_finite(results, lambda: sums_in_one_loop(
+    return unless_non_finite(results, lambda: sums_in_one_loop(
         elementwise(*inputs), axes, w))
 
   return modes.for_compiler(cpu=apart,
                             default=lambda: sums(elementwise(*inputs)))
-
-
-def _maxima_in_one_loop(values, axes):
-  """``max(values, 0)`` over ``axes`` (keepdims), in one loop that takes in
-  a select (:func:`_sum_and_max_in_one_loop`)."""
-  return _sum_and_max_in_one_loop(values, axes)[1]
 
 
 def _sum_and_max_in_one_loop(values, axes):
