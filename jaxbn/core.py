@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import affine, closed_form, eager, stats
-from jaxbn.config import BatchNormConfig, cached_when_hashable
+from jaxbn.config import BatchNormConfig
 from jaxbn.moving_averages import ema
 
 Params = dict
@@ -128,12 +128,18 @@ def state_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-@cached_when_hashable(maxsize=256)
 def state_names(config: BatchNormConfig) -> tuple:
-  """Names of the state entries ``init_state`` creates for this config."""
-  shapes = jax.eval_shape(
-      lambda key: init_state(config, (1,), key=key), jax.random.key(0))
-  return tuple(shapes)
+  """Names of the state entries ``init_state`` creates for this config, in
+  its order."""
+  names = ("moving_mean", "moving_variance")
+  if config.renorm:
+    names += ("moving_stddev", "renorm_mean", "renorm_stddev")
+    if (config.renorm_clipping is not None
+        and config.renorm_clipping.is_scheduled):
+      names += ("renorm_step",)
+  if config.accumulation_steps > 1:
+    names += ACCUMULATOR_NAMES + (ACCUMULATION_STEP,)
+  return names
 
 
 def init(config: BatchNormConfig, input_shape, *, key=None,
@@ -287,12 +293,12 @@ class Summary(NamedTuple):
 
   count: jax.Array
   mean: jax.Array
-  variance: jax.Array
   update_variance: jax.Array  # what moving_variance follows (Bessel or not)
-  # sqrt(variance + epsilon) of each, formed in units: representable where
-  # the variance saturates (a spread beyond about 1.8e19)
-  stddev: jax.Array
-  update_stddev: jax.Array
+  # renorm's sqrt(variance + epsilon) of the batch's variance and of the
+  # update variance, formed in units: representable where the variance
+  # saturates (a spread beyond about 1.8e19); None without renorm
+  stddev: jax.Array | None
+  update_stddev: jax.Array | None
 
 
 def _train(config, resolved, params, state, x, weights, key,
@@ -426,15 +432,17 @@ def _merged(pooled: Pooled, axis: int,
 
 
 def _summary(config, pooled: Pooled) -> Summary:
-  """``pooled`` in plain units (a variance beyond float32's range
-  saturates: ``stats.unscaled_variance``), with the standard deviations
-  formed in units (representable where the variance saturates)."""
+  """``pooled``'s update variance in plain units (saturated beyond
+  float32's range: ``stats.unscaled_variance``), with renorm's standard
+  deviations formed in units (representable where the variance
+  saturates)."""
   count, mean, var, update_var, inv_unit = pooled
-  eps = config.epsilon
-  return Summary(count, mean, stats.unscaled_variance(var, inv_unit),
-                 stats.unscaled_variance(update_var, inv_unit),
-                 affine.stddev(var, eps, inv_unit),
-                 affine.stddev(update_var, eps, inv_unit))
+  stddevs = (None, None)
+  if config.renorm:
+    stddevs = (affine.stddev(var, config.epsilon, inv_unit),
+               affine.stddev(update_var, config.epsilon, inv_unit))
+  return Summary(count, mean, stats.unscaled_variance(update_var, inv_unit),
+                 *stddevs)
 
 
 def _updated_state(config, resolved, state, pooled: Pooled,
@@ -485,7 +493,7 @@ def _averaged_state(config, state, summary: Summary) -> State:
 
   A channel keeps its statistics where ``_updatable`` says so.
   """
-  count, mean, var, update_var, stddev, update_stddev = summary
+  count, mean, update_var, stddev, update_stddev = summary
   valid = _updatable(config, count, mean, update_var)
   new_state = dict(state)
   new_state["moving_mean"] = ema(state["moving_mean"], mean, config.momentum,

@@ -192,6 +192,20 @@ def test_scheduled_renorm_clipping_uses_the_step_counter():
     assert int(state["renorm_step"]) == step + 1
 
 
+@pytest.mark.parametrize("kwargs", [
+    {}, {"renorm": True}, {"renorm": True, "renorm_clipping": {"rmax": 2.0}},
+    {"renorm": True, "renorm_clipping": {"rmax": lambda step: 1.0 + step}},
+    {"accumulation_steps": 3},
+    {"renorm": True, "renorm_clipping": {"dmax": lambda step: step},
+     "accumulation_steps": 2}], ids=["plain", "renorm", "clipped",
+                                     "scheduled", "accumulated",
+                                     "scheduled + accumulated"])
+def test_state_names_are_the_entries_init_creates_in_order(kwargs):
+  config = jaxbn.BatchNormConfig(**kwargs)
+  _, state = jaxbn.init(config, (4, 3))
+  assert jaxbn.state_names(config) == tuple(state)
+
+
 @pytest.mark.parametrize("use_mask", [False, True])
 @pytest.mark.parametrize("strategy", ["two_pass", "shifted"])
 def test_both_moment_strategies_are_exact_for_large_means(strategy, use_mask):
