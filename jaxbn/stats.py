@@ -724,11 +724,12 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
   2^-126..2^126) for the channels that need them (:func:`needs_units`), in
   a ``lax.cond`` that runs only when one does (:func:`guard_cond`)."""
   count, mean, m2 = local_moments_fn(x, axes, weights)
+  needed = needs_units(count, mean, m2)
 
   def retake():
     magnitude = valid_max(weights, (lambda x: jnp.abs(x.astype(mean.dtype)),
                                     separate(x)), axes)
-    retaken = needs_units(count, mean, m2) & jnp.isfinite(magnitude)
+    retaken = needed & jnp.isfinite(magnitude)
     inv_unit = jnp.where(retaken, inverse_unit(magnitude), 1)
     # around the first estimate of the mean where it is finite (a shift
     # near the data keeps S1's rounding small; no second sample needed)
@@ -738,8 +739,7 @@ def retaken_in_units(local_moments_fn, x, axes, weights=None):
             jnp.where(retaken, scaled.m2, m2), inv_unit)
 
   mean, m2, inv_unit = guard_cond(
-      jnp.any(needs_units(count, mean, m2)), retake,
-      lambda: (mean, m2, jnp.ones_like(mean)))
+      jnp.any(needed), retake, lambda: (mean, m2, jnp.ones_like(mean)))
   return Triple(count, mean, m2), inv_unit
 
 
