@@ -28,10 +28,12 @@ The package, from the layers users call down to the passes over the data::
                 backward), XLA otherwise; cpu_kernels.py: their bindings
                 and when they apply; csrc/: the C++ (common.h, one header
                 per pass, kernels.cc: the FFI handlers, python_module.cc)
-  switches      modes.py: kernels on/off/auto, the statistics algorithm
-                (CPU or GPU/TPU), the overflow guard, sibling sums laid out
-                per compiler; eager.py: eager calls
-                as cached compiled programs; manual_axes.py, sharding.py
+  switches      modes.py: what a trace decides and sees: kernels
+                on/off/auto, the statistics algorithm (CPU or GPU/TPU), the
+                overflow guard, the platform it is lowered for (sibling sums
+                laid out per compiler), the mesh axes its values vary over;
+                eager.py: eager calls as cached compiled programs;
+                sharding.py: apply_local
   beside        penalties.py, model_penalties.py (regularizers,
                 constraints); initializers.py, keras_names.py; interop/
                 (Keras, PyTorch, Flax weights and models); tools/ (Precise

@@ -60,7 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.interpreters import ad
 
-from jaxbn import affine, manual_axes, passes, stats
+from jaxbn import affine, modes, passes, stats
 
 
 class TrainingPlan(NamedTuple):
@@ -212,7 +212,7 @@ def _bwd(plan, residuals, cotangents):
   # that x varies over) need their gradient summed over those axes. Over
   # axis_name the global sums are already at hand; any other axis takes a
   # psum, as JAX's own transpose would.
-  shared_axes = manual_axes.varying_axes(x) - manual_axes.varying_axes(scale)
+  shared_axes = modes.varying_axes(x) - modes.varying_axes(scale)
   names = frozenset(() if axis_name is None else
                     axis_name if isinstance(axis_name, tuple) else (axis_name,))
   if names and names <= shared_axes:

@@ -88,7 +88,7 @@ from jax.extend import core as jax_core
 from jax.interpreters import batching as jax_batching
 from jax.interpreters import mlir
 
-from jaxbn import affine, manual_axes, modes, stats
+from jaxbn import affine, modes, stats
 
 try:  # built by setup.py when a C++ compiler is present
   from jaxbn import _cpu_kernels  # type: ignore[attr-defined]
@@ -404,7 +404,7 @@ def applicable(x: jax.Array, reduction_axes: Sequence[int], weights=None,
     return None
   if per_channel is not None and jnp.dtype(per_channel.dtype) != jnp.float32:
     return None
-  if manual_axes.sharded_along(x, reduction_axes):  # would gather x
+  if modes.sharded_along(x, reduction_axes):  # would gather x
     return None
   view = channel_view(x.shape, reduction_axes)
   if view is None or weights is None or row_weights(weights, x.shape, view) \
@@ -478,7 +478,7 @@ def _moments(x, rows, view, masked):
   results = _call("jaxbn_moments", (out, out),
                   functools.partial(_xla_moments, view=view, masked=masked),
                   x, rows, masked=masked, **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, x, rows)
+  return modes.like_inputs(results, x, rows)
 
 
 @_moments.defjvp
@@ -504,7 +504,7 @@ def grad_sums(dy: jax.Array, x: jax.Array, mean: jax.Array,
                   functools.partial(_xla_grad_sums, view=view),
                   dy, x, mean.reshape(view.channels),
                   **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, dy, x, mean)
+  return modes.like_inputs(results, dy, x, mean)
 
 
 @grad_sums.defjvp
@@ -578,7 +578,7 @@ def _input_grad(dy, x, coefficients, rows, view, stream, masked):
                                        masked=masked),
                      dy, x, per_problem, rows, stream=stream, masked=masked,
                      **_view_attributes(x, view))
-  return manual_axes.like_inputs((result,), dy, x, coefficients, rows)[0]
+  return modes.like_inputs((result,), dy, x, coefficients, rows)[0]
 
 
 @_input_grad.defjvp
@@ -627,7 +627,7 @@ def _normalize(x, terms, view, relu, stream):
                functools.partial(_xla_normalize, view=view, relu=relu),
                x, per_problem, stream=stream, relu=relu,
                **_view_attributes(x, view))
-  return manual_axes.like_inputs((y,), x, terms)[0]
+  return modes.like_inputs((y,), x, terms)[0]
 
 
 @_normalize.defjvp
@@ -690,7 +690,7 @@ def backward(dy: jax.Array, x: jax.Array, per_channel: Sequence[jax.Array],
       dy, x, *per_channel, unit, operand, *gate, stream=bool(stream),
       epsilon=np.float32(epsilon), masked=masked, relu=relu is not None,
       units=units, input_grad=True, **_view_attributes(x, view))
-  return manual_axes.like_inputs(results, dy, x, *per_channel, unit, operand,
+  return modes.like_inputs(results, dy, x, *per_channel, unit, operand,
                                  *gate)
 
 

@@ -1,8 +1,11 @@
-"""jaxbn's trace-time switches: which CPU kernels run, which statistics.
+"""What a jaxbn trace decides and sees: its switches (which CPU kernels run,
+which statistics), the platform it is lowered for, and the mesh axes its
+values are sharded over.
 
-Both are JAX configuration states: read when a function is traced, local to
-the thread (and context) that traces, and part of JAX's jit and trace cache
-keys, so a function traced under one value is traced again under another.
+The switches are JAX configuration states: read when a function is traced,
+local to the thread (and context) that traces, and part of JAX's jit and
+trace cache keys, so a function traced under one value is traced again under
+another.
 An already compiled object (``jax.jit(f).lower(...).compile()``) keeps the
 program it was compiled with.
 
@@ -29,11 +32,17 @@ program it was compiled with.
   ``jaxbn.modes.overflow_guard(mode)``. Under ``vmap`` its conds stay
   conds (``stats.guard_cond``): the retake runs for every member when any
   member needs it.
+
+The mesh, as the trace sees it (:func:`varying_axes`, :func:`like_inputs`,
+:func:`sharded_along`, :func:`automatic_mesh_axes`), decides where
+statistics may be taken locally, where a parameter's gradient is summed,
+and where a conditional would cost a collective.
 """
 from __future__ import annotations
 
 import os
 
+import jax
 from jax import lax
 from jax._src import config as _config
 
@@ -88,3 +97,55 @@ def for_compiler(cpu, default):
   if statistics.value == "cpu":
     return cpu()
   return lax.platform_dependent(cpu=cpu, default=default)
+
+
+# ------------------------------------------------ the mesh, as the trace sees it
+#
+# Over which manual mesh axes a value varies (shard_map), whether jit's
+# (explicit) sharding of a value splits given axes, and whether the trace's
+# mesh has axes XLA shards automatically.
+
+
+def varying_axes(value) -> frozenset:
+  """Manual mesh axes over which ``value`` differs (empty outside shard_map)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def like_inputs(outputs, *inputs):
+  """``outputs`` typed as varying over every axis some input varies over.
+
+  A custom call's results carry no such type; inside shard_map they must vary
+  like the data they were computed from.
+  """
+  axes = frozenset().union(*(varying_axes(v) for v in inputs))
+  if not axes:
+    return outputs
+  names = tuple(sorted(axes))
+  return jax.tree.map(
+      lambda out: lax.pcast(out, tuple(a for a in names
+                                       if a not in varying_axes(out)),
+                            to="varying"), outputs)
+
+
+def sharded_along(value, axes) -> bool:
+  """Whether ``value``'s sharding, as the trace sees it, splits one of ``axes``.
+
+  Only explicit shardings are visible while tracing; automatic (GSPMD)
+  shardings are decided after it.
+  """
+  spec = getattr(getattr(jax.typeof(value), "sharding", None), "spec", None)
+  return spec is not None and any(
+      i < len(spec) and spec[i] is not None for i in axes)
+
+
+def automatic_mesh_axes() -> bool:
+  """Whether the mesh of the current trace has an axis of size > 1 that XLA
+  shards automatically (not a ``shard_map`` manual axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and any(
+      size > 1 and kind != jax.sharding.AxisType.Manual
+      for size, kind in zip(mesh.axis_sizes, mesh.axis_types))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import manual_axes, modes
+from jaxbn import modes
 
 
 class Devices(NamedTuple):
@@ -596,7 +596,7 @@ def local_moments_shifted(x: jax.Array, reduction_axes: Sequence[int],
   ``(mean - s)^2 / var`` ulps, of order 1 for a shift from the data's middle.
   """
   axes = tuple(reduction_axes)
-  if manual_axes.sharded_along(x, axes):  # no local sample to shift by
+  if modes.sharded_along(x, axes):  # no local sample to shift by
     return local_moments(x, axes, weights)
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
@@ -704,18 +704,9 @@ def where_a_cond_is_cheap(guarded, branch_free):
   the channels may be sharded over it, and the cond's predicate, an ``any``
   over the channels, would cost a collective over that axis on every step.
   """
-  if _automatic_mesh_axes():
+  if modes.automatic_mesh_axes():
     return branch_free()
   return modes.platform_dependent(cpu=guarded, default=branch_free)
-
-
-def _automatic_mesh_axes() -> bool:
-  """Whether the mesh of the current trace has an axis of size > 1 that XLA
-  shards automatically (not a ``shard_map`` manual axis)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and any(
-      size > 1 and kind != jax.sharding.AxisType.Manual
-      for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
 
 
 def retaken_in_units(local_moments_fn, x, axes, weights=None):
@@ -834,7 +825,7 @@ def scaled_moments(x: jax.Array, reduction_axes: Sequence[int],
   axes = tuple(reduction_axes)
   sd = stat_dtype(x.dtype)
   count = reduce_count(x.shape, axes, weights, sd)
-  if manual_axes.sharded_along(x, axes):
+  if modes.sharded_along(x, axes):
     # no local sample to shift by: around a first pass's mean instead
     first = scaled_sums(x, axes, weights, 0, sd)
     shift = lax.stop_gradient(_scaled_offset(first, count))
