@@ -13,10 +13,12 @@ The package, from the layers users call down to the passes over the data::
 
   layers        linen.py, nnx.py, equinox.py, keras.py: thin wrappers that
                 build a config once and call core.apply
-  api           core.py: init/apply, input checks, batch views (ghost
-                batches, masks), renorm corrections, gradient accumulation,
-                the moving-statistics update; config.py: BatchNormConfig,
-                every argument's validation, resolved per input shape
+  api           core.py: init/apply, batch views (ghost batches, masks),
+                renorm corrections, gradient accumulation, the
+                moving-statistics update; config.py: BatchNormConfig, every
+                validation (the layer's arguments at construction, a call's
+                input, mask and variables at trace time), the config resolved
+                per input shape, the state entries it keeps
   math          closed_form.py: training-mode batch norm as one custom VJP
                 (the closed-form backward) and its autodiff reference;
                 stats.py: moments (each algorithm's a stats.Triple: count,
@@ -41,7 +43,8 @@ The package, from the layers users call down to the passes over the data::
                 bench.py, bench_accelerator.py, info.py (commands)
 
 The route of x through ``apply(..., training=True)``: ``core.apply``
-checks the input, resolves the config for its shape and lays out ghost
+checks the input (``config.check_input`` and its neighbours), resolves the
+config for its shape and lays out ghost
 batches and masks (``core._batch_view``); ``closed_form.train`` runs the
 forward: ``passes.decide`` settles once whether the CPU kernels take its
 passes, ``stats.in_units`` takes the moments through ``passes.moments`` (a
@@ -59,8 +62,8 @@ from jaxbn.interop import (from_flax, from_keras, from_torch, keras_config,
                            keras_model_variables, to_keras, to_torch,
                            torch_model_variables)
 from jaxbn.tools import fold_into_kernel, precise_statistics
-from jaxbn.config import BatchNormConfig, RenormClipping
-from jaxbn.core import apply, init, init_params, init_state, state_names
+from jaxbn.config import BatchNormConfig, RenormClipping, state_names
+from jaxbn.core import apply, init, init_params, init_state
 from jaxbn.linen import BatchNormalization
 from jaxbn.model_penalties import (LayerInfo, collect_layers, constrain,
                                    model_regularization_loss, project)

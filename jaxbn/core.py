@@ -46,11 +46,13 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxbn import affine, closed_form, eager, stats
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import (ACCUMULATION_STEP, ACCUMULATOR_NAMES,
+                          BatchNormConfig, check_input, check_mask,
+                          check_param_dtype, check_training, check_trees,
+                          check_variables, check_virtual_batch)
 from jaxbn.moving_averages import ema
 
 Params = dict
@@ -103,17 +105,6 @@ def init_state(config: BatchNormConfig, param_shape, *, key=None,
   return state
 
 
-# The state of gradient accumulation (``accumulation_steps > 1``): the calls
-# since the last update of the moving statistics, and the merge of their
-# statistics so far (a :class:`Pooled` in units, see ``stats.in_units``).
-ACCUMULATION_STEP = "accumulation_step"
-ACCUMULATOR_NAMES = ("accumulated_count", "accumulated_mean",
-                     "accumulated_variance", "accumulated_update_variance",
-                     "accumulated_inv_unit")
-# integer state entries: counters, not statistics
-COUNTER_NAMES = ("renorm_step", ACCUMULATION_STEP)
-
-
 def _empty_accumulator(param_shape, dtype) -> dict:
   zeros = jnp.zeros(param_shape, dtype)
   accumulator = dict(zip(ACCUMULATOR_NAMES, (
@@ -126,20 +117,6 @@ def state_dtype(dtype) -> jnp.dtype:
   """The dtype of the moving statistics for variables of ``dtype``: float32,
   or float64 for float64."""
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def state_names(config: BatchNormConfig) -> tuple:
-  """Names of the state entries ``init_state`` creates for this config, in
-  its order."""
-  names = ("moving_mean", "moving_variance")
-  if config.renorm:
-    names += ("moving_stddev", "renorm_mean", "renorm_stddev")
-    if (config.renorm_clipping is not None
-        and config.renorm_clipping.is_scheduled):
-      names += ("renorm_step",)
-  if config.accumulation_steps > 1:
-    names += ACCUMULATOR_NAMES + (ACCUMULATION_STEP,)
-  return names
 
 
 def init(config: BatchNormConfig, input_shape, *, key=None,
@@ -199,12 +176,12 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   Returns:
     ``(y, new_state)``; in inference ``new_state`` is ``state``.
   """
-  x = _check_input(x)
+  x = check_input(x)
   resolved = config.resolve(x.shape)
-  params, state = _check_trees(params, state)
-  _check_variables(config, resolved, params, state, x.shape)
+  params, state = check_trees(params, state)
+  check_variables(config, resolved, params, state, x.shape)
   training = check_training(training)
-  weights = _check_mask(mask, x.shape)
+  weights = check_mask(mask, x.shape)
   if axis_index_groups is not None:
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
@@ -214,7 +191,7 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
                         x), dict(state)
     return _inference(config, resolved, params, state, x), dict(state)
   if config.virtual_batch_size is not None:
-    _check_virtual_batch(config, x.shape)
+    check_virtual_batch(config, x.shape)
   if x.size == 0:
     # nothing to normalize, and no element for the statistics: the state
     # stays (as for a channel without a valid element); every device of a
@@ -609,204 +586,3 @@ def _renorm_corrections(config, summary, renorm_mean, renorm_stddev, rmin,
   if dmax is not None:
     d = stats.clamp(d, -dmax, dmax)
   return lax.stop_gradient(r), lax.stop_gradient(d)
-
-
-# ---------------------------------------------------------------- checks
-
-
-def check_param_dtype(dtype):
-  """A TypeError unless ``dtype`` is a float dtype (for the variables)."""
-  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-    raise TypeError(f"`dtype` of the variables must be a float dtype; got "
-                    f"{dtype!r}. Use jnp.float32.")
-
-
-def check_partition_names(names, shape):
-  """``names`` (one mesh axis name or None per dimension of the variables,
-  whose ``shape`` gamma, beta and every moving statistic share) as a tuple;
-  None stays None. A ValueError names a wrong length or entry."""
-  if names is None:
-    return None
-  if isinstance(names, str):
-    names = (names,)
-  names = tuple(names)
-  if len(names) != len(shape) or not all(
-      n is None or isinstance(n, str) for n in names):
-    raise ValueError(
-        f"`partition_names`={names!r} must give one mesh axis name (or None) "
-        f"per dimension of the variables, whose shape is {tuple(shape)}: "
-        f"e.g. {(('model',) + (None,) * (len(shape) - 1))!r}.")
-  return names
-
-
-def _check_input(x):
-  """``x`` as an array; integer and bool inputs become float32 (Keras casts
-  them to the layer's float32 compute dtype)."""
-  if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-    try:
-      x = jnp.asarray(x)
-    except TypeError:
-      raise TypeError(
-          f"BatchNormalization expects a numeric array input; got "
-          f"{type(x).__name__}. Pass a float array.") from None
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    return x
-  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
-    return x.astype(jnp.float32)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    raise TypeError(
-        f"BatchNormalization does not normalize complex input (dtype "
-        f"{x.dtype}, shape {tuple(x.shape)}): Keras rejects it and a complex "
-        "batch norm has several incompatible definitions. Normalize the real "
-        "and imaginary parts as channels, e.g. jnp.concatenate([x.real, "
-        "x.imag], axis=-1).")
-  raise TypeError(
-      f"BatchNormalization expects a floating-point input; got dtype "
-      f"{x.dtype} (shape {tuple(x.shape)}). Cast it, e.g. "
-      "x.astype(jnp.float32).")
-
-
-def check_training(training) -> bool:
-  """``training`` as a Python bool, or a TypeError explaining why not."""
-  if isinstance(training, (bool, np.bool_, type(None))):
-    return bool(training)
-  if isinstance(training, int) and training in (0, 1):
-    return bool(training)
-  if isinstance(training, jax.Array) and not isinstance(training,
-                                                        jax.core.Tracer):
-    if training.shape == () and training.dtype == jnp.bool_:
-      return bool(training)
-  raise TypeError(
-      f"`training` must be a Python bool; got {type(training).__name__}. "
-      "Under jax.jit mark it static (static_argnames=('training',)): "
-      "training and inference are different programs.")
-
-
-def _check_mask(mask, shape):
-  """The mask as 0/1 float32 weights of ``x``'s rank.
-
-  True (or any nonzero number, NaN included) marks a valid element. A mask of
-  lower rank is aligned with the leading axes, as Keras aligns a
-  ``(batch, time)`` sequence mask with ``(batch, time, features)``.
-  """
-  if mask is None:
-    return None
-  shape, given = tuple(shape), type(mask).__name__
-  if not hasattr(mask, "dtype"):
-    mask = np.asarray(mask)
-  if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)
-          or np.issubdtype(mask.dtype, np.floating)):
-    raise TypeError(
-        f"`mask` must be boolean (or real numbers: nonzero is valid); got "
-        f"{given} of dtype {mask.dtype}.")
-  mask = jnp.asarray(mask)
-  aligned = mask.shape + (1,) * (len(shape) - mask.ndim)
-  if mask.ndim > len(shape) or any(m not in (1, s)
-                                   for m, s in zip(aligned, shape)):
-    raise ValueError(
-        f"`mask` of shape {tuple(mask.shape)} does not align with the input "
-        f"shape {shape}: a mask has the input's shape, or a prefix of it "
-        "(e.g. (batch,) or (batch, time), aligned with the leading axes as in "
-        "Keras), with 1 for any axis it does not vary over.")
-  return (mask.reshape(aligned) != 0).astype(jnp.float32)
-
-
-def _check_trees(params, state):
-  """``params`` and ``state`` as dicts of arrays, or a TypeError naming the
-  argument and the fix."""
-  checked = []
-  for name, tree in (("params", params), ("state", state)):
-    if not isinstance(tree, Mapping):
-      raise TypeError(
-          f"`{name}` must be a dict of arrays; got {type(tree).__name__}. "
-          f"Create it with `params, state = jaxbn.init(config, x.shape)` (a "
-          "layer without scale and center has params {}).")
-    for key, value in tree.items():
-      if not (hasattr(value, "shape") and hasattr(value, "dtype")):
-        raise TypeError(
-            f"`{name}['{key}']` must be an array; got "
-            f"{type(value).__name__}. Convert it, e.g. `{name} = "
-            f"{{k: jnp.asarray(v) for k, v in {name}.items()}}`.")
-    checked.append(dict(tree))
-  return tuple(checked)
-
-
-def _check_variables(config, resolved, params, state, input_shape):
-  expected = resolved.param_shape
-  missing = [k for k in ("moving_mean", "moving_variance") if k not in state]
-  if missing:
-    raise ValueError(
-        f"`state` has no {missing} (it has {sorted(state)}); create it with "
-        "jaxbn.init(config, x.shape), or from a Flax layer's 'batch_stats'.")
-  needed = [("params", "gamma", config.scale), ("params", "beta", config.center)]
-  for kind, name, present in needed:
-    if present and name not in params:
-      raise ValueError(
-          f"`{kind}` has no '{name}', but the config has "
-          f"{'scale' if name == 'gamma' else 'center'}=True. Create params "
-          "with jaxbn.init(config, x.shape).")
-  statistics = tuple(n for n in state_names(config)
-                     if n not in COUNTER_NAMES)
-  for kind, tree, names in (("params", params, ("gamma", "beta")),
-                            ("state", state, statistics)):
-    for name in (n for n in names if n in tree):
-      _check_variable_dtype(kind, name, tree[name].dtype)
-      if tuple(tree[name].shape) != tuple(expected):
-        raise ValueError(
-            f"'{name}' has shape {tuple(tree[name].shape)} but an input of "
-            f"shape {tuple(input_shape)} with axis={config.axis!r} needs "
-            f"{tuple(expected)} "
-            f"(resolved channel axes {resolved.axes}). The input's channel "
-            "count does not match the layer's variables: check `axis` and the "
-            "input layout.")
-  if config.accumulation_steps > 1:
-    missing = [k for k in ACCUMULATOR_NAMES + (ACCUMULATION_STEP,)
-               if k not in state]
-    if missing:
-      raise ValueError(
-          f"accumulation_steps={config.accumulation_steps} needs state "
-          f"entries {missing}; create the state with jaxbn.init using the "
-          "same config.")
-  if config.renorm:
-    missing = [k for k in ("moving_stddev", "renorm_mean", "renorm_stddev")
-               if k not in state]
-    if missing:
-      raise ValueError(
-          f"renorm=True needs state entries {missing}; create the state with "
-          "jaxbn.init using the same config.")
-    if (config.renorm_clipping is not None
-        and config.renorm_clipping.is_scheduled
-        and "renorm_step" not in state):
-      raise ValueError(
-          "`renorm_clipping` has a scheduled bound, which needs "
-          "state['renorm_step']; create the state with jaxbn.init using the "
-          "same config.")
-
-
-def _check_variable_dtype(kind, name, dtype):
-  """Parameters: any float dtype. Statistics: float32 or wider, since in a
-  narrower float an EMA step below half an ulp of the average rounds away (a
-  float16 moving mean at 1000 never moves by less than 0.25 per step), and
-  an integer average never moves at all."""
-  floating = jnp.issubdtype(dtype, jnp.floating)
-  if kind == "params" and floating:
-    return
-  if floating and jnp.finfo(dtype).bits >= 32:
-    return
-  need = "a float dtype" if kind == "params" else "float32 (or float64)"
-  raise TypeError(
-      f"`{kind}['{name}']` has dtype {dtype}; it must be {need}"
-      + ("" if kind == "params" else
-         ": the moving averages stall in a narrower dtype, whatever the "
-         "input's dtype (statistics are float32 for bfloat16/float16 input)")
-      + f". Convert it, e.g. `{kind} = jax.tree.map(lambda v: "
-      "v.astype(jnp.float32), " + kind + ")`.")
-
-
-def _check_virtual_batch(config, shape):
-  vbs = config.virtual_batch_size
-  if shape[0] % vbs:
-    raise ValueError(
-        f"The training batch size {shape[0]} is not a multiple of "
-        f"`virtual_batch_size`={vbs}. Use a batch size divisible by {vbs}, or "
-        "drop the remainder rows (inference accepts any batch size).")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import core, optional
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import BatchNormConfig, check_training
 from jaxbn.nnx import example_shape
 
 eqx = optional.require("equinox")
@@ -115,7 +115,7 @@ class BatchNormalization(eqx.Module):
     """
     if training is None:
       training = not (self.inference if inference is None else inference)
-    training = core.check_training(training)
+    training = check_training(training)
     params = {n: v for n, v in (("gamma", self.gamma), ("beta", self.beta))
               if v is not None}
     stats = state.get(self.state_index)

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import core
-from jaxbn.config import BatchNormConfig, cached_when_hashable
+from jaxbn.config import (BatchNormConfig, cached_when_hashable,
+                          check_param_dtype, check_partition_names,
+                          check_training, state_names)
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchNormConfig))
 
@@ -100,8 +102,8 @@ class BatchNormalization(nn.Module):
                mask: Optional[jax.Array] = None) -> jax.Array:
     config = self.config
     param_shape = core.variable_shape(config, jnp.shape(x))
-    core.check_param_dtype(self.param_dtype)
-    names = core.check_partition_names(self.partition_names, param_shape)
+    check_param_dtype(self.param_dtype)
+    names = check_partition_names(self.partition_names, param_shape)
     boxed = ((lambda init: init) if names is None
              else (lambda init: nn.with_partitioning(init, names)))
     params = {}
@@ -115,18 +117,18 @@ class BatchNormalization(nn.Module):
           "beta",
           boxed(lambda k, s: config.beta_initializer(k, s, self.param_dtype)),
           param_shape)
-    state_names = core.state_names(config)
+    entries = state_names(config)
     initial = {}
-    if not self.has_variable("batch_stats", state_names[0]):
+    if not self.has_variable("batch_stats", entries[0]):
       key = self.make_rng("params") if self.has_rng("params") else None
       initial = core.init_state(config, param_shape, key=key,
                                 dtype=self.param_dtype)
     variables = {n: self.variable("batch_stats", n,
                                   boxed(lambda n=n: initial[n]))
-                 for n in state_names}
+                 for n in entries}
     state = {n: v.value for n, v in variables.items()}
 
-    training = core.check_training(training)
+    training = check_training(training)
     updates = training and config.trainable and not self.is_initializing()
     if updates and not self.is_mutable_collection("batch_stats"):
       raise ValueError(

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import core, initializers
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import (BatchNormConfig, check_param_dtype,
+                          check_partition_names, check_training, state_names)
 
 
 class BatchNormalization(nnx.Module):
@@ -57,11 +58,11 @@ class BatchNormalization(nnx.Module):
     self.use_running_average = use_running_average
     self.dtype = dtype
     shape = example_shape(self.config, num_features, input_rank)
-    core.check_param_dtype(param_dtype)
+    check_param_dtype(param_dtype)
     param_shape = core.variable_shape(self.config, shape)
     params, state = _initial_variables(self.config, param_shape, param_dtype,
                                        rngs)
-    names = core.check_partition_names(partition_names, param_shape)
+    names = check_partition_names(partition_names, param_shape)
     metadata = {} if names is None else {"sharding_names": names}
     for name, value in params.items():
       setattr(self, name, nnx.Param(value, **metadata))
@@ -72,10 +73,10 @@ class BatchNormalization(nnx.Module):
   def __call__(self, x, training: Optional[bool] = None, mask=None):
     if training is None:
       training = not self.use_running_average
-    training = core.check_training(training)
+    training = check_training(training)
     params = {n: getattr(self, n)[...] for n in ("gamma", "beta")
               if hasattr(self, n)}
-    state = {n: getattr(self, n)[...] for n in core.state_names(self.config)}
+    state = {n: getattr(self, n)[...] for n in state_names(self.config)}
     key = None
     if training and self.config.adjustment is not None and self.rngs:
       key = self.rngs.adjustment()

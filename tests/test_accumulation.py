@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jaxbn
-from jaxbn import core
+from jaxbn import config as config_lib
 from tests import keras_oracle
 
 def _with(config, **changes):
@@ -234,7 +234,7 @@ def test_optax_multi_steps_with_a_linen_model_updates_once_per_k_calls():
   layer = jaxbn.BatchNormalization(accumulation_steps=k, momentum=0.5)
   variables = layer.init(jax.random.key(0), x[:4], training=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  assert set(core.ACCUMULATOR_NAMES) < set(batch_stats)
+  assert set(config_lib.ACCUMULATOR_NAMES) < set(batch_stats)
   optimizer = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k)
   opt_state = optimizer.init(params)
 

@@ -21,7 +21,7 @@ import contextlib
 import jax.numpy as jnp
 
 from jaxbn import core
-from jaxbn.config import BatchNormConfig
+from jaxbn.config import BatchNormConfig, state_names
 
 FLAX_NAMES = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
               "moving_variance": "var"}
@@ -95,7 +95,7 @@ def _linen_call(bn, jaxbn_args, x, use_running_average=None, *, mask=None):
                                      feature_shape, stat_dtype)}
   initial = lambda name: core.init_state(config, resolved.param_shape,
                                          dtype=stat_dtype)[name]
-  for name in core.state_names(config):
+  for name in state_names(config):
     if name not in variables:  # jaxbn's own state (renorm, accumulation)
       variables[name] = bn.variable("batch_stats", name, initial, name)
   shape = resolved.param_shape
