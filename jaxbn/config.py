@@ -504,7 +504,7 @@ def _resolved(config: BatchNormConfig, shape: tuple) -> Resolved:
 
 # The state of gradient accumulation (``accumulation_steps > 1``): the calls
 # since the last update of the moving statistics, and the merge of their
-# statistics so far (a :class:`Pooled` in units, see ``stats.in_units``).
+# statistics so far (a ``core.Pooled`` in units, see ``stats.in_units``).
 ACCUMULATION_STEP = "accumulation_step"
 ACCUMULATOR_NAMES = ("accumulated_count", "accumulated_mean",
                      "accumulated_variance", "accumulated_update_variance",
@@ -648,8 +648,12 @@ def check_trees(params, state):
 
 
 def check_variables(config, resolved, params, state, input_shape):
+  """A ValueError or TypeError unless ``params`` and ``state`` hold every
+  entry ``config`` needs (:func:`state_names`), in the shape ``resolved``
+  gives them and a dtype that keeps them moving."""
   expected = resolved.param_shape
-  missing = [k for k in ("moving_mean", "moving_variance") if k not in state]
+  entries = state_names(config)
+  missing = [k for k in entries[:2] if k not in state]
   if missing:
     raise ValueError(
         f"`state` has no {missing} (it has {sorted(state)}); create it with "
@@ -661,8 +665,7 @@ def check_variables(config, resolved, params, state, input_shape):
           f"`{kind}` has no '{name}', but the config has "
           f"{'scale' if name == 'gamma' else 'center'}=True. Create params "
           "with jaxbn.init(config, x.shape).")
-  statistics = tuple(n for n in state_names(config)
-                     if n not in COUNTER_NAMES)
+  statistics = tuple(n for n in entries if n not in COUNTER_NAMES)
   for kind, tree, names in (("params", params, ("gamma", "beta")),
                             ("state", state, statistics)):
     for name in (n for n in names if n in tree):
@@ -675,28 +678,21 @@ def check_variables(config, resolved, params, state, input_shape):
             f"(resolved channel axes {resolved.axes}). The input's channel "
             "count does not match the layer's variables: check `axis` and the "
             "input layout.")
-  if config.accumulation_steps > 1:
-    missing = [k for k in ACCUMULATOR_NAMES + (ACCUMULATION_STEP,)
-               if k not in state]
-    if missing:
-      raise ValueError(
-          f"accumulation_steps={config.accumulation_steps} needs state "
-          f"entries {missing}; create the state with jaxbn.init using the "
-          "same config.")
-  if config.renorm:
-    missing = [k for k in ("moving_stddev", "renorm_mean", "renorm_stddev")
-               if k not in state]
-    if missing:
-      raise ValueError(
-          f"renorm=True needs state entries {missing}; create the state with "
-          "jaxbn.init using the same config.")
-    if (config.renorm_clipping is not None
-        and config.renorm_clipping.is_scheduled
-        and "renorm_step" not in state):
-      raise ValueError(
-          "`renorm_clipping` has a scheduled bound, which needs "
-          "state['renorm_step']; create the state with jaxbn.init using the "
-          "same config.")
+  missing = [n for n in entries[2:] if n not in state]
+  if missing:  # named after the argument that asks for the first of them
+    asks = lambda n: _ASKED_FOR_BY.get(
+        n, f"accumulation_steps={config.accumulation_steps}")
+    group = [n for n in missing if asks(n) == asks(missing[0])]
+    raise ValueError(
+        f"{asks(missing[0])} needs state entries {group}; create the state "
+        "with jaxbn.init using the same config.")
+
+
+# The arguments that ask for state entries beyond the moving mean and
+# variance (the accumulation's entries: accumulation_steps).
+_ASKED_FOR_BY = {"moving_stddev": "renorm=True", "renorm_mean": "renorm=True",
+                 "renorm_stddev": "renorm=True",
+                 "renorm_step": "a scheduled `renorm_clipping` bound"}
 
 
 def _check_variable_dtype(kind, name, dtype):

@@ -244,6 +244,15 @@ def test_functional_core_under_lax_scan_over_batches():
     (lambda: jaxbn.apply(jaxbn.BatchNormConfig(renorm=True), *jaxbn.init(
         jaxbn.BatchNormConfig(), (4, 3)), jnp.ones((4, 3)), training=True),
      ValueError, "renorm=True needs state entries"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(accumulation_steps=3),
+                         *jaxbn.init(jaxbn.BatchNormConfig(), (4, 3)),
+                         jnp.ones((4, 3)), training=True),
+     ValueError, r"accumulation_steps=3 needs state entries \['accumulated_"),
+    (lambda: jaxbn.apply(jaxbn.BatchNormConfig(renorm=True, renorm_clipping={
+        "rmax": lambda step: 1.0 + step}), *jaxbn.init(jaxbn.BatchNormConfig(
+            renorm=True), (4, 3)), jnp.ones((4, 3)), training=True),
+     ValueError, r"scheduled `renorm_clipping` bound needs state entries "
+                 r"\['renorm_step'\]"),
     (lambda: jaxbn.apply(jaxbn.BatchNormConfig(), jaxbn.init(
         jaxbn.BatchNormConfig(), (4, 3))[0], {}, jnp.ones((4, 3)),
                          training=True),
