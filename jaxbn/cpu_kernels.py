@@ -542,8 +542,9 @@ def last_level_cache_bytes() -> int:
 def streaming_threshold_bytes() -> int:
   """Outputs from this size on are written with streaming stores.
 
-  A quarter of the last-level cache: measured on a 32 MiB L3, streaming
-  stores tie plain ones for a 4 MB input gradient and save 25% from 8 MB on.
+  A quarter of the last-level cache: a smaller output may still be in the
+  cache when it is read, a larger one gains from skipping the read of each
+  line before its write (figures in CHANGELOG).
   """
   return last_level_cache_bytes() // 4
 
@@ -597,9 +598,8 @@ def _input_grad_jvp(view, stream, masked, primals, tangents):
 # From this many channels in a row (channels last) the forward's output
 # pass runs in the kernel. XLA fuses the arithmetic of y's per-channel
 # coefficients into its pass and reads, per element, every vector they come
-# from (seven: 100 KB a row at 3584 channels, far past L1); with the kernel's
-# pass the axis list [2, 3] of (128, 56, 56, 64) took 1.10-1.14x plain
-# jaxbn's forward+backward, with XLA's 1.30-1.35x. Narrower rows keep XLA's
+# from (seven: 100 KB a row at 3584 channels, far past L1), which the
+# kernel does not (figures in CHANGELOG). Narrower rows keep XLA's
 # pass, which fuses with its neighbours: the residual add after the
 # 2048-channel layers of ResNets would take a pass of its own after a kernel.
 WIDE_ROW_CHANNELS = 3072
