@@ -22,7 +22,7 @@ def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
   total = var + jnp.asarray(epsilon, var.dtype)
   # rsqrt(inf) = 0, and the rsqrt last: XLA:CPU forms an expensive op once
   # per channel rather than in the passes it feeds, and the select before
-  # it goes with it (fused into the output pass, it was recomputed there
+  # it goes with it (fused into the output pass, it would be recomputed there
   # per element, reading every vector it comes from)
   return lax.rsqrt(jnp.where(total == 0, jnp.inf, total))
 
