@@ -52,7 +52,7 @@ from jaxbn import affine, closed_form, eager, stats
 from jaxbn.config import (ACCUMULATION_STEP, ACCUMULATOR_NAMES,
                           BatchNormConfig, check_input, check_mask,
                           check_param_dtype, check_training, check_trees,
-                          check_variables, check_virtual_batch)
+                          check_variables, check_virtual_batch, state_names)
 from jaxbn.moving_averages import ema
 
 Params = dict
@@ -92,15 +92,15 @@ def init_state(config: BatchNormConfig, param_shape, *, key=None,
   keys = _split(key, 2)
   mean = config.moving_mean_initializer(keys[0], param_shape, dtype)
   variance = config.moving_variance_initializer(keys[1], param_shape, dtype)
-  state = {"moving_mean": mean, "moving_variance": variance}
-  if config.renorm:
-    state["moving_stddev"] = jnp.sqrt(variance)
-    state["renorm_mean"] = mean
-    state["renorm_stddev"] = jnp.sqrt(variance)
-    if config.renorm_clipping is not None and \
-        config.renorm_clipping.is_scheduled:
-      state["renorm_step"] = jnp.zeros((), jnp.int32)
-  if config.accumulation_steps > 1:
+  stddev = lambda: jnp.sqrt(variance)
+  initial = {"moving_mean": lambda: mean, "moving_variance": lambda: variance,
+             "moving_stddev": stddev, "renorm_mean": lambda: mean,
+             "renorm_stddev": stddev,
+             "renorm_step": lambda: jnp.zeros((), jnp.int32)}
+  # which entries exist is state_names' decision alone
+  names = state_names(config)
+  state = {name: initial[name]() for name in names if name in initial}
+  if ACCUMULATION_STEP in names:
     state.update(_empty_accumulator(param_shape, dtype))
   return state
 
