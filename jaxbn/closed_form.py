@@ -60,7 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.interpreters import ad
 
-from jaxbn import affine, modes, passes, stats
+from jaxbn import affine, eager, modes, passes, stats
 
 
 class TrainingPlan(NamedTuple):
@@ -150,12 +150,9 @@ def _carries_tangents(tree) -> bool:
   """Whether a JVP tracer is among the leaves (under any vmap, shard_map or
   linearize tracers around it). Reverse mode (``grad``, ``vjp``) linearizes
   without one."""
-  for leaf in jax.tree_util.tree_leaves(tree):
-    while isinstance(leaf, jax.core.Tracer):
-      if isinstance(leaf, ad.JVPTracer):
-        return True
-      leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-  return False
+  return any(isinstance(t, ad.JVPTracer)
+             for leaf in jax.tree_util.tree_leaves(tree)
+             for t in eager.carried(leaf))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -186,7 +186,7 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
   if not (training and config.trainable):
-    if _concrete(config, params, state, x):
+    if eager.applies(config, params, state, x):
       return eager.call(_inference, config, resolved, params, state,
                         x), dict(state)
     return _inference(config, resolved, params, state, x), dict(state)
@@ -201,22 +201,11 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   # an adjustment callable (which may draw from Python state on every call)
   # stay op by op
   if (axis_name is None and config.adjustment is None
-      and _concrete(config, params, state, x, weights, key)):
+      and eager.applies(config, params, state, x, weights, key)):
     return eager.call(_train, config, resolved, params, state, x, weights,
                       key, stats.Devices())
   return _train(config, resolved, params, state, x, weights, key,
                 stats.Devices(axis_name, axis_index_groups))
-
-
-def _concrete(config, *trees) -> bool:
-  """Whether no leaf is being traced (an eager call) and ``config`` can be
-  jit's static argument."""
-  try:
-    hash(config)
-  except TypeError:  # a field a user made unhashable: stay op by op
-    return False
-  return not any(isinstance(leaf, jax.core.Tracer)
-                 for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def _broadcast_params(config, resolved, params, dtype):

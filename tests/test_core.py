@@ -573,10 +573,22 @@ def test_an_eager_call_runs_as_one_compiled_program_per_configuration():
   second, _ = jaxbn.apply(adjusted, p, s, x, training=True)
   assert len(calls) == 2
   np.testing.assert_allclose(second, first * 2.0 / 1.5, rtol=1e-5, atol=1e-6)
-  # under a transformation apply is traced inline, as any JAX function
+  # an eager grad (and vmap of it) runs the same program, with the gradients
+  # of a jitted grad; under jit, and under forward-mode autodiff (which takes
+  # the autodiff reference), apply is traced inline, as any JAX function
+  loss = lambda x: jnp.sum(jaxbn.apply(config, params, state, x,
+                                       training=True)[0] ** 2)
   eager.clear()
-  jax.grad(lambda x: jnp.sum(jaxbn.apply(config, params, state, x,
-                                         training=True)[0] ** 2))(x)
+  grad = jax.grad(loss)(x)
+  assert eager.size() == 1
+  np.testing.assert_allclose(grad, jax.jit(jax.grad(loss))(x), rtol=1e-5,
+                             atol=1e-5)
+  batched = jax.vmap(jax.grad(loss))(jnp.stack([x, x + 1]))
+  np.testing.assert_allclose(batched[0], grad, rtol=1e-5, atol=1e-5)
+  assert eager.size() == 1
+  eager.clear()
+  jax.jvp(loss, (x,), (jnp.ones_like(x),))
+  jax.jit(jax.grad(loss))(x + 2)
   assert eager.size() == 0
 
 
