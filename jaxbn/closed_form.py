@@ -60,7 +60,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.interpreters import ad
 
-from jaxbn import affine, eager, modes, passes, stats
+from jaxbn import affine, modes, passes, stats
 
 
 class TrainingPlan(NamedTuple):
@@ -152,7 +152,7 @@ def _carries_tangents(tree) -> bool:
   without one."""
   return any(isinstance(t, ad.JVPTracer)
              for leaf in jax.tree_util.tree_leaves(tree)
-             for t in eager.carried(leaf))
+             for t in modes.carried(leaf))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import affine, closed_form, eager, stats
+from jaxbn import affine, closed_form, eager, modes, stats
 from jaxbn.config import (ACCUMULATION_STEP, ACCUMULATOR_NAMES,
                           BatchNormConfig, check_input, check_mask,
                           check_param_dtype, check_training, check_trees,
@@ -186,7 +186,7 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
     axis_index_groups = tuple(tuple(int(i) for i in g)
                               for g in axis_index_groups)
   if not (training and config.trainable):
-    if eager.applies(config, params, state, x):
+    if modes.outside_any_trace(params, state, x):
       return eager.call(_inference, config, resolved, params, state,
                         x), dict(state)
     return _inference(config, resolved, params, state, x), dict(state)
@@ -201,7 +201,7 @@ def apply(config: BatchNormConfig, params: Mapping[str, Any],
   # an adjustment callable (which may draw from Python state on every call)
   # stay op by op
   if (axis_name is None and config.adjustment is None
-      and eager.applies(config, params, state, x, weights, key)):
+      and modes.outside_any_trace(params, state, x, weights, key)):
     return eager.call(_train, config, resolved, params, state, x, weights,
                       key, stats.Devices())
   return _train(config, resolved, params, state, x, weights, key,

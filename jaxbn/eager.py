@@ -6,7 +6,8 @@ runs as one compiled program per configuration and argument shapes rather than
 op by op: each of its few hundred operations would otherwise be compiled for
 every new shape and dispatched on every call, and the overflow guard's
 ``lax.cond`` traced and compiled again on every call. Under ``jit`` (or any
-trace) apply is traced inline, as any JAX function. A program is keyed
+trace: ``modes.outside_any_trace``) apply is traced inline, as any JAX
+function. A program is keyed
 on what its arithmetic reads: a config's initializers, regularizers and
 constraints (callables a user may build anew on every call) are not part of
 the key. At most ``MAX_PROGRAMS`` stay compiled (an input pipeline with many
@@ -18,12 +19,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import numbers
 from typing import Callable
 
 import jax
-import numpy as np
-from jax.interpreters import ad
 
 from jaxbn.config import BatchNormConfig
 
@@ -31,43 +29,15 @@ MAX_PROGRAMS = 64
 _programs: collections.OrderedDict = collections.OrderedDict()
 
 
-_CONCRETE = (jax.Array, np.ndarray, np.generic, numbers.Number)
-
-
-def carried(leaf) -> list:
-  """``leaf`` and what it carries, outermost first: a tracer of an eager
-  transformation (autodiff, vmap) carries the value beneath it (``primal``,
-  ``val``), down to a concrete array; a trace's own tracer (under ``jit``,
-  ``scan``, ...) carries no array (the list ends with its variable)."""
-  chain = [leaf]
-  while isinstance(leaf, jax.core.Tracer):
-    leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-    chain.append(leaf)
-  return chain
-
-
-def applies(config: BatchNormConfig, *trees) -> bool:
-  """Whether a call with these arguments runs as a compiled program:
-  ``config`` can be jit's static argument, and every leaf is concrete or
-  carried by eager reverse-mode autodiff or vmap tracers over a concrete
-  value. Forward-mode tangents (``jvp``, ``jacfwd``) keep the call inline:
-  ``closed_form.train`` sees them there and takes its autodiff reference."""
-  try:
-    hash(config)
-  except TypeError:  # a field a user made unhashable: stay op by op
-    return False
-  for leaf in jax.tree_util.tree_leaves(trees):
-    chain = carried(leaf)
-    if (not isinstance(chain[-1], _CONCRETE)
-        or any(isinstance(t, ad.JVPTracer) for t in chain)):
-      return False
-  return True
-
-
 def call(fn: Callable, config: BatchNormConfig, resolved, *args):
   """``fn(config, resolved, *args)`` as a compiled program (``args``: pytrees
-  of arrays, None allowed)."""
-  config = arithmetic_config(config)
+  of arrays, None allowed), called outside any trace
+  (``modes.outside_any_trace``); op by op for a config that cannot be jit's
+  static argument (a field a user made unhashable)."""
+  try:
+    config = arithmetic_config(config)
+  except TypeError:
+    return fn(config, resolved, *args)
   leaves, tree = jax.tree_util.tree_flatten(args)
   key = (fn, config, resolved, tree,
          tuple((leaf.shape, leaf.dtype) for leaf in leaves))

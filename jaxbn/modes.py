@@ -36,15 +36,20 @@ program it was compiled with.
 The mesh, as the trace sees it (:func:`varying_axes`, :func:`like_inputs`,
 :func:`sharded_along`, :func:`automatic_mesh_axes`), decides where
 statistics may be taken locally, where a parameter's gradient is summed,
-and where a conditional would cost a collective.
+and where a conditional would cost a collective. Whether there is a trace
+at all (:func:`outside_any_trace`) decides whether a call runs as a cached
+compiled program (``jaxbn.eager``).
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import jax
+import numpy as np
 from jax import lax
 from jax._src import config as _config
+from jax.interpreters import ad
 
 KERNEL_MODES = ("auto", "on", "off")
 STATISTICS_MODES = ("auto", "accelerator", "cpu")
@@ -149,3 +154,37 @@ def automatic_mesh_axes() -> bool:
   return not mesh.empty and any(
       size > 1 and kind != jax.sharding.AxisType.Manual
       for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
+
+
+# ------------------------------------------------ whether anything traces
+#
+# An eager transformation (autodiff, vmap) wraps concrete values in tracers
+# without building a program; jit, scan, remat and the rest trace one.
+
+_CONCRETE = (jax.Array, np.ndarray, np.generic, numbers.Number)
+
+
+def carried(leaf) -> list:
+  """``leaf`` and what it carries, outermost first: a tracer of an eager
+  transformation (autodiff, vmap) carries the value beneath it (``primal``,
+  ``val``), down to a concrete array; a trace's own tracer (under ``jit``,
+  ``scan``, ...) carries no array (the list ends with its variable)."""
+  chain = [leaf]
+  while isinstance(leaf, jax.core.Tracer):
+    leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
+    chain.append(leaf)
+  return chain
+
+
+def outside_any_trace(*trees) -> bool:
+  """Whether every leaf is concrete or carried by eager reverse-mode
+  autodiff (``grad``, ``vjp``) or ``vmap`` tracers over a concrete value:
+  no program is being traced, so a call may run as one of its own. Not
+  under forward-mode tangents (``jvp``, ``jacfwd``): ``closed_form.train``
+  must see them to take its autodiff reference."""
+  for leaf in jax.tree_util.tree_leaves(trees):
+    chain = carried(leaf)
+    if (not isinstance(chain[-1], _CONCRETE)
+        or any(isinstance(t, ad.JVPTracer) for t in chain)):
+      return False
+  return True
