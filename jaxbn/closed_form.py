@@ -58,7 +58,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
-from jax.interpreters import ad
 
 from jaxbn import affine, modes, passes, stats
 
@@ -143,16 +142,8 @@ def train(*args):
   plain autodiff: exact, derivatives of every order) where forward-mode
   autodiff (``jax.jvp``, ``jacfwd``, the outer ``jacfwd`` of ``hessian``)
   traces the call, which a custom VJP does not support."""
-  return (reference if _carries_tangents(args) else batch_norm_train)(*args)
-
-
-def _carries_tangents(tree) -> bool:
-  """Whether a JVP tracer is among the leaves (under any vmap, shard_map or
-  linearize tracers around it). Reverse mode (``grad``, ``vjp``) linearizes
-  without one."""
-  return any(isinstance(t, ad.JVPTracer)
-             for leaf in jax.tree_util.tree_leaves(tree)
-             for t in modes.carried(leaf))
+  return (reference if modes.carries_tangents(args)
+          else batch_norm_train)(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

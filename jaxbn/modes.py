@@ -164,7 +164,7 @@ def automatic_mesh_axes() -> bool:
 _CONCRETE = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
-def carried(leaf) -> list:
+def _carried(leaf) -> list:
   """``leaf`` and what it carries, outermost first: a tracer of an eager
   transformation (autodiff, vmap) carries the value beneath it (``primal``,
   ``val``), down to a concrete array; a trace's own tracer (under ``jit``,
@@ -176,15 +176,21 @@ def carried(leaf) -> list:
   return chain
 
 
+def carries_tangents(*trees) -> bool:
+  """Whether a forward-mode (JVP) tracer is among the leaves, under any
+  vmap, shard_map or linearize tracers around it. Reverse mode (``grad``,
+  ``vjp``) linearizes without one."""
+  return any(isinstance(t, ad.JVPTracer)
+             for leaf in jax.tree_util.tree_leaves(trees)
+             for t in _carried(leaf))
+
+
 def outside_any_trace(*trees) -> bool:
   """Whether every leaf is concrete or carried by eager reverse-mode
   autodiff (``grad``, ``vjp``) or ``vmap`` tracers over a concrete value:
   no program is being traced, so a call may run as one of its own. Not
   under forward-mode tangents (``jvp``, ``jacfwd``): ``closed_form.train``
   must see them to take its autodiff reference."""
-  for leaf in jax.tree_util.tree_leaves(trees):
-    chain = carried(leaf)
-    if (not isinstance(chain[-1], _CONCRETE)
-        or any(isinstance(t, ad.JVPTracer) for t in chain)):
-      return False
-  return True
+  leaves = jax.tree_util.tree_leaves(trees)
+  return (all(isinstance(_carried(leaf)[-1], _CONCRETE) for leaf in leaves)
+          and not carries_tangents(leaves))

@@ -890,10 +890,10 @@ def guard_cond(needed: jax.Array, general, ordinary):
   members (:func:`_any_member`) and the cond stays a cond: an ensemble
   whose members are all ordinary runs ``ordinary`` alone, where a batched
   predicate would run both branches for every member. Where ``needed`` is
-  already known (an eager call that ``jaxbn.eager`` leaves op by op: an
-  ``adjustment`` callable, forward-mode autodiff) only the branch it picks
-  runs: an eager ``lax.cond`` traces and compiles both branches again on
-  every call, as they are new closures each time."""
+  already known (an eager call that stays op by op: with an ``adjustment``
+  callable or an unhashable config, or under forward-mode autodiff) only the
+  branch it picks runs: an eager ``lax.cond`` traces and compiles both
+  branches again on every call, as they are new closures each time."""
   try:
     known = bool(needed)
   except jax.errors.ConcretizationTypeError:  # traced: jit, vmap, remat...

@@ -18,6 +18,7 @@ under jaxbn's names. The flax names map onto jaxbn's as ``scale -> gamma``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import jax.numpy as jnp
 
 from jaxbn import core
@@ -93,14 +94,10 @@ def _linen_call(bn, jaxbn_args, x, use_running_average=None, *, mask=None):
                                  feature_shape, stat_dtype),
       "moving_variance": bn.variable("batch_stats", "var", jnp.ones,
                                      feature_shape, stat_dtype)}
-  built = {}  # jaxbn's initial state, built once when the first is created
-
-  def initial(name):
-    if not built:
-      built.update(core.init_state(config, resolved.param_shape,
-                                   dtype=stat_dtype))
-    return built[name]
-
+  # jaxbn's initial state, built once, when its first entry is created
+  whole = functools.cache(lambda: core.init_state(
+      config, resolved.param_shape, dtype=stat_dtype))
+  initial = lambda name: whole()[name]
   for name in state_names(config):
     if name not in variables:  # jaxbn's own state (renorm, accumulation)
       variables[name] = bn.variable("batch_stats", name, initial, name)
