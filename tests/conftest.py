@@ -33,10 +33,12 @@ os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 # the HLO that the byte and memory tests read is built before code
 # generation, and the whole suite passes at the default settings too
 # (``JAXBN_TEST_COMPILE=default`` runs it so). At those default settings, as
-# users compile: the examples and the benchmark (in subprocesses,
-# default_compile_env: end-to-end trained numbers, the Keras and PyTorch
-# ports included) and the numerics of non-finite and extreme data
-# (test_statistics::test_extremes_hold_at_the_default_compile_settings).
+# users compile: the README's demo and the Keras and PyTorch ports (in
+# subprocesses, default_compile_env: end-to-end trained numbers) and the
+# numerics of non-finite and extreme data
+# (test_statistics::test_extremes_hold_at_the_default_compile_settings); the
+# examples that compare training runs with each other and the benchmark's
+# smoke test run at the fast settings (test_examples._run).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                       "--xla_cpu_use_fusion_emitters=false",
                       "--xla_cpu_parallel_codegen_split_count=1")
