@@ -176,13 +176,16 @@ def _carried(leaf) -> list:
   return chain
 
 
+def _tangent_in(chain: list) -> bool:
+  return any(isinstance(t, ad.JVPTracer) for t in chain)
+
+
 def carries_tangents(*trees) -> bool:
   """Whether a forward-mode (JVP) tracer is among the leaves, under any
   vmap, shard_map or linearize tracers around it. Reverse mode (``grad``,
   ``vjp``) linearizes without one."""
-  return any(isinstance(t, ad.JVPTracer)
-             for leaf in jax.tree_util.tree_leaves(trees)
-             for t in _carried(leaf))
+  return any(_tangent_in(_carried(leaf))
+             for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def outside_any_trace(*trees) -> bool:
@@ -191,6 +194,6 @@ def outside_any_trace(*trees) -> bool:
   no program is being traced, so a call may run as one of its own. Not
   under forward-mode tangents (``jvp``, ``jacfwd``): ``closed_form.train``
   must see them to take its autodiff reference."""
-  leaves = jax.tree_util.tree_leaves(trees)
-  return (all(isinstance(_carried(leaf)[-1], _CONCRETE) for leaf in leaves)
-          and not carries_tangents(leaves))
+  chains = (_carried(leaf) for leaf in jax.tree_util.tree_leaves(trees))
+  return all(isinstance(chain[-1], _CONCRETE) and not _tangent_in(chain)
+             for chain in chains)

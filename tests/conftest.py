@@ -38,7 +38,7 @@ os.environ.setdefault("JAXBN_CPU_KERNELS", "on")
 # numerics of non-finite and extreme data
 # (test_statistics::test_extremes_hold_at_the_default_compile_settings); the
 # examples that compare training runs with each other and the benchmark's
-# smoke test run at the fast settings (test_examples._run).
+# smoke test run at the fast settings (test_examples._run, test_bench).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
                       "--xla_cpu_use_fusion_emitters=false",
                       "--xla_cpu_parallel_codegen_split_count=1")
