@@ -27,7 +27,7 @@ from jax._src.lib.mlir import ir, passmanager
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jaxbn
-from jaxbn import cpu_kernels, modes
+from jaxbn import cpu_kernels
 
 # lowers for GPU/TPU: programs keep every platform's algorithm (conftest)
 LOWERS_FOR_ACCELERATORS = True
