@@ -9,11 +9,12 @@ import os
 
 # A test process holds millions of long-lived objects (TensorFlow, PyTorch,
 # JAX, and the jaxprs and executables of thousands of traced programs), and
-# at CPython's default thresholds a full collection walks all of them about
-# every ten seconds of a test worker's life. Young collections every 50,000
+# at CPython's default thresholds full collections, which walk all of them,
+# come dozens of times in a worker's life. Young collections every 50,000
 # net allocations instead of 700, and the older generations correspondingly
 # rarer: what reference counting frees is freed as before, cyclic garbage
-# waits longer, and the workers' peak memory is the same (CHANGELOG).
+# waits longer, and the workers' peak memory is the same (CHANGELOG has the
+# counts and times).
 gc.set_threshold(50_000, 20, 100)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
