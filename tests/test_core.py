@@ -1,4 +1,6 @@
 """The functional core against a NumPy float64 reference, and its gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,11 +309,18 @@ def test_padding_never_reaches_statistics_or_gradients(shape, kwargs,
                                rtol=1e-4, atol=1e-4)
     for k in ("moving_mean", "moving_variance"):
       np.testing.assert_allclose(s_clean[k], s_ref[k], rtol=1e-5, atol=1e-6)
-  # poisoned padding changes nothing but the padding's own outputs
-  np.testing.assert_array_equal(np.asarray(y_bad)[full],
-                                np.asarray(y_clean)[full])
+  # poisoned padding changes nothing but the padding's own outputs: bit for
+  # bit, except where the mask varies along every reduced axis. There, on
+  # XLA:CPU, a channel whose masked sums come out non-finite has them taken
+  # again in a loop of their own (stats.sibling_sums): the same valid values,
+  # summed in an order the compiler chooses, equal to float32 rounding
+  per_element = all(a < len(mask_shape) and mask_shape[a] > 1
+                    for a in resolved.reduction_axes)
+  same = (functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
+          if per_element else np.testing.assert_array_equal)
+  same(np.asarray(y_bad)[full], np.asarray(y_clean)[full])
   for k in s_clean:
-    np.testing.assert_array_equal(s_bad[k], s_clean[k])
+    same(s_bad[k], s_clean[k])
   for a, b in zip(jax.tree.leaves(g_bad), jax.tree.leaves(g_clean)):
     assert np.all(np.isfinite(a))
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
